@@ -1,0 +1,230 @@
+//! A backend: one address in a pool, with its live state.
+//!
+//! Health (written by the health checker and by passive connect failures) and admin state
+//! (written by the operator through the admin socket) are two separate atomics, so a probe
+//! can never overwrite an operator's `drain` or `disable`: the state users see is derived
+//! from both at read time. A backend that survives a reload is the same `Arc<Backend>`, so
+//! its counters, health and open connections carry over.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::metrics::BackendMetrics;
+
+/// What the health checker (or passive checking) last concluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    Up = 0,
+    Down = 1,
+}
+
+/// What the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Admin {
+    Enabled = 0,
+    /// No new connections; open ones continue; health checks go on.
+    Drain = 1,
+    /// Like drain, and health checks pause.
+    Disabled = 2,
+}
+
+/// The state shown to users and in metrics, derived from health, admin and active count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Up,
+    Down,
+    Draining,
+    Drained,
+    Disabled,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [
+        State::Up,
+        State::Down,
+        State::Draining,
+        State::Drained,
+        State::Disabled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Up => "up",
+            State::Down => "down",
+            State::Draining => "draining",
+            State::Drained => "drained",
+            State::Disabled => "disabled",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub struct Backend {
+    /// The pool's name, as in the config.
+    pub pool: String,
+    /// The backend's `name` (defaults to the address as written).
+    pub name: String,
+    /// The address as written in the config (may be a DNS name).
+    pub address: String,
+    /// The resolved address connections go to.
+    pub addr: SocketAddr,
+    weight: AtomicU32,
+    health: AtomicU8,
+    admin: AtomicU8,
+    active: AtomicU64,
+    total: AtomicU64,
+    /// Consecutive failed connects from real traffic (passive health checking).
+    connect_failures: AtomicU32,
+    /// Human-readable result of the last health check ("" before the first one).
+    last_check: ArcSwap<String>,
+    pub metrics: BackendMetrics,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} ({})", self.pool, self.name, self.addr)
+    }
+}
+
+impl Backend {
+    /// A new backend. `healthy` is its starting health: up when it has no health check,
+    /// down until its first pass when it has one.
+    pub fn new(pool: &str, name: &str, address: &str, addr: SocketAddr, weight: u32, healthy: bool) -> Arc<Self> {
+        Arc::new(Backend {
+            pool: pool.to_string(),
+            name: name.to_string(),
+            address: address.to_string(),
+            addr,
+            weight: AtomicU32::new(weight),
+            health: AtomicU8::new(if healthy { Health::Up } else { Health::Down } as u8),
+            admin: AtomicU8::new(Admin::Enabled as u8),
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            connect_failures: AtomicU32::new(0),
+            last_check: ArcSwap::from_pointee(String::new()),
+            metrics: BackendMetrics::new(pool, name),
+        })
+    }
+
+    /// Up and enabled: strategies pick only eligible backends.
+    #[inline]
+    pub fn is_eligible(&self) -> bool {
+        self.health.load(Ordering::Relaxed) == Health::Up as u8
+            && self.admin.load(Ordering::Relaxed) == Admin::Enabled as u8
+    }
+
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Only the control task calls this, then rebuilds the pool's snapshot.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn health(&self) -> Health {
+        if self.health.load(Ordering::Relaxed) == Health::Up as u8 {
+            Health::Up
+        } else {
+            Health::Down
+        }
+    }
+
+    /// Sets health; returns the previous value.
+    pub fn set_health(&self, health: Health) -> Health {
+        let prev = self.health.swap(health as u8, Ordering::AcqRel);
+        if prev == Health::Up as u8 { Health::Up } else { Health::Down }
+    }
+
+    pub fn admin(&self) -> Admin {
+        match self.admin.load(Ordering::Relaxed) {
+            0 => Admin::Enabled,
+            1 => Admin::Drain,
+            _ => Admin::Disabled,
+        }
+    }
+
+    pub fn set_admin(&self, admin: Admin) {
+        self.admin.store(admin as u8, Ordering::Release);
+    }
+
+    pub fn state(&self) -> State {
+        match self.admin() {
+            Admin::Disabled => State::Disabled,
+            Admin::Drain if self.active() > 0 => State::Draining,
+            Admin::Drain => State::Drained,
+            Admin::Enabled if self.health() == Health::Up => State::Up,
+            Admin::Enabled => State::Down,
+        }
+    }
+
+    pub fn last_check(&self) -> Arc<String> {
+        self.last_check.load_full()
+    }
+
+    pub fn set_last_check(&self, result: String) {
+        self.last_check.store(Arc::new(result));
+    }
+
+    /// Passive checking: a connect from real traffic failed. Returns the number of
+    /// consecutive failures so far.
+    pub fn record_connect_failure(&self) -> u32 {
+        self.metrics.connect_errors.increment(1);
+        self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn record_connect_success(&self) {
+        if self.connect_failures.load(Ordering::Relaxed) != 0 {
+            self.connect_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a new connection (or UDP session) against this backend until the guard drops.
+    pub fn connect_guard(self: &Arc<Self>) -> ConnGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connections_total.increment(1);
+        self.metrics.connections_active.increment(1.0);
+        ConnGuard {
+            backend: Arc::clone(self),
+        }
+    }
+}
+
+/// Holds one `active` count on a backend; released on every path by `Drop`.
+pub struct ConnGuard {
+    backend: Arc<Backend>,
+}
+
+impl ConnGuard {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        self.backend.metrics.connections_active.decrement(1.0);
+    }
+}
