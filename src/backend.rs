@@ -85,6 +85,7 @@ pub struct Backend {
     total: AtomicU64,
     /// Consecutive failed connects from real traffic (passive health checking).
     connect_failures: AtomicU32,
+    connect_errors: AtomicU64,
     /// Human-readable result of the last health check ("" before the first one).
     last_check: ArcSwap<String>,
     pub metrics: BackendMetrics,
@@ -99,7 +100,14 @@ impl std::fmt::Debug for Backend {
 impl Backend {
     /// A new backend. `healthy` is its starting health: up when it has no health check,
     /// down until its first pass when it has one.
-    pub fn new(pool: &str, name: &str, address: &str, addr: SocketAddr, weight: u32, healthy: bool) -> Arc<Self> {
+    pub fn new(
+        pool: &str,
+        name: &str,
+        address: &str,
+        addr: SocketAddr,
+        weight: u32,
+        healthy: bool,
+    ) -> Arc<Self> {
         Arc::new(Backend {
             pool: pool.to_string(),
             name: name.to_string(),
@@ -111,6 +119,7 @@ impl Backend {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
+            connect_errors: AtomicU64::new(0),
             last_check: ArcSwap::from_pointee(String::new()),
             metrics: BackendMetrics::new(pool, name),
         })
@@ -153,7 +162,11 @@ impl Backend {
     /// Sets health; returns the previous value.
     pub fn set_health(&self, health: Health) -> Health {
         let prev = self.health.swap(health as u8, Ordering::AcqRel);
-        if prev == Health::Up as u8 { Health::Up } else { Health::Down }
+        if prev == Health::Up as u8 {
+            Health::Up
+        } else {
+            Health::Down
+        }
     }
 
     pub fn admin(&self) -> Admin {
@@ -186,10 +199,16 @@ impl Backend {
         self.last_check.store(Arc::new(result));
     }
 
+    /// Failed connects to this backend so far (what `weir_backend_connect_errors_total` shows).
+    pub fn metrics_connect_errors(&self) -> u64 {
+        self.connect_errors.load(Ordering::Relaxed)
+    }
+
     /// Passive checking: a connect from real traffic failed. Returns the number of
     /// consecutive failures so far.
     pub fn record_connect_failure(&self) -> u32 {
         self.metrics.connect_errors.increment(1);
+        self.connect_errors.fetch_add(1, Ordering::Relaxed);
         self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1
     }
 

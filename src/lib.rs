@@ -1,6 +1,11 @@
 //! weir: a Layer-4 TCP/UDP load balancer.
 pub mod backend;
 pub mod balance;
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod metrics;
 pub mod pool;
+pub mod proxy;
+pub mod run;
+pub mod shutdown;

@@ -1,1 +1,57 @@
-fn main() {}
+//! `weir`: parse the command line, set up logging, run. Exit codes live here only:
+//! 0 success, 1 runtime failure, 2 invalid config (or, for `ctl`, socket unreachable).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use weir::cli::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weir: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Check { config } => match weir::config::load(&config) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::from(2)
+                }
+            },
+            Command::Run { config } => weir::run::run(&config).await,
+            Command::Ctl { .. } => {
+                eprintln!("weir ctl: the admin socket is not available yet");
+                ExitCode::from(2)
+            }
+            Command::Demo => {
+                eprintln!("weir demo: not available yet");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

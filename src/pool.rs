@@ -19,6 +19,9 @@ pub struct PoolSnapshot {
     pub strategy: Strategy,
     pub connect_timeout: Duration,
     pub retries: u32,
+    /// With a health check: this many failed connects from real traffic in a row mark
+    /// a backend down at once (the probes bring it back). None: no passive checking.
+    pub passive_fall: Option<u32>,
 }
 
 impl PoolSnapshot {
@@ -29,6 +32,7 @@ impl PoolSnapshot {
             strategy: config.strategy,
             connect_timeout: config.connect_timeout,
             retries: config.retries,
+            passive_fall: config.health_check.as_ref().map(|h| h.fall),
         }
     }
 

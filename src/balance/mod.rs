@@ -23,10 +23,17 @@ impl Balancer {
 
     /// The index in `backends` of an eligible backend that is not in `exclude`
     /// (the ones already tried for this connection), or None when there is none.
-    pub fn pick(&self, backends: &[Arc<Backend>], client: IpAddr, exclude: &[usize]) -> Option<usize> {
+    pub fn pick(
+        &self,
+        backends: &[Arc<Backend>],
+        client: IpAddr,
+        exclude: &[usize],
+    ) -> Option<usize> {
         let _ = client;
         match self {
-            Balancer::First => (0..backends.len()).find(|i| !exclude.contains(i) && backends[*i].is_eligible()),
+            Balancer::First => {
+                (0..backends.len()).find(|i| !exclude.contains(i) && backends[*i].is_eligible())
+            }
         }
     }
 }

@@ -1,0 +1,193 @@
+//! Test harness: backends on 127.0.0.1:0, configs built in code, weir started in-process,
+//! and polling with a deadline (never sleep-and-hope).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use weir::config::{BackendConfig, Config, ListenerConfig, PoolConfig, Protocol, Strategy};
+use weir::control::Server;
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A TCP backend that greets each connection with `NAME\n`, then echoes.
+pub struct TestBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl TestBackend {
+    pub async fn start(name: &str) -> TestBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(name, listener)
+    }
+
+    /// Serves again on the same address (after `stop`).
+    pub async fn restart(name: &str, addr: SocketAddr) -> TestBackend {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).unwrap();
+        Self::serve(name, socket.listen(128).unwrap())
+    }
+
+    fn serve(name: &str, listener: TcpListener) -> TestBackend {
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let greeting = format!("{name}\n");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    if stream.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        TestBackend {
+            name: name.to_string(),
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listening socket (open connections are dropped with their tasks' runtime).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn backend_config(name: &str, addr: SocketAddr, weight: u32) -> BackendConfig {
+    BackendConfig {
+        name: name.to_string(),
+        address: addr.to_string(),
+        addr,
+        weight,
+    }
+}
+
+/// One tcp listener `front` on 127.0.0.1:0 in front of pool `pool`.
+pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
+    Config {
+        admin_socket: None,
+        metrics_bind: None,
+        shutdown_timeout: Duration::from_secs(5),
+        listeners: vec![ListenerConfig {
+            name: "front".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            pool: "pool".into(),
+            max_connections: None,
+            idle_timeout: Duration::from_secs(3600),
+        }],
+        pools: vec![PoolConfig {
+            name: "pool".into(),
+            strategy,
+            protocol: Protocol::Tcp,
+            connect_timeout: Duration::from_secs(1),
+            retries: 2,
+            health_check: None,
+            backends,
+        }],
+    }
+}
+
+pub async fn start(config: Config) -> (Server, SocketAddr) {
+    let server = Server::start(config, None).await.expect("weir starts");
+    let addr = server.listener_addr("front").expect("listener front");
+    (server, addr)
+}
+
+/// Connects through weir and reads the backend's greeting line.
+pub async fn connect_named(addr: SocketAddr) -> (TcpStream, String) {
+    let mut stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let name = read_line(&mut stream).await;
+    (stream, name)
+}
+
+pub async fn read_line(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut byte))
+            .await
+            .expect("greeting in time")
+            .expect("read greeting");
+        assert!(
+            n == 1,
+            "connection closed before the greeting; got {line:?}"
+        );
+        if byte[0] == b'\n' {
+            return String::from_utf8(line).unwrap();
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds or `deadline` passes.
+pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether a test that needs an external program may skip when it is missing:
+/// plain `cargo test` skips (saying so); CI sets WEIR_REQUIRE_EXTERNAL=1 to fail instead.
+pub fn require_program(program: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if found {
+        return true;
+    }
+    if std::env::var_os("WEIR_REQUIRE_EXTERNAL").is_some_and(|v| v == "1") {
+        panic!("{program} is not installed and WEIR_REQUIRE_EXTERNAL=1: install it (see .ci/run)");
+    }
+    eprintln!("SKIPPED: {program} is not installed; install it to run this test (.ci/run does)");
+    false
+}

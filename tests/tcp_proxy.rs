@@ -1,0 +1,369 @@
+//! The TCP data path over real sockets: splicing, half-close, resets, failover, limits,
+//! graceful shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weir::config::Strategy;
+
+/// A backend that reads until EOF, then answers with `answer_len` bytes derived from what it got.
+async fn answer_after_eof_backend(answer_len: usize) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                stream.read_to_end(&mut got).await.unwrap();
+                let seed = xxhash_rust::xxh3::xxh3_64(&got);
+                let answer = pseudo_random(answer_len, seed);
+                stream.write_all(&answer).await.unwrap();
+                stream.shutdown().await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            // xorshift64: enough to make every byte position matter.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn half_close_client_sends_then_backend_answers_after_eof() {
+    let backend = answer_after_eof_backend(256 * 1024).await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", backend, 1)],
+    ))
+    .await;
+
+    let request = pseudo_random(1024 * 1024, 42);
+    let mut client = TcpStream::connect(front).await.unwrap();
+    client.write_all(&request).await.unwrap();
+    client.shutdown().await.unwrap(); // half-close: we still read
+
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let expected = pseudo_random(256 * 1024, xxhash_rust::xxh3::xxh3_64(&request));
+    assert_eq!(
+        answer.len(),
+        expected.len(),
+        "the whole answer arrives after our EOF"
+    );
+    assert!(answer == expected, "answer bytes differ");
+}
+
+#[tokio::test]
+async fn sixty_four_mib_each_way_arrive_intact() {
+    let backend = TestBackend::start("echo").await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("echo", backend.addr, 1)],
+    ))
+    .await;
+
+    let (stream, name) = connect_named(front).await;
+    assert_eq!(name, "echo");
+    let payload = pseudo_random(64 * 1024 * 1024, 7);
+    let sent_sum = xxhash_rust::xxh3::xxh3_64(&payload);
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::with_capacity(64 * 1024 * 1024);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut echoed))
+        .await
+        .expect("64 MiB echoed in time")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(echoed.len(), 64 * 1024 * 1024);
+    assert_eq!(
+        xxhash_rust::xxh3::xxh3_64(&echoed),
+        sent_sum,
+        "checksums equal"
+    );
+}
+
+#[tokio::test]
+async fn backend_reset_mid_stream_ends_client_connection_promptly() {
+    // A backend that reads a little, then resets (SO_LINGER 0 + close).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4];
+                if stream.read_exact(&mut buf).await.is_err() {
+                    return;
+                }
+                if &buf == b"ping" {
+                    stream.write_all(b"pong").await.unwrap();
+                    return; // keep a normal close for the healthy probe
+                }
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(stream);
+            });
+        }
+    });
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("r", addr, 1)],
+    ))
+    .await;
+
+    let mut client = TcpStream::connect(front).await.unwrap();
+    client.write_all(b"boom").await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let result = tokio::time::timeout(Duration::from_secs(1), client.read(&mut buf))
+        .await
+        .expect("client connection ends within a second");
+    match result {
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "reset passed on"
+        ),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // weir serves the next connection.
+    let mut next = TcpStream::connect(front).await.unwrap();
+    next.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    tokio::time::timeout(DEADLINE, next.read_exact(&mut pong))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&pong, b"pong");
+}
+
+#[tokio::test]
+async fn client_reset_resets_backend_side() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut result = Ok(0);
+        // Read until the connection ends one way or another.
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => result = Ok(n),
+                Err(e) => {
+                    result = Err(e.kind());
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(result);
+    });
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    client.write_all(b"hello").await.unwrap();
+    // Let the bytes reach the backend before resetting.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    let outcome = tokio::time::timeout(Duration::from_secs(1), rx)
+        .await
+        .expect("backend side ends within a second")
+        .unwrap();
+    assert_eq!(outcome, Err(std::io::ErrorKind::ConnectionReset));
+}
+
+#[tokio::test]
+async fn refused_backend_is_skipped_and_connection_succeeds_through_another() {
+    // A port that refuses: bind, take the address, close.
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let good = TestBackend::start("good").await;
+    let (server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("dead", refused, 1),
+            backend_config("good", good.addr, 1),
+        ],
+    ))
+    .await;
+    for _ in 0..10 {
+        let (_stream, name) = connect_named(front).await;
+        assert_eq!(name, "good");
+    }
+    let dead = server.backend("pool", "dead").unwrap();
+    assert!(dead.metrics_connect_errors() >= 1);
+}
+
+#[tokio::test]
+async fn no_backend_left_closes_client_at_once() {
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("dead", refused, 1)],
+    ))
+    .await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+        .await
+        .expect("closed promptly")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without data");
+}
+
+#[tokio::test]
+async fn max_connections_rejects_at_once_and_keeps_serving() {
+    let backend = TestBackend::start("b").await;
+    let mut config = tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", backend.addr, 1)],
+    );
+    config.listeners[0].max_connections = Some(2);
+    let (server, front) = start(config).await;
+
+    let (_a, _) = connect_named(front).await;
+    let (b, _) = connect_named(front).await;
+    // The third is accepted and closed at once.
+    let mut third = TcpStream::connect(front).await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("closed at once, not left waiting")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let listener = server.handle.tables().listeners["front"].clone();
+    assert_eq!(listener.active(), 2);
+
+    // Closing one frees a slot.
+    drop(b);
+    wait_until(DEADLINE, "a free slot", || {
+        let l = listener.clone();
+        async move { l.active() < 2 }
+    })
+    .await;
+    let (_c, name) = connect_named(front).await;
+    assert_eq!(name, "b");
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_both_sides() {
+    let backend = TestBackend::start("b").await;
+    let mut config = tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", backend.addr, 1)],
+    );
+    config.listeners[0].idle_timeout = Duration::from_millis(300);
+    let (_server, front) = start(config).await;
+    let (mut stream, _) = connect_named(front).await;
+    let started = Instant::now();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+        .await
+        .expect("closed by idle timeout")
+        .unwrap();
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the idle timeout"
+    );
+}
+
+#[tokio::test]
+async fn graceful_stop_lets_open_connection_finish_and_refuses_new_ones() {
+    let backend = TestBackend::start("b").await;
+    let (server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", backend.addr, 1)],
+    ))
+    .await;
+    let (mut open, _) = connect_named(front).await;
+
+    let stopping = tokio::spawn(async move {
+        let left = server.stop().await;
+        (left, server)
+    });
+    // New connections are refused once accepting stopped.
+    wait_until(DEADLINE, "the listener to close", || async move {
+        TcpStream::connect(front).await.is_err()
+    })
+    .await;
+
+    // The open connection still works.
+    open.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    tokio::time::timeout(DEADLINE, open.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"still here");
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, open.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    drop(open);
+    let (left, _server) = tokio::time::timeout(DEADLINE, stopping)
+        .await
+        .expect("stop completes")
+        .unwrap();
+    assert_eq!(left, 0, "nothing was cut by the grace period");
+}
+
+#[tokio::test]
+async fn ipv6_listener_and_backend() {
+    let Ok(v6) = TcpListener::bind("[::1]:0").await else {
+        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        return;
+    };
+    let addr = v6.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = v6.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"v6\n").await;
+            });
+        }
+    });
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("v6", addr, 1)]);
+    config.listeners[0].bind = "[::1]:0".parse().unwrap();
+    let (_server, front) = start(config).await;
+    assert!(front.is_ipv6());
+    let (_s, name) = connect_named(front).await;
+    assert_eq!(name, "v6");
+}
