@@ -9,3 +9,4 @@ pub mod pool;
 pub mod proxy;
 pub mod run;
 pub mod shutdown;
+pub mod demo;

@@ -37,10 +37,7 @@ fn main() -> ExitCode {
                 eprintln!("weir ctl: the admin socket is not available yet");
                 ExitCode::from(2)
             }
-            Command::Demo => {
-                eprintln!("weir demo: not available yet");
-                ExitCode::from(1)
-            }
+            Command::Demo => weir::demo::run().await,
         }
     })
 }
