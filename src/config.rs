@@ -687,7 +687,7 @@ fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
     if let Some(bad) = digits.iter().find(|b| !b.is_ascii_hexdigit()) {
         return Err(format!("'{}' is not a hex digit", char::from(*bad)));
     }
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(format!("odd number of hex digits ({})", digits.len()));
     }
     let nibble = |b: u8| char::from(b).to_digit(16).unwrap_or(0) as u8;
@@ -1200,4 +1200,79 @@ fn validate_backend(
         addr: addr?,
         weight,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_bytes_ignores_whitespace_and_case() {
+        assert_eq!(
+            hex_bytes("DE ad\nbE\tef").unwrap(),
+            [0xde, 0xad, 0xbe, 0xef]
+        );
+        assert_eq!(hex_bytes("").unwrap(), Vec::<u8>::new());
+        assert!(hex_bytes("abc").unwrap_err().contains("odd number"));
+        assert!(hex_bytes("0x12").unwrap_err().contains("'x'"));
+    }
+
+    #[test]
+    fn host_and_port_are_split() {
+        assert_eq!(split_host_port("db:5432").unwrap(), ("db", "5432"));
+        assert_eq!(split_host_port("[::1]:5432").unwrap(), ("::1", "5432"));
+        assert!(
+            split_host_port("::1:5432")
+                .unwrap_err()
+                .contains("brackets")
+        );
+        assert!(
+            split_host_port("[::1]5432")
+                .unwrap_err()
+                .contains("no port")
+        );
+        assert!(split_host_port("[::1:5432").unwrap_err().contains("']'"));
+        assert!(split_host_port(":5432").unwrap_err().contains("no host"));
+        assert!(split_host_port("db").unwrap_err().contains("no port"));
+    }
+
+    #[test]
+    fn bind_clashes() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(binds_clash(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(binds_clash(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(binds_clash(a("127.0.0.2:80"), a("0.0.0.0:80")));
+        assert!(binds_clash(a("[::]:80"), a("[::1]:80")));
+        assert!(!binds_clash(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!binds_clash(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(!binds_clash(a("[::]:80"), a("127.0.0.1:80")));
+        // Port 0 picks a free port each time.
+        assert!(!binds_clash(a("127.0.0.1:0"), a("127.0.0.1:0")));
+    }
+
+    #[test]
+    fn backend_addresses() {
+        assert_eq!(
+            backend_addr("127.0.0.1:6379").unwrap(),
+            "127.0.0.1:6379".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            backend_addr("[::1]:5432").unwrap(),
+            "[::1]:5432".parse::<SocketAddr>().unwrap()
+        );
+        assert!(backend_addr("localhost:1").unwrap().ip().is_loopback());
+        assert!(backend_addr("h:70000").unwrap_err().contains("\"70000\""));
+    }
+
+    #[test]
+    fn bind_addresses() {
+        assert!(bind_addr("0.0.0.0:1").is_ok());
+        assert!(bind_addr("[::]:1").is_ok());
+        assert!(
+            bind_addr("localhost:1")
+                .unwrap_err()
+                .contains("not an IP address")
+        );
+        assert!(bind_addr("1.2.3.4").unwrap_err().contains("no port"));
+    }
 }
