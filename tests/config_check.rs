@@ -1,0 +1,937 @@
+//! `weir check`'s view of config files: every problem, each at its position, named as
+//! the user wrote it; and valid files parsed with the contract's defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use weir::config::{Config, Protocol, Strategy, load, parse};
+
+const FILE: &str = "config/weir.yaml";
+
+/// The problems `parse` reports, one rendered line each.
+fn problems(text: &str) -> Vec<String> {
+    match parse(text, FILE) {
+        Ok(_) => panic!("expected problems, but the config is valid:\n{text}"),
+        Err(e) => {
+            let lines: Vec<String> = e.0.iter().map(|d| d.to_string()).collect();
+            assert_eq!(e.to_string(), lines.join("\n"));
+            lines
+        }
+    }
+}
+
+/// Asserts that one problem is reported at LINE:COLUMN and mentions every needle.
+fn assert_problem(text: &str, line: u64, column: u64, needles: &[&str]) -> Vec<String> {
+    let all = problems(text);
+    let prefix = format!("{FILE}:{line}:{column}: ");
+    let found = all
+        .iter()
+        .any(|p| p.starts_with(&prefix) && needles.iter().all(|n| p.contains(n)));
+    assert!(
+        found,
+        "no problem at {line}:{column} mentioning {needles:?}; got:\n{}",
+        all.join("\n")
+    );
+    all
+}
+
+fn valid(text: &str) -> Config {
+    parse(text, FILE).unwrap_or_else(|e| panic!("expected a valid config, got:\n{e}"))
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+const MINIMAL: &str = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    backends:
+      - address: 127.0.0.1:6379
+";
+
+// ----- valid files -----------------------------------------------------------------
+
+#[test]
+fn minimal_file_from_the_contract_gets_every_default() {
+    let c = valid(MINIMAL);
+    assert_eq!(c.admin_socket, None);
+    assert_eq!(c.metrics_bind, None);
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+
+    assert_eq!(c.listeners.len(), 1);
+    let l = &c.listeners[0];
+    assert_eq!(l.name, "redis");
+    assert_eq!(l.bind, addr("127.0.0.1:7379"));
+    assert_eq!(l.protocol, Protocol::Tcp);
+    assert_eq!(l.pool, "redis");
+    assert_eq!(l.max_connections, None);
+    assert_eq!(l.idle_timeout, Duration::from_secs(3600));
+
+    assert_eq!(c.pools.len(), 1);
+    let p = &c.pools[0];
+    assert_eq!(p.name, "redis");
+    assert_eq!(p.strategy, Strategy::RoundRobin);
+    assert_eq!(p.protocol, Protocol::Tcp);
+    assert_eq!(p.connect_timeout, Duration::from_secs(3));
+    assert_eq!(p.retries, 2);
+    assert_eq!(p.health_check, None);
+    assert_eq!(p.backends.len(), 1);
+    let b = &p.backends[0];
+    assert_eq!(b.name, "127.0.0.1:6379");
+    assert_eq!(b.address, "127.0.0.1:6379");
+    assert_eq!(b.addr, addr("127.0.0.1:6379"));
+    assert_eq!(b.weight, 1);
+}
+
+#[test]
+fn udp_listener_defaults_and_pool_protocol() {
+    let c = valid(
+        "\
+listeners:
+  dns:
+    bind: \"[::1]:5353\"
+    protocol: udp
+    pool: dns
+pools:
+  dns:
+    health_check:
+      send_hex: 00
+    backends:
+      - address: \"[::1]:53\"
+  unused:
+    backends:
+      - address: 127.0.0.1:53
+",
+    );
+    let l = &c.listeners[0];
+    assert_eq!(l.bind, addr("[::1]:5353"));
+    assert_eq!(l.protocol, Protocol::Udp);
+    assert_eq!(l.max_connections, Some(65536));
+    assert_eq!(l.idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.pools[0].name, "dns");
+    assert_eq!(c.pools[0].protocol, Protocol::Udp);
+    assert_eq!(c.pools[0].backends[0].addr, addr("[::1]:53"));
+    // A pool no listener uses is tcp.
+    assert_eq!(c.pools[1].name, "unused");
+    assert_eq!(c.pools[1].protocol, Protocol::Tcp);
+}
+
+#[test]
+fn full_file_with_every_key() {
+    let c = valid(
+        "\
+admin:
+  socket: /run/weir/admin.sock
+metrics:
+  bind: 127.0.0.1:9490
+shutdown_timeout: 250ms
+listeners:
+  zeta:
+    bind: 127.0.0.1:7000
+    protocol: tcp
+    pool: redis
+    max_connections: 100
+    idle_timeout: 5m
+  alpha:
+    bind: 0.0.0.0:7001
+    protocol: udp
+    pool: dns
+    max_connections: 7
+    idle_timeout: 1h30m
+pools:
+  redis:
+    strategy: weighted-random
+    connect_timeout: 2s
+    retries: 4294967296000
+    health_check:
+      interval: 3s
+      timeout: 750ms
+      rise: 5
+      fall: 1
+      port: 8008
+      send: \"PING\\r\\n\\x01\"
+      expect: '+PONG'
+    backends:
+      - address: 127.0.0.1:6379
+        name: primary
+        weight: 1000
+      - address: localhost:6380
+  dns:
+    strategy: source-hash
+    connect_timeout: 1s
+    retries: 0
+    health_check:
+      send_hex: \"DE ad BE ef\"
+      expect: \"ok\"
+    backends:
+      - address: 127.0.0.1:53
+        weight: 3
+",
+    );
+    assert_eq!(c.admin_socket, Some(PathBuf::from("/run/weir/admin.sock")));
+    assert_eq!(c.metrics_bind, Some(addr("127.0.0.1:9490")));
+    assert_eq!(c.shutdown_timeout, Duration::from_millis(250));
+
+    // Sorted by name, not in file order.
+    let names: Vec<&str> = c.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "zeta"]);
+    let (alpha, zeta) = (&c.listeners[0], &c.listeners[1]);
+    assert_eq!(alpha.bind, addr("0.0.0.0:7001"));
+    assert_eq!(alpha.protocol, Protocol::Udp);
+    assert_eq!(alpha.pool, "dns");
+    assert_eq!(alpha.max_connections, Some(7));
+    assert_eq!(alpha.idle_timeout, Duration::from_secs(5400));
+    assert_eq!(zeta.protocol, Protocol::Tcp);
+    assert_eq!(zeta.max_connections, Some(100));
+    assert_eq!(zeta.idle_timeout, Duration::from_secs(300));
+
+    let names: Vec<&str> = c.pools.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["dns", "redis"]);
+    let (dns, redis) = (&c.pools[0], &c.pools[1]);
+    assert_eq!(dns.strategy, Strategy::SourceHash);
+    assert_eq!(dns.protocol, Protocol::Udp);
+    assert_eq!(dns.retries, 0);
+    let dc = dns.health_check.as_ref().unwrap();
+    assert_eq!(dc.send.as_deref(), Some(&[0xde, 0xad, 0xbe, 0xef][..]));
+    assert_eq!(dc.expect.as_deref(), Some(&b"ok"[..]));
+    assert_eq!(dc.interval, Duration::from_secs(2));
+    assert_eq!(dc.timeout, Duration::from_secs(1));
+    assert_eq!((dc.rise, dc.fall, dc.port), (2, 3, None));
+    assert_eq!(dns.backends[0].weight, 3);
+
+    assert_eq!(redis.strategy, Strategy::WeightedRandom);
+    assert_eq!(redis.protocol, Protocol::Tcp);
+    assert_eq!(redis.connect_timeout, Duration::from_secs(2));
+    // A huge number of retries is accepted (and saturates).
+    assert_eq!(redis.retries, u32::MAX);
+    let rc = redis.health_check.as_ref().unwrap();
+    assert_eq!(rc.interval, Duration::from_secs(3));
+    assert_eq!(rc.timeout, Duration::from_millis(750));
+    assert_eq!((rc.rise, rc.fall, rc.port), (5, 1, Some(8008)));
+    // YAML escapes are applied by the parser: \r \n \x01 are single bytes.
+    assert_eq!(rc.send.as_deref(), Some(&b"PING\r\n\x01"[..]));
+    assert_eq!(rc.expect.as_deref(), Some(&b"+PONG"[..]));
+    assert_eq!(redis.backends.len(), 2);
+    assert_eq!(redis.backends[0].name, "primary");
+    assert_eq!(redis.backends[0].weight, 1000);
+    // A DNS name is resolved at load time; the name defaults to the address as written.
+    let local = &redis.backends[1];
+    assert_eq!(local.name, "localhost:6380");
+    assert_eq!(local.address, "localhost:6380");
+    assert!(local.addr.ip().is_loopback(), "{}", local.addr);
+    assert_eq!(local.addr.port(), 6380);
+}
+
+#[test]
+fn empty_health_check_means_all_check_defaults() {
+    let c = valid(&MINIMAL.replace("    backends:", "    health_check: {}\n    backends:"));
+    let hc = c.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.interval, Duration::from_secs(2));
+    assert_eq!(hc.timeout, Duration::from_secs(1));
+    assert_eq!((hc.rise, hc.fall, hc.port), (2, 3, None));
+    assert_eq!((&hc.send, &hc.expect), (&None, &None));
+}
+
+#[test]
+fn same_address_over_tcp_and_udp_is_allowed() {
+    let c = valid(
+        "\
+listeners:
+  t:
+    bind: 127.0.0.1:5353
+    pool: t
+  u:
+    bind: 127.0.0.1:5353
+    protocol: udp
+    pool: u
+pools:
+  t:
+    backends:
+      - address: 127.0.0.1:53
+  u:
+    backends:
+      - address: 127.0.0.1:53
+",
+    );
+    assert_eq!(c.listeners.len(), 2);
+}
+
+// ----- one bad-config case each --------------------------------------------------------
+
+#[test]
+fn yaml_syntax_error_has_the_parser_position() {
+    assert_problem(
+        "\
+listeners:
+  redis:
+    bind: \"127.0.0.1:7379
+    pool: redis
+",
+        3,
+        11,
+        &["unclosed quote"],
+    );
+    assert_problem(
+        "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+     pool: redis
+",
+        4,
+        10,
+        &["mapping values are not allowed"],
+    );
+}
+
+#[test]
+fn unknown_key_is_named_with_the_keys_allowed_there() {
+    let all = assert_problem(
+        "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    stratgy: least-connections
+    backends:
+      - address: 127.0.0.1:6379
+",
+        7,
+        5,
+        &[
+            "unknown key \"stratgy\"",
+            "in a pool",
+            "strategy, connect_timeout, retries, health_check, backends",
+        ],
+    );
+    assert_eq!(all.len(), 1);
+    assert_problem(
+        "shutdown_timeot: 3s\n",
+        1,
+        1,
+        &[
+            "unknown key \"shutdown_timeot\"",
+            "admin, metrics, shutdown_timeout",
+        ],
+    );
+    assert_problem(
+        &MINIMAL.replace(
+            "address: 127.0.0.1:6379",
+            "address: 127.0.0.1:6379\n        wieght: 2",
+        ),
+        9,
+        9,
+        &[
+            "unknown key \"wieght\"",
+            "in a backend",
+            "address, name, weight",
+        ],
+    );
+}
+
+#[test]
+fn unknown_strategy_lists_the_valid_ones() {
+    assert_problem(
+        "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    strategy: round-robbin
+    backends:
+      - address: 127.0.0.1:6379
+",
+        7,
+        15,
+        &[
+            "unknown strategy \"round-robbin\" (expected one of: round-robin, least-connections, weighted-random, source-hash)",
+        ],
+    );
+}
+
+#[test]
+fn unknown_protocol_lists_the_valid_ones() {
+    assert_problem(
+        &MINIMAL.replace("    pool: redis\n", "    pool: redis\n    protocol: sctp\n"),
+        5,
+        15,
+        &["unknown protocol \"sctp\"", "tcp, udp"],
+    );
+}
+
+#[test]
+fn bad_duration_names_the_key_and_the_value() {
+    let text = "\
+shutdown_timeout: soon
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+    idle_timeout: 10
+pools:
+  redis:
+    connect_timeout: 3 parsecs
+    backends:
+      - address: 127.0.0.1:6379
+";
+    assert_problem(text, 1, 19, &["shutdown_timeout", "\"soon\""]);
+    assert_problem(text, 6, 19, &["idle_timeout", "\"10\"", "no unit"]);
+    assert_problem(text, 9, 22, &["connect_timeout", "\"3 parsecs\"", "unit"]);
+}
+
+#[test]
+fn listener_naming_a_missing_pool() {
+    assert_problem(
+        &MINIMAL.replace("    pool: redis", "    pool: rediss"),
+        4,
+        11,
+        &[
+            "listener \"redis\"",
+            "pool \"rediss\"",
+            "not defined",
+            "redis",
+        ],
+    );
+}
+
+#[test]
+fn two_listeners_on_one_bind_address() {
+    let text = "\
+listeners:
+  first:
+    bind: 127.0.0.1:7379
+    pool: redis
+  second:
+    bind: 127.0.0.1:7379
+    pool: redis
+  third:
+    bind: 0.0.0.0:7379
+    pool: redis
+pools:
+  redis:
+    backends:
+      - address: 127.0.0.1:6379
+";
+    let all = assert_problem(
+        text,
+        6,
+        11,
+        &["\"second\"", "127.0.0.1:7379", "listener \"first\""],
+    );
+    // A wildcard address overlaps every address of its family on that port.
+    assert_problem(
+        text,
+        9,
+        11,
+        &["\"third\"", "0.0.0.0:7379", "listener \"first\""],
+    );
+    assert_eq!(all.len(), 2, "{all:?}");
+}
+
+#[test]
+fn listener_on_the_metrics_address() {
+    assert_problem(
+        &format!("metrics:\n  bind: 127.0.0.1:7379\n{MINIMAL}"),
+        5,
+        11,
+        &["127.0.0.1:7379", "metrics"],
+    );
+}
+
+#[test]
+fn weight_out_of_range() {
+    let text = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    backends:
+      - address: 127.0.0.1:6379
+        weight: 0
+      - address: 127.0.0.1:6380
+        weight: 1001
+      - address: 127.0.0.1:6381
+        weight: heavy
+";
+    assert_problem(text, 9, 17, &["weight 0", "1..=1000"]);
+    assert_problem(text, 11, 17, &["weight 1001", "1..=1000"]);
+    assert_problem(text, 13, 17, &["weight \"heavy\"", "whole number"]);
+}
+
+#[test]
+fn empty_pool() {
+    let text = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    backends: []
+  spare:
+    strategy: source-hash
+";
+    assert_problem(text, 7, 15, &["pool \"redis\"", "no backends"]);
+    // No `backends` key at all: at the pool's name.
+    assert_problem(text, 8, 3, &["pool \"spare\"", "no backends"]);
+}
+
+#[test]
+fn bad_bind_address() {
+    let text = "\
+metrics:
+  bind: 127.0.0.1
+listeners:
+  a:
+    bind: localhost:7379
+    pool: redis
+  b:
+    bind: ::1:7379
+    pool: redis
+  c:
+    bind: 127.0.0.1:99999
+    pool: redis
+pools:
+  redis:
+    backends:
+      - address: 127.0.0.1:6379
+";
+    assert_problem(text, 2, 9, &["\"127.0.0.1\"", "no port", "IP:PORT"]);
+    assert_problem(
+        text,
+        5,
+        11,
+        &[
+            "\"localhost:7379\"",
+            "not an IP address",
+            "IP:PORT or [IPv6]:PORT",
+        ],
+    );
+    assert_problem(text, 8, 11, &["\"::1:7379\"", "brackets"]);
+    assert_problem(text, 11, 11, &["\"127.0.0.1:99999\"", "port \"99999\""]);
+}
+
+#[test]
+fn bad_backend_address() {
+    let text = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    backends:
+      - address: 127.0.0.1
+      - address: db:x
+      - address: 127.0.0.1:0
+";
+    assert_problem(text, 8, 18, &["\"127.0.0.1\"", "no port", "HOST:PORT"]);
+    assert_problem(text, 9, 18, &["\"db:x\"", "port \"x\""]);
+    assert_problem(text, 10, 18, &["\"127.0.0.1:0\"", "port 0"]);
+}
+
+#[test]
+fn backend_host_that_does_not_resolve() {
+    assert_problem(
+        &MINIMAL.replace("127.0.0.1:6379", "no-such-host.invalid:6379"),
+        8,
+        18,
+        &["cannot resolve host \"no-such-host.invalid\""],
+    );
+}
+
+#[test]
+fn duplicate_backend_names_within_a_pool() {
+    let text = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    backends:
+      - address: 127.0.0.1:6379
+        name: main
+      - address: 127.0.0.1:6380
+        name: main
+      - address: 127.0.0.1:6379
+  other:
+    backends:
+      - address: 127.0.0.1:6379
+        name: main
+";
+    let all = assert_problem(
+        text,
+        11,
+        15,
+        &[
+            "duplicate backend name \"main\"",
+            "pool \"redis\"",
+            "line 9",
+        ],
+    );
+    // The third backend is named by its address, which is no other backend's name (the
+    // first is "main"), so it is fine; "main" again in another pool is fine too.
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_problem(
+        &MINIMAL.replace(
+            "      - address: 127.0.0.1:6379\n",
+            "      - address: 127.0.0.1:6379\n      - address: 127.0.0.1:6379\n",
+        ),
+        9,
+        18,
+        &["duplicate backend name \"127.0.0.1:6379\""],
+    );
+}
+
+#[test]
+fn zero_rise_fall_interval_timeout() {
+    let text = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    health_check:
+      interval: 0s
+      timeout: 0ms
+      rise: 0
+      fall: 0
+    backends:
+      - address: 127.0.0.1:6379
+";
+    assert_problem(text, 8, 17, &["interval \"0s\"", "more than zero"]);
+    assert_problem(text, 9, 16, &["timeout \"0ms\"", "more than zero"]);
+    assert_problem(text, 10, 13, &["rise 0"]);
+    assert_problem(text, 11, 13, &["fall 0"]);
+    assert_eq!(problems(text).len(), 4);
+}
+
+#[test]
+fn send_and_send_hex_both_set() {
+    assert_problem(
+        "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    health_check:
+      send: \"PING\\r\\n\"
+      send_hex: 50494e470d0a
+    backends:
+      - address: 127.0.0.1:6379
+",
+        9,
+        17,
+        &["send and send_hex"],
+    );
+}
+
+#[test]
+fn bad_send_hex() {
+    assert_problem(
+        &MINIMAL.replace(
+            "    backends:",
+            "    health_check:\n      send_hex: 0g1\n    backends:",
+        ),
+        8,
+        17,
+        &["send_hex \"0g1\"", "'g'"],
+    );
+}
+
+#[test]
+fn expect_without_send() {
+    assert_problem(
+        &MINIMAL.replace(
+            "    backends:",
+            "    health_check:\n      expect: \"+PONG\"\n    backends:",
+        ),
+        8,
+        15,
+        &["expect \"+PONG\" without send"],
+    );
+}
+
+#[test]
+fn udp_health_check_needs_a_datagram_to_send() {
+    let text = "\
+listeners:
+  dns:
+    bind: 127.0.0.1:5353
+    protocol: udp
+    pool: dns
+pools:
+  dns:
+    health_check:
+      interval: 1s
+    backends:
+      - address: 127.0.0.1:53
+";
+    assert_problem(
+        text,
+        9,
+        7,
+        &["pool \"dns\"", "UDP health check needs a datagram to send"],
+    );
+}
+
+#[test]
+fn pool_used_over_tcp_and_udp() {
+    assert_problem(
+        "\
+listeners:
+  a:
+    bind: 127.0.0.1:5353
+    pool: dns
+  b:
+    bind: 127.0.0.1:5353
+    protocol: udp
+    pool: dns
+pools:
+  dns:
+    backends:
+      - address: 127.0.0.1:53
+",
+        8,
+        11,
+        &[
+            "pool \"dns\"",
+            "tcp listener \"a\"",
+            "udp listener \"b\"",
+            "one protocol",
+        ],
+    );
+}
+
+#[test]
+fn listener_missing_its_keys() {
+    let text = "\
+listeners:
+  a:
+    protocol: tcp
+  b:
+pools:
+  p:
+    backends:
+      - address: 127.0.0.1:1
+";
+    assert_problem(text, 2, 3, &["listener \"a\"", "no bind"]);
+    assert_problem(text, 2, 3, &["listener \"a\"", "no pool"]);
+    assert_problem(text, 4, 3, &["listener \"b\"", "no settings"]);
+}
+
+#[test]
+fn names_that_admin_commands_could_not_address() {
+    let text = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: a/b
+pools:
+  a/b:
+    backends:
+      - address: 127.0.0.1:6379
+        name: my backend
+";
+    assert_problem(text, 6, 3, &["pool name \"a/b\"", "'/'"]);
+    assert_problem(text, 9, 15, &["backend name \"my backend\"", "whitespace"]);
+}
+
+#[test]
+fn duplicate_listener_name_is_a_yaml_error() {
+    assert_problem(
+        &MINIMAL.replace(
+            "pools:",
+            "  redis:\n    bind: 127.0.0.1:1\n    pool: redis\npools:",
+        ),
+        5,
+        3,
+        &["duplicate key \"redis\""],
+    );
+}
+
+#[test]
+fn wrong_shape_of_value() {
+    assert_problem(
+        &MINIMAL.replace("      - address: 127.0.0.1:6379", "      - 127.0.0.1:6379"),
+        8,
+        9,
+        &["expected a mapping"],
+    );
+}
+
+#[test]
+fn no_position_uses_the_key_path() {
+    let all = problems("shutdown_timeout: 1s\n");
+    assert!(
+        all.contains(&format!(
+            "{FILE}: listeners: no listeners: at least one listener is needed"
+        )),
+        "{all:?}"
+    );
+    assert!(
+        all.contains(&format!(
+            "{FILE}: pools: no pools: at least one pool is needed"
+        )),
+        "{all:?}"
+    );
+    let empty = problems("");
+    assert_eq!(empty.len(), 1);
+    assert!(empty[0].starts_with(&format!("{FILE}: ")), "{empty:?}");
+}
+
+#[test]
+fn every_problem_in_a_file_is_reported() {
+    let text = "\
+shutdown_timeout: 30 secs please
+listeners:
+  a:
+    bind: 127.0.0.1:7000
+    pool: web
+  b:
+    bind: 127.0.0.1:7000
+    pool: wbe
+pools:
+  web:
+    strategy: fastest
+    connect_timeout: 0s
+    health_check:
+      rise: 0
+      expect: ok
+    backends:
+      - address: 127.0.0.1:8080
+        weight: 5000
+      - address: 127.0.0.1
+  empty:
+    backends: []
+";
+    let all = problems(text);
+    let expected = [
+        (1, 19, "shutdown_timeout"),
+        (7, 11, "listener \"a\""),
+        (8, 11, "\"wbe\""),
+        (11, 15, "\"fastest\""),
+        (12, 22, "connect_timeout"),
+        (14, 13, "rise 0"),
+        (15, 15, "expect \"ok\""),
+        (18, 17, "weight 5000"),
+        (19, 18, "\"127.0.0.1\""),
+        (21, 15, "pool \"empty\""),
+    ];
+    for (line, column, needle) in expected {
+        let prefix = format!("{FILE}:{line}:{column}: ");
+        assert!(
+            all.iter()
+                .any(|p| p.starts_with(&prefix) && p.contains(needle)),
+            "missing {line}:{column} {needle}; got:\n{}",
+            all.join("\n")
+        );
+    }
+    assert_eq!(all.len(), expected.len(), "{}", all.join("\n"));
+    // Reported in file order, with the position also in the structured form.
+    let err = parse(text, FILE).unwrap_err();
+    let positions: Vec<_> = err.0.iter().map(|d| d.position.unwrap()).collect();
+    let mut sorted = positions.clone();
+    sorted.sort();
+    assert_eq!(positions, sorted);
+    assert_eq!(err.0[0].file, FILE);
+    assert_eq!(err.0[0].key_path, None);
+}
+
+// ----- the shipped files -----------------------------------------------------------
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn reference_config_loads() {
+    let path = manifest_dir().join(weir::config::DEFAULT_PATH);
+    let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.admin_socket.is_some());
+    assert!(c.metrics_bind.is_some());
+    assert!(c.listeners.iter().any(|l| l.protocol == Protocol::Udp));
+    assert!(c.listeners.iter().any(|l| l.protocol == Protocol::Tcp));
+    let dns = c.pools.iter().find(|p| p.name == "dns").unwrap();
+    assert_eq!(dns.protocol, Protocol::Udp);
+    let check = dns.health_check.as_ref().unwrap();
+    // The DNS query from send_hex: id 0x1234, then flags, one question for example.com.
+    let send = check.send.as_ref().unwrap();
+    assert_eq!(&send[..4], &[0x12, 0x34, 0x01, 0x00]);
+    assert!(send.windows(13).any(|w| w == b"\x07example\x03com\x00"));
+    assert_eq!(check.expect.as_deref(), Some(&b"\x07example\x03com"[..]));
+}
+
+#[test]
+fn every_shipped_config_parses() {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in ["config", "config/examples"] {
+        for entry in std::fs::read_dir(manifest_dir().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    for f in &files {
+        if let Err(e) = load(f) {
+            panic!("{} does not parse:\n{e}", f.display());
+        }
+    }
+}
+
+#[test]
+fn example_health_checks_send_what_they_say() {
+    let pg = load(&manifest_dir().join("config/examples/postgres.yaml")).unwrap();
+    let primary = pg.pools.iter().find(|p| p.name == "pg-primary").unwrap();
+    assert_eq!(primary.strategy, Strategy::LeastConnections);
+    let hc = primary.health_check.as_ref().unwrap();
+    assert_eq!(hc.port, Some(8008));
+    assert_eq!(
+        hc.send.as_deref(),
+        Some(&b"GET /primary HTTP/1.0\r\n\r\n"[..])
+    );
+    assert_eq!(hc.expect.as_deref(), Some(&b"200 OK"[..]));
+
+    let redis = load(&manifest_dir().join("config/examples/redis.yaml")).unwrap();
+    let hc = redis.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.send.as_deref(), Some(&b"INFO replication\r\n"[..]));
+    assert_eq!(hc.expect.as_deref(), Some(&b"role:master"[..]));
+
+    let dns = load(&manifest_dir().join("config/examples/dns.yaml")).unwrap();
+    let udp = dns.pools.iter().find(|p| p.name == "dns-udp").unwrap();
+    assert_eq!(udp.protocol, Protocol::Udp);
+    let hc = udp.health_check.as_ref().unwrap();
+    let send = hc.send.as_ref().unwrap();
+    assert_eq!(send.len(), 12 + 13 + 4);
+    assert_eq!(hc.expect.as_deref(), Some(&b"\x07example\x03com\x00"[..]));
+}
+
+#[test]
+fn unreadable_file() {
+    let err = load(Path::new("/nonexistent/weir.yaml")).unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/weir.yaml: cannot read"),
+        "{err}"
+    );
+}
