@@ -148,9 +148,6 @@ impl std::fmt::Display for ConfigErrors {
     }
 }
 
-/// Where `weir run`, `check` and `ctl` look without `-c`.
-pub const DEFAULT_PATH: &str = "config/weir.yaml";
-
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();

@@ -39,7 +39,12 @@ async fn start_backend(name: &'static str, weight: u32) -> std::io::Result<DemoB
             });
         }
     });
-    Ok(DemoBackend { name, weight, addr, task })
+    Ok(DemoBackend {
+        name,
+        weight,
+        addr,
+        task,
+    })
 }
 
 fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
@@ -76,7 +81,10 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
 }
 
 /// Connects through weir and returns the name of the backend that answered.
-async fn one_connection(front: SocketAddr, source: Option<std::net::IpAddr>) -> std::io::Result<String> {
+async fn one_connection(
+    front: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<String> {
     let stream = match source {
         Some(ip) => {
             let socket = tokio::net::TcpSocket::new_v4()?;
@@ -142,7 +150,9 @@ pub async fn run() -> ExitCode {
 }
 
 async fn demo() -> anyhow::Result<()> {
-    println!("weir demo: three backends on loopback, weighted 1, 2 and 3, and weir in front of them.\n");
+    println!(
+        "weir demo: three backends on loopback, weighted 1, 2 and 3, and weir in front of them.\n"
+    );
     let backends = vec![
         start_backend("alpha", 1).await?,
         start_backend("bravo", 2).await?,
@@ -163,7 +173,8 @@ async fn demo() -> anyhow::Result<()> {
     ] {
         let server = Server::start(demo_config(strategy, &backends), None).await?;
         let front = server.listener_addr("demo").expect("demo listener");
-        let counts: Arc<Vec<AtomicU64>> = Arc::new(backends.iter().map(|_| AtomicU64::new(0)).collect());
+        let counts: Arc<Vec<AtomicU64>> =
+            Arc::new(backends.iter().map(|_| AtomicU64::new(0)).collect());
         let hold = strategy == Strategy::LeastConnections;
         let mut held = Vec::new();
         for i in 0..600u32 {
