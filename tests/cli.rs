@@ -1,0 +1,173 @@
+//! The `weir` binary as an operator runs it: `check`, `run` with a bad file, SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn weir() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+}
+
+fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("weir.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("weir-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const BAD: &str = "listeners:
+  front:
+    bind: 127.0.0.1:0
+    pool: missing
+pools:
+  app:
+    strategy: fastest
+    backends:
+      - address: 127.0.0.1:9
+";
+
+#[test]
+fn check_exits_0_on_a_valid_file_and_2_listing_every_problem() {
+    let dir = temp_dir("check");
+    let good = write_config(&dir, "listeners:\n  a:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n");
+    let out = weir().args(["check", "-c"]).arg(&good).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = write_config(&dir, BAD);
+    let out = weir().args(["check", "-c"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = bad.display().to_string();
+    assert!(stderr.contains(&format!("{file}:4:11:")), "missing pool at 4:11 in:\n{stderr}");
+    assert!(stderr.contains(&format!("{file}:7:15:")), "unknown strategy at 7:15 in:\n{stderr}");
+    assert!(stderr.contains("\"fastest\""), "{stderr}");
+}
+
+#[test]
+fn run_with_a_bad_file_prints_the_same_and_exits_2() {
+    let dir = temp_dir("run-bad");
+    let bad = write_config(&dir, BAD);
+    let check = weir().args(["check", "-c"]).arg(&bad).output().unwrap();
+    let run = weir().args(["run", "-c"]).arg(&bad).output().unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&run.stderr), String::from_utf8_lossy(&check.stderr));
+}
+
+/// Starts `weir run`, returning the child and the address its listener `front` bound.
+fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let mut child = weir()
+        .args(["run", "-c"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("weir logs its listener address");
+        if let Some(rest) = line.split("accepting on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            return (child, addr, rx);
+        }
+    }
+}
+
+#[test]
+fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
+    // An echo backend on a std thread (this test is synchronous).
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in backend.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dir = temp_dir("sigterm");
+    let config = write_config(
+        &dir,
+        &format!(
+            "shutdown_timeout: 20s\nlisteners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: {backend_addr}\n"
+        ),
+    );
+    let (mut child, front, logs) = spawn_weir(&config);
+    let mut open = TcpStream::connect(front).unwrap();
+    open.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    open.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).unwrap();
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    // Accepting stops at once.
+    let deadline = Instant::now() + common::DEADLINE;
+    while TcpStream::connect_timeout(&front, Duration::from_millis(200)).is_ok() {
+        assert!(Instant::now() < deadline, "weir still accepts after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The open connection still works.
+    open.write_all(b"after!").unwrap();
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"after!");
+    assert!(child.try_wait().unwrap().is_none(), "weir waits for the open connection");
+    drop(open);
+
+    let deadline = Instant::now() + common::DEADLINE;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "weir exits once the last connection closed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0));
+    let logs: Vec<String> = logs.try_iter().collect();
+    assert!(logs.iter().any(|l| l.contains("SIGTERM")), "the signal is logged: {logs:?}");
+}
+
+#[test]
+fn json_log_format_prints_one_object_a_line() {
+    let dir = temp_dir("json");
+    let config = write_config(&dir, "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n");
+    let mut child = weir()
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let first = lines.next().expect("a log line").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let value: serde_json::Value = serde_json::from_str(&first).expect("a JSON object");
+    assert!(value.get("level").is_some(), "{first}");
+}
