@@ -1,0 +1,364 @@
+#!/usr/bin/env bash
+# weir side by side with HAProxy and NGINX, on loopback. See docs/performance.md.
+#
+# Four setups — direct (no proxy), haproxy, nginx, weir — measured interleaved: every
+# round measures each figure for every setup back to back (setup order rotates between
+# rounds), and each reported figure is the median over the rounds. All traffic stays on
+# 127.0.0.1; every load is bounded by a request count or a duration and by `timeout`.
+#
+# Knobs (environment): ROUNDS [3], DURATION iperf3 seconds [3], CONN_REQUESTS [20000],
+# RR_REQUESTS [200000], IDLE_CONNS [10000], SETUPS ["direct haproxy nginx weir"],
+# NO_INSTALL=1 skips apt-get, NO_BUILD=1 uses the existing target/release/weir.
+# For experiments, a setup weir:VAR=VALUE runs weir with that environment variable set.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-3}
+CONN_REQUESTS=${CONN_REQUESTS:-20000}
+RR_REQUESTS=${RR_REQUESTS:-200000}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+SETUPS=${SETUPS:-"direct haproxy nginx weir"}
+FIGURES="idle_memory throughput_1 throughput_8 conn_rate rr_latency"
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d /tmp/weir-compare.XXXXXX)
+RESULTS=$WORK/results.tsv
+STARTED=$SECONDS
+declare -A PID=()    # setup or backend name → pid of the process we started
+declare -A PORT=()   # "SETUP redis" / "SETUP iperf" → port clients connect to
+
+log() { echo "[$((SECONDS - STARTED))s] $*" >&2; }
+
+cleanup() {
+    local name
+    for name in "${!PID[@]}"; do
+        kill "${PID[$name]}" 2>/dev/null || true
+    done
+    for name in "${!PID[@]}"; do
+        wait "${PID[$name]}" 2>/dev/null || true
+    done
+    log "stopped everything; logs and raw results in $WORK"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- preparation
+
+install_tools() {
+    [[ ${NO_INSTALL:-0} == 1 ]] && return
+    local missing=()
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v nginx >/dev/null || missing+=(nginx)
+    [[ -e /usr/share/nginx/modules/ngx_stream_module.so ]] || missing+=(libnginx-mod-stream)
+    command -v iperf3 >/dev/null || missing+=(iperf3)
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+    command -v jq >/dev/null || missing+=(jq)
+    ((${#missing[@]} == 0)) && return
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}" >/dev/null
+}
+
+build_weir() {
+    [[ ${NO_BUILD:-0} == 1 ]] && return
+    log "building weir (release)"
+    (cd "$REPO" && cargo build --release --quiet)
+}
+
+# Free ports: bind port 0 a few times and keep what the kernel gave.
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+wait_listening() {
+    local port=$1 deadline=$((SECONDS + 10))
+    until ss -Hltn "sport = :$port" | grep -q .; do
+        ((SECONDS < deadline)) || { log "nothing listens on $port"; return 1; }
+        sleep 0.05
+    done
+}
+
+# ---------------------------------------------------------------- backends
+
+start_backends() {
+    local ports
+    read -r -a ports <<<"$(free_ports 2)"
+    PORT[direct redis]=${ports[0]}
+    PORT[direct iperf]=${ports[1]}
+    redis-server --port "${ports[0]}" --bind 127.0.0.1 --save '' --appendonly no \
+        --maxclients $((IDLE_CONNS + 1000)) --protected-mode no --daemonize no \
+        >"$WORK/redis.log" 2>&1 &
+    PID[redis]=$!
+    iperf3 -s -p "${ports[1]}" --idle-timeout 30 >"$WORK/iperf3-server.log" 2>&1 &
+    PID[iperf3]=$!
+    wait_listening "${ports[0]}"
+    wait_listening "${ports[1]}"
+}
+
+# ---------------------------------------------------------------- proxy setups
+
+start_direct() { :; }
+
+start_haproxy() {
+    local cfg=$WORK/haproxy.cfg
+    cat >"$cfg" <<EOF
+global
+    nbthread 2
+    maxconn $((IDLE_CONNS * 2 + 1000))
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen redis
+    bind 127.0.0.1:${PORT[haproxy redis]}
+    server redis 127.0.0.1:${PORT[direct redis]}
+listen iperf
+    bind 127.0.0.1:${PORT[haproxy iperf]}
+    server iperf 127.0.0.1:${PORT[direct iperf]}
+EOF
+    haproxy -db -f "$cfg" >>"$WORK/haproxy.log" 2>&1 &
+    PID[haproxy]=$!
+}
+
+start_nginx() {
+    local cfg=$WORK/nginx.conf
+    cat >"$cfg" <<EOF
+load_module /usr/share/nginx/modules/ngx_stream_module.so;
+worker_processes 2;
+worker_rlimit_nofile $((IDLE_CONNS * 3 + 1000));
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections $((IDLE_CONNS * 2 + 1000)); }
+stream {
+    server {
+        listen 127.0.0.1:${PORT[nginx redis]};
+        proxy_pass 127.0.0.1:${PORT[direct redis]};
+    }
+    server {
+        listen 127.0.0.1:${PORT[nginx iperf]};
+        proxy_pass 127.0.0.1:${PORT[direct iperf]};
+    }
+}
+EOF
+    nginx -c "$cfg" -g 'daemon off;' >>"$WORK/nginx.log" 2>&1 &
+    PID[nginx]=$!
+}
+
+# weir, or weir:VAR=VALUE for weir with an environment variable set (experiments).
+start_weir() {
+    local setup=$1 cfg=$WORK/${1//[^a-zA-Z0-9]/_}.yaml env=()
+    [[ $setup == *:* ]] && env=("${setup#*:}")
+    cat >"$cfg" <<EOF
+shutdown_timeout: 1s
+listeners:
+  redis:
+    bind: 127.0.0.1:${PORT[$setup redis]}
+    pool: redis
+  iperf:
+    bind: 127.0.0.1:${PORT[$setup iperf]}
+    pool: iperf
+pools:
+  redis:
+    backends:
+      - address: 127.0.0.1:${PORT[direct redis]}
+  iperf:
+    backends:
+      - address: 127.0.0.1:${PORT[direct iperf]}
+EOF
+    env RUST_LOG=warn "${env[@]}" "$REPO/target/release/weir" run -c "$cfg" >>"$WORK/weir.log" 2>&1 &
+    PID[$setup]=$!
+}
+
+start_setup() {
+    local setup=$1
+    [[ $setup == direct ]] && return
+    if [[ -z ${PORT[$setup redis]:-} ]]; then
+        local ports
+        read -r -a ports <<<"$(free_ports 2)"
+        PORT[$setup redis]=${ports[0]}
+        PORT[$setup iperf]=${ports[1]}
+    fi
+    case $setup in
+        haproxy) start_haproxy ;;
+        nginx) start_nginx ;;
+        weir | weir:*) start_weir "$setup" ;;
+        *) log "unknown setup $setup"; exit 2 ;;
+    esac
+    wait_listening "${PORT[$setup redis]}"
+    wait_listening "${PORT[$setup iperf]}"
+}
+
+stop_setup() {
+    local setup=$1
+    [[ -n ${PID[$setup]:-} ]] || return 0
+    kill "${PID[$setup]}" 2>/dev/null || true
+    wait "${PID[$setup]}" 2>/dev/null || true
+    unset "PID[$setup]"
+}
+
+# Every process of a setup: NGINX's master and workers; one process for the others.
+setup_pids() {
+    local pid=${PID[$1]}
+    echo "$pid" $(pgrep -P "$pid" || true)
+}
+
+# ---------------------------------------------------------------- figures
+# Each prints one number (several, space-separated, for rr_latency) or fails.
+
+figure_throughput() {
+    local setup=$1 streams=$2
+    timeout $((DURATION + 20)) iperf3 -c 127.0.0.1 -p "${PORT[$setup iperf]}" \
+        -t "$DURATION" -P "$streams" -J >"$WORK/iperf3.json" 2>&1 || return 1
+    jq -e '.end.sum_received.bits_per_second / 1e9 * 100 | round / 100' "$WORK/iperf3.json"
+}
+figure_throughput_1() { figure_throughput "$1" 1; }
+figure_throughput_8() { figure_throughput "$1" 8; }
+
+# A new TCP connection per request (-k 0): accept + backend connect + one round trip.
+figure_conn_rate() {
+    timeout 120 redis-benchmark -h 127.0.0.1 -p "${PORT[$1 redis]}" -t ping_mbulk \
+        -n "$CONN_REQUESTS" -c 50 -k 0 --csv 2>/dev/null |
+        awk -F'"' '/PING_MBULK/ { print $4 }' | grep .
+}
+
+# Keep-alive request/response: requests/s, p50 ms, p99 ms.
+figure_rr_latency() {
+    timeout 120 redis-benchmark -h 127.0.0.1 -p "${PORT[$1 redis]}" -t ping_mbulk \
+        -n "$RR_REQUESTS" -c 50 --csv 2>/dev/null |
+        awk -F'"' '/PING_MBULK/ { print $4, $10, $14 }' | grep .
+}
+
+# Bytes of proxy RSS per idle connection (after one PING round trip on each).
+figure_idle_memory() {
+    [[ $1 == direct ]] && { echo nan; return; }
+    # shellcheck disable=SC2046
+    timeout 180 python3 "$REPO/benches/idle_conns.py" "${PORT[$1 redis]}" "$IDLE_CONNS" $(setup_pids "$1")
+}
+
+# PLACEHOLDER: UDP queries/s is measured by benches/udp_qps.sh (written separately). When
+# it exists it runs once after the TCP rounds with WORK set, and prints its own section.
+figure_udp_qps() {
+    if [[ -x $REPO/benches/udp_qps.sh ]]; then
+        WORK=$WORK "$REPO/benches/udp_qps.sh"
+    else
+        echo "udp_qps: n/a (benches/udp_qps.sh not present)"
+    fi
+}
+
+record() { # FIGURE SETUP ROUND VALUE...
+    local figure=$1 setup=$2 round=$3
+    shift 3
+    local names=("$figure") i=0 value
+    [[ $figure == rr_latency ]] && names=(rr_rps rr_p50_ms rr_p99_ms)
+    for value in "$@"; do
+        printf '%s\t%s\t%s\t%s\n' "${names[i]}" "$setup" "$round" "$value" >>"$RESULTS"
+        i=$((i + 1))
+    done
+}
+
+measure() { # FIGURE SETUP ROUND
+    local out
+    if out=$("figure_$1" "$2"); then
+        # shellcheck disable=SC2086
+        record "$1" "$2" "$3" $out
+        log "round $3 $1 $2: $out"
+    else
+        record "$1" "$2" "$3" nan nan nan
+        log "round $3 $1 $2: FAILED"
+    fi
+}
+
+# ---------------------------------------------------------------- report
+
+summarize() {
+    python3 - "$RESULTS" "$SETUPS" <<'EOF'
+import statistics, sys
+from collections import defaultdict
+
+path, setups = sys.argv[1], sys.argv[2].split()
+values = defaultdict(list)
+for line in open(path):
+    figure, setup, _round, value = line.rstrip("\n").split("\t")
+    if value != "nan":
+        values[figure, setup].append(float(value))
+
+rows = [
+    ("throughput_1", "Gbit/s", True),
+    ("throughput_8", "Gbit/s", True),
+    ("conn_rate", "req/s", True),
+    ("rr_rps", "req/s", True),
+    ("rr_p50_ms", "ms", False),
+    ("rr_p99_ms", "ms", False),
+    ("idle_memory", "bytes/conn", False),
+]
+
+def median(figure, setup):
+    v = values.get((figure, setup))
+    return statistics.median(v) if v else None
+
+def fmt(x):
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+def ratio(a, b):
+    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+n = max((len(v) for v in values.values()), default=0)
+print(f"\nMedians of {n} interleaved rounds (higher is better for Gbit/s and req/s, lower for ms and bytes):\n")
+print("| figure | unit | " + " | ".join(setups) + " |")
+print("|---|---|" + "---|" * len(setups))
+for figure, unit, _ in rows:
+    print(f"| {figure} | {unit} | " + " | ".join(fmt(median(figure, s)) for s in setups) + " |")
+print("| udp_qps | queries/s | " + " | ".join("n/a" for _ in setups) + " |")
+
+proxies = [s for s in setups if s != "direct"]
+print("\nRatios (same run): each proxy to direct, and to HAProxy:\n")
+heads = [f"{p} ÷ direct" for p in proxies] + [f"{p} ÷ haproxy" for p in proxies if p != "haproxy"]
+print("| figure | " + " | ".join(heads) + " |")
+print("|---|" + "---|" * len(heads))
+for figure, _, _ in rows:
+    cells = [ratio(median(figure, p), median(figure, "direct")) for p in proxies]
+    cells += [ratio(median(figure, p), median(figure, "haproxy")) for p in proxies if p != "haproxy"]
+    print(f"| {figure} | " + " | ".join(cells) + " |")
+EOF
+}
+
+# ---------------------------------------------------------------- main
+
+main() {
+    ulimit -n $((IDLE_CONNS * 4 + 10000)) 2>/dev/null || log "cannot raise the open-file limit; lower IDLE_CONNS if connections fail"
+    install_tools
+    build_weir
+    start_backends
+    local setups order round figure setup
+    read -r -a setups <<<"$SETUPS"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        # Rotate who goes first, so no setup always follows the same neighbour.
+        order=("${setups[@]:round % ${#setups[@]}}" "${setups[@]:0:round % ${#setups[@]}}")
+        # Fresh proxies each round: idle_memory must not see memory kept from an earlier round.
+        for setup in "${order[@]}"; do start_setup "$setup"; done
+        for figure in $FIGURES; do
+            for setup in "${order[@]}"; do measure "$figure" "$setup" "$round"; done
+        done
+        for setup in "${order[@]}"; do stop_setup "$setup"; done
+    done
+    summarize
+    echo
+    figure_udp_qps
+    echo
+    echo "$(date -u +%F), $(nproc) cores, $(uname -r); haproxy $(haproxy -v | awk 'NR==1{print $3}')," \
+        "nginx $(nginx -v 2>&1 | sed 's|.*/||'), weir $(git -C "$REPO" rev-parse --short HEAD)," \
+        "iperf3 -t $DURATION, conn_rate -n $CONN_REQUESTS, rr -n $RR_REQUESTS, idle $IDLE_CONNS conns;" \
+        "took $((SECONDS - STARTED))s"
+}
+
+main "$@"
