@@ -1,5 +1,6 @@
 //! TCP listeners: the accept loop and one task per client connection.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,12 +24,38 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Binds a TCP listener with SO_REUSEADDR (a restart doesn't wait for TIME_WAIT).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_with(addr, false)
+}
+
+/// Binds the listening sockets of one listener: one, or (experiment: WEIR_ACCEPT=reuseport)
+/// one per worker thread with SO_REUSEPORT, so the kernel spreads connections over
+/// several accept loops.
+pub fn bind_all(addr: SocketAddr) -> io::Result<Vec<TcpListener>> {
+    if std::env::var_os("WEIR_ACCEPT").is_none_or(|v| v != "reuseport") {
+        return Ok(vec![bind_with(addr, false)?]);
+    }
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let first = bind_with(addr, true)?;
+    // Port 0: the others join the port the first one got.
+    let bound = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(bind_with(bound, true)?);
+    }
+    Ok(sockets)
+}
+
+fn bind_with(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    if reuseport {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -63,9 +90,7 @@ pub async fn accept_loop(
                     continue;
                 };
                 let hard = shutdown.hard.clone();
-                shutdown.tracker.spawn(async move {
-                    handle(stream, peer, admitted, hard).await;
-                });
+                shutdown.tracker.spawn(handle(stream, peer, admitted, hard));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 if !in_burst {
@@ -108,63 +133,71 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     }
 }
 
-async fn handle(
+/// One client connection: connect to a backend, then splice until it ends.
+///
+/// A plain fn returning an `async move` block that uses its captures in place (an `async fn`
+/// would keep a second copy of its arguments in the task for the connection's life).
+fn handle(
     client: TcpStream,
     peer: SocketAddr,
     admitted: super::ListenerGuard,
     hard: tokio_util::sync::CancellationToken,
-) {
-    let listener = admitted.listener();
-    let _ = client.set_nodelay(true);
-    let _ = connect::set_keepalive(&client);
-    let snapshot = listener.pool.load().load_full();
-    let (upstream, guard) = tokio::select! {
-        r = connect::connect(&snapshot, peer.ip()) => match r {
-            Ok(connected) => connected,
-            Err(e) => {
-                listener.metrics.rejected_no_backend.increment(1);
-                match e {
-                    ConnectError::NoBackend => tracing::warn!(
-                        listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
-                        "connection closed: no backend available"
-                    ),
-                    ConnectError::AllFailed { .. } => tracing::warn!(
-                        listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
-                        "connection closed: {e}"
-                    ),
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let listener = admitted.listener();
+        let _ = client.set_nodelay(true);
+        let _ = connect::set_keepalive(&client);
+        let snapshot = listener.pool.load().load_full();
+        let (upstream, guard) = tokio::select! {
+            // Boxed: the connect attempt's state lives only while it runs, instead of
+            // enlarging every connection's task for its whole life.
+            r = Box::pin(connect::connect(&snapshot, peer.ip())) => match r {
+                Ok(connected) => connected,
+                Err(e) => {
+                    listener.metrics.rejected_no_backend.increment(1);
+                    match e {
+                        ConnectError::NoBackend => tracing::warn!(
+                            listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
+                            "connection closed: no backend available"
+                        ),
+                        ConnectError::AllFailed { .. } => tracing::warn!(
+                            listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
+                            "connection closed: {e}"
+                        ),
+                    }
+                    return;
                 }
-                return;
+            },
+            () = hard.cancelled() => return,
+        };
+        drop(snapshot);
+        let backend = guard.backend();
+        let started = std::time::Instant::now();
+        let options = SpliceOptions {
+            idle_timeout: listener.idle_timeout,
+            half_close_linger: HALF_CLOSE_LINGER,
+        };
+        let counters = Counters {
+            to_backend: &backend.metrics.bytes_sent,
+            to_client: &backend.metrics.bytes_received,
+        };
+        let outcome = splice::splice(client, upstream, &options, counters, &hard).await;
+        backend
+            .metrics
+            .connection_duration
+            .record(started.elapsed().as_secs_f64());
+        match &outcome.end {
+            splice::End::Done => {}
+            end @ (splice::End::ClientReset(_)
+            | splice::End::IdleTimeout
+            | splice::End::HalfCloseLinger) => {
+                tracing::debug!(listener = %listener.name, client = %peer, backend = %backend.name, "connection ended: {}", end.describe())
             }
-        },
-        () = hard.cancelled() => return,
-    };
-    drop(snapshot);
-    let backend = guard.backend();
-    let started = std::time::Instant::now();
-    let options = SpliceOptions {
-        idle_timeout: listener.idle_timeout,
-        half_close_linger: HALF_CLOSE_LINGER,
-    };
-    let counters = Counters {
-        to_backend: &backend.metrics.bytes_sent,
-        to_client: &backend.metrics.bytes_received,
-    };
-    let outcome = splice::splice(client, upstream, &options, counters, &hard).await;
-    backend
-        .metrics
-        .connection_duration
-        .record(started.elapsed().as_secs_f64());
-    match &outcome.end {
-        splice::End::Done => {}
-        end @ (splice::End::ClientReset(_)
-        | splice::End::IdleTimeout
-        | splice::End::HalfCloseLinger) => {
-            tracing::debug!(listener = %listener.name, client = %peer, backend = %backend.name, "connection ended: {}", end.describe())
+            end => tracing::info!(
+                listener = %listener.name, client = %peer, pool = %backend.pool, backend = %backend.name,
+                sent = outcome.bytes_to_backend, received = outcome.bytes_to_client,
+                "connection ended: {}", end.describe()
+            ),
         }
-        end => tracing::info!(
-            listener = %listener.name, client = %peer, pool = %backend.pool, backend = %backend.name,
-            sent = outcome.bytes_to_backend, received = outcome.bytes_to_client,
-            "connection ended: {}", end.describe()
-        ),
     }
 }
