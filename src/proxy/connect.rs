@@ -95,12 +95,13 @@ async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// TCP keepalive, so a peer that vanished without a FIN is noticed eventually.
-pub fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
+/// TCP keepalive, so a peer that vanished without a FIN is noticed eventually. (Also set
+/// on listening sockets, whose accepted connections inherit it on Linux.)
+pub fn set_keepalive<'s>(socket: impl Into<SockRef<'s>>) -> io::Result<()> {
     let keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL);
-    SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    socket.into().set_tcp_keepalive(&keepalive)
 }
 
 /// A short, operator-facing reason: "connection refused", "timed out", …

@@ -282,9 +282,14 @@ impl<'a> Pump<'a> {
                 self.chunk = 0;
                 *last_activity = Instant::now();
             }
-            // Waiting for bytes needs neither a buffer nor a pipe.
-            if let Err(e) = ready!(from.poll_read_ready(cx)) {
-                return Poll::Ready(Err(PumpError::Read(e)));
+            match from.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::Read(e))),
+                // Waiting for bytes needs neither a buffer nor a pipe (both are empty now).
+                Poll::Pending => {
+                    self.give_back();
+                    return Poll::Pending;
+                }
             }
             let read = self.read(cx, from);
             match read {
@@ -307,11 +312,8 @@ impl<'a> Pump<'a> {
                 }
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::Read(e))),
-                // Nothing to read after all: back to waiting, holding nothing.
-                Poll::Pending => {
-                    self.splicing = false;
-                    self.give_back();
-                }
+                // Nothing to read after all: the next burst starts with a copy again.
+                Poll::Pending => self.splicing = false,
             }
         }
     }
@@ -491,6 +493,11 @@ mod pipes {
                     },
                 };
             }
+            self.pipe.is_some()
+        }
+
+        #[cfg(test)]
+        pub(super) fn holds_pipe(&self) -> bool {
             self.pipe.is_some()
         }
 
@@ -722,6 +729,68 @@ mod tests {
             .unwrap();
         assert!(matches!(outcome.end, End::IdleTimeout), "{:?}", outcome.end);
         assert!(started.elapsed() >= Duration::from_millis(850));
+    }
+
+    /// Polls `pump` (from → to) until `reader` got `len` bytes; returns them.
+    async fn pump_until_read(
+        pump: &mut Pump<'_>,
+        from: &mut TcpStream,
+        to: &mut TcpStream,
+        reader: &mut TcpStream,
+        len: usize,
+    ) -> Vec<u8> {
+        let mut last = Instant::now();
+        let mut got = vec![0u8; len];
+        tokio::select! {
+            _ = poll_fn(|cx| pump.poll(cx, from, to, &mut last)) => panic!("the pump ended"),
+            r = reader.read_exact(&mut got) => { r.unwrap(); }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_pump_waiting_for_bytes_holds_no_buffer_and_no_pipe() {
+        let (mut writer, mut from) = pair().await;
+        let (mut reader, mut to) = pair().await;
+        let counter = Counter::noop();
+        let mut pump = Pump::new(&counter);
+
+        writer.write_all(b"PING").await.unwrap();
+        let got = pump_until_read(&mut pump, &mut from, &mut to, &mut reader, 4).await;
+        assert_eq!(got, b"PING");
+        assert!(
+            pump.buffer.is_none(),
+            "buffer given back after a small exchange"
+        );
+
+        let bulk = vec![5u8; 2 * 1024 * 1024];
+        let sending = tokio::spawn(async move {
+            writer.write_all(&bulk).await.unwrap();
+            writer
+        });
+        let got =
+            pump_until_read(&mut pump, &mut from, &mut to, &mut reader, 2 * 1024 * 1024).await;
+        assert!(got.iter().all(|&b| b == 5));
+        let _writer = sending.await.unwrap();
+        // The pump may still be between a read and the wait: let it reach the wait.
+        let mut last = Instant::now();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            poll_fn(|cx| pump.poll(cx, &mut from, &mut to, &mut last)),
+        )
+        .await;
+        assert!(
+            pump.buffer.is_none(),
+            "buffer given back after a bulk transfer"
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(pump.pipe.pending(), 0);
+        #[cfg(target_os = "linux")]
+        assert!(
+            !pump.pipe.holds_pipe(),
+            "pipe given back after a bulk transfer"
+        );
+        assert_eq!(pump.total, 4 + 2 * 1024 * 1024);
     }
 
     #[test]

@@ -56,6 +56,13 @@ fn bind_with(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
     if reuseport {
         socket.set_reuseport(true)?;
     }
+    // Accepted connections inherit these on Linux: two fewer setsockopt calls (four
+    // syscalls) per connection. `handle` sets them itself elsewhere.
+    #[cfg(target_os = "linux")]
+    {
+        socket.set_nodelay(true)?;
+        connect::set_keepalive(&socket)?;
+    }
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -145,8 +152,12 @@ fn handle(
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let listener = admitted.listener();
-        let _ = client.set_nodelay(true);
-        let _ = connect::set_keepalive(&client);
+        // On Linux inherited from the listening socket (see `bind_with`).
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = client.set_nodelay(true);
+            let _ = connect::set_keepalive(&client);
+        }
         let snapshot = listener.pool.load().load_full();
         let (upstream, guard) = tokio::select! {
             // Boxed: the connect attempt's state lives only while it runs, instead of
@@ -198,6 +209,37 @@ fn handle(
                 sent = outcome.bytes_to_backend, received = outcome.bytes_to_client,
                 "connection ended: {}", end.describe()
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `handle` relies on to skip setting them per connection.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_and_keepalive() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = accepted.set_nodelay(true);
+            let _ = connect::set_keepalive(&accepted);
+        }
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY");
+        assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE");
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+            assert_eq!(
+                sock.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(10)
+            );
         }
     }
 }
