@@ -153,6 +153,7 @@ impl Conn<'_> {
                 &mut self.client,
                 &mut self.backend,
                 &mut self.last_activity,
+                self.downstream.done,
             );
             match polled {
                 Poll::Ready(Ok(())) => finished_now = true,
@@ -169,6 +170,7 @@ impl Conn<'_> {
                 &mut self.backend,
                 &mut self.client,
                 &mut self.last_activity,
+                self.upstream.done,
             );
             match polled {
                 Poll::Ready(Ok(())) => finished_now = true,
@@ -267,12 +269,15 @@ impl<'a> Pump<'a> {
 
     /// Moves `from` → `to` until EOF, then shuts down writing on `to`. Only ever reads
     /// when nothing is left to write, so EOF is passed on after every byte before it.
+    /// When the other direction is already done (`last`), the connection ends with this
+    /// EOF and closing the sockets sends the FIN: no `shutdown` call is needed.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut TcpStream,
         to: &mut TcpStream,
         last_activity: &mut Instant,
+        last: bool,
     ) -> Poll<Result<(), PumpError>> {
         loop {
             if self.chunk > 0 {
@@ -296,6 +301,9 @@ impl<'a> Pump<'a> {
                 Poll::Ready(Ok(0)) => {
                     self.done = true;
                     self.give_back();
+                    if last {
+                        return Poll::Ready(Ok(()));
+                    }
                     // EOF: pass it on as a write shutdown; the other direction goes on.
                     return Poll::Ready(
                         match SockRef::from(&*to).shutdown(std::net::Shutdown::Write) {
@@ -742,7 +750,7 @@ mod tests {
         let mut last = Instant::now();
         let mut got = vec![0u8; len];
         tokio::select! {
-            _ = poll_fn(|cx| pump.poll(cx, from, to, &mut last)) => panic!("the pump ended"),
+            _ = poll_fn(|cx| pump.poll(cx, from, to, &mut last, false)) => panic!("the pump ended"),
             r = reader.read_exact(&mut got) => { r.unwrap(); }
         }
         got
@@ -776,7 +784,7 @@ mod tests {
         let mut last = Instant::now();
         let _ = tokio::time::timeout(
             Duration::from_millis(50),
-            poll_fn(|cx| pump.poll(cx, &mut from, &mut to, &mut last)),
+            poll_fn(|cx| pump.poll(cx, &mut from, &mut to, &mut last, false)),
         )
         .await;
         assert!(

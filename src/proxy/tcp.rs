@@ -140,6 +140,7 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     }
 }
 
+#[allow(clippy::manual_async_fn)] // deliberately not an `async fn`, see below
 /// One client connection: connect to a backend, then splice until it ends.
 ///
 /// A plain fn returning an `async move` block that uses its captures in place (an `async fn`
