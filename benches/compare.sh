@@ -8,7 +8,7 @@
 #
 # Knobs (environment): ROUNDS [3], DURATION iperf3 seconds [3], CONN_REQUESTS [20000],
 # RR_REQUESTS [200000], IDLE_CONNS [10000], SETUPS ["direct haproxy nginx weir"],
-# NO_INSTALL=1 skips apt-get, NO_BUILD=1 uses the existing target/release/weir.
+# FIGURES [all], NO_INSTALL=1 skips apt-get, NO_BUILD=1 uses the existing target/release/weir.
 # For experiments, a setup weir:VAR=VALUE runs weir with that environment variable set.
 set -euo pipefail
 
@@ -18,7 +18,7 @@ CONN_REQUESTS=${CONN_REQUESTS:-20000}
 RR_REQUESTS=${RR_REQUESTS:-200000}
 IDLE_CONNS=${IDLE_CONNS:-10000} # lowered to fit the open-file limit, see main
 SETUPS=${SETUPS:-"direct haproxy nginx weir"}
-FIGURES="idle_memory throughput_1 throughput_8 conn_rate rr_latency"
+FIGURES=${FIGURES:-"idle_memory throughput_1 throughput_8 conn_rate rr_latency"}
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/weir-compare.XXXXXX)

@@ -93,24 +93,21 @@ impl Server {
             let pool = Arc::clone(&tables.pools[&listener_config.pool]);
             let listener = match listener_config.protocol {
                 Protocol::Tcp => {
-                    let sockets =
-                        proxy::tcp::bind_all(listener_config.bind).with_context(|| {
-                            format!(
-                                "listener {:?}: cannot bind {}",
-                                listener_config.name, listener_config.bind
-                            )
-                        })?;
-                    let bound: SocketAddr = sockets[0].local_addr()?;
+                    let socket = proxy::tcp::bind(listener_config.bind).with_context(|| {
+                        format!(
+                            "listener {:?}: cannot bind {}",
+                            listener_config.name, listener_config.bind
+                        )
+                    })?;
+                    let bound: SocketAddr = socket.local_addr()?;
                     let listener = Listener::new(listener_config, bound, pool);
                     tracing::info!(listener = %listener.name, pool = %listener_config.pool, "accepting on {bound} (tcp)");
-                    for socket in sockets {
-                        shutdown.tracker.spawn(proxy::tcp::accept_loop(
-                            socket,
-                            Arc::clone(&listener),
-                            shutdown.clone(),
-                            CancellationToken::new(),
-                        ));
-                    }
+                    shutdown.tracker.spawn(proxy::tcp::accept_loop(
+                        socket,
+                        Arc::clone(&listener),
+                        shutdown.clone(),
+                        CancellationToken::new(),
+                    ));
                     listener
                 }
                 Protocol::Udp => anyhow::bail!(

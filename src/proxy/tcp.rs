@@ -23,39 +23,17 @@ const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Binds a TCP listener with SO_REUSEADDR (a restart doesn't wait for TIME_WAIT).
+///
+/// One listening socket and one accept loop per listener: one SO_REUSEPORT socket and
+/// accept loop per worker thread was measured no faster (docs/performance.md), since
+/// tokio already spreads the connection tasks over the workers.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    bind_with(addr, false)
-}
-
-/// Binds the listening sockets of one listener: one, or (experiment: WEIR_ACCEPT=reuseport)
-/// one per worker thread with SO_REUSEPORT, so the kernel spreads connections over
-/// several accept loops.
-pub fn bind_all(addr: SocketAddr) -> io::Result<Vec<TcpListener>> {
-    if std::env::var_os("WEIR_ACCEPT").is_none_or(|v| v != "reuseport") {
-        return Ok(vec![bind_with(addr, false)?]);
-    }
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let first = bind_with(addr, true)?;
-    // Port 0: the others join the port the first one got.
-    let bound = first.local_addr()?;
-    let mut sockets = vec![first];
-    for _ in 1..workers {
-        sockets.push(bind_with(bound, true)?);
-    }
-    Ok(sockets)
-}
-
-fn bind_with(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    #[cfg(unix)]
-    if reuseport {
-        socket.set_reuseport(true)?;
-    }
     // Accepted connections inherit these on Linux: two fewer setsockopt calls (four
     // syscalls) per connection. `handle` sets them itself elsewhere.
     #[cfg(target_os = "linux")]
