@@ -110,10 +110,24 @@ impl Server {
                     ));
                     listener
                 }
-                Protocol::Udp => anyhow::bail!(
-                    "listener {:?}: udp listeners are not supported yet",
-                    listener_config.name
-                ),
+                Protocol::Udp => {
+                    let socket = proxy::udp::bind(listener_config.bind).with_context(|| {
+                        format!(
+                            "listener {:?}: cannot bind {}",
+                            listener_config.name, listener_config.bind
+                        )
+                    })?;
+                    let bound: SocketAddr = socket.local_addr()?;
+                    let listener = Listener::new(listener_config, bound, pool);
+                    tracing::info!(listener = %listener.name, pool = %listener_config.pool, "receiving on {bound} (udp)");
+                    shutdown.tracker.spawn(proxy::udp::receive_loop(
+                        socket,
+                        Arc::clone(&listener),
+                        shutdown.clone(),
+                        CancellationToken::new(),
+                    ));
+                    listener
+                }
             };
             tables
                 .listeners

@@ -48,3 +48,28 @@ impl ListenerMetrics {
         }
     }
 }
+
+/// Per-UDP-listener handles: datagrams forwarded each way and datagrams dropped, by reason.
+/// Registered once when the listener is built; the datagram path only increments them.
+pub struct UdpListenerMetrics {
+    /// `weir_udp_datagrams_total{direction="to_backend"}`: client datagrams sent upstream.
+    pub datagrams_to_backend: Counter,
+    /// `weir_udp_datagrams_total{direction="to_client"}`: backend replies sent to clients.
+    pub datagrams_to_client: Counter,
+    /// `weir_udp_dropped_total{reason}`, one handle per reason, in the caller's order.
+    pub dropped: Vec<Counter>,
+}
+
+impl UdpListenerMetrics {
+    pub fn new(listener: &str, drop_reasons: &[&'static str]) -> Self {
+        let l = listener.to_string();
+        UdpListenerMetrics {
+            datagrams_to_backend: counter!("weir_udp_datagrams_total", "listener" => l.clone(), "direction" => "to_backend"),
+            datagrams_to_client: counter!("weir_udp_datagrams_total", "listener" => l.clone(), "direction" => "to_client"),
+            dropped: drop_reasons
+                .iter()
+                .map(|reason| counter!("weir_udp_dropped_total", "listener" => l.clone(), "reason" => *reason))
+                .collect(),
+        }
+    }
+}

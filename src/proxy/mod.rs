@@ -3,6 +3,7 @@
 pub mod connect;
 pub mod splice;
 pub mod tcp;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct Listener {
     active: AtomicU64,
     total: AtomicU64,
     pub metrics: ListenerMetrics,
+    /// UDP listeners only: datagram and drop counters.
+    pub udp: Option<udp::UdpStats>,
 }
 
 impl Listener {
@@ -41,6 +44,7 @@ impl Listener {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             metrics: ListenerMetrics::new(&config.name),
+            udp: (config.protocol == Protocol::Udp).then(|| udp::UdpStats::new(&config.name)),
         })
     }
 

@@ -191,3 +191,111 @@ pub fn require_program(program: &str) -> bool {
     eprintln!("SKIPPED: {program} is not installed; install it to run this test (.ci/run does)");
     false
 }
+
+/// A UDP backend that answers each datagram with `NAME:` followed by the datagram
+/// (`echo` answers with the datagram alone), and remembers the size of each one it got.
+pub struct UdpTestBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+    task: JoinHandle<()>,
+}
+
+impl UdpTestBackend {
+    pub async fn start(name: &str) -> UdpTestBackend {
+        Self::serve(name, format!("{name}:").into_bytes(), "127.0.0.1:0").await
+    }
+
+    /// Answers with exactly the datagram it got.
+    pub async fn echo(name: &str) -> UdpTestBackend {
+        Self::serve(name, Vec::new(), "127.0.0.1:0").await
+    }
+
+    async fn serve(name: &str, prefix: Vec<u8>, bind: &str) -> UdpTestBackend {
+        let socket = tokio::net::UdpSocket::bind(bind).await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&sizes);
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            let mut answer = prefix.clone();
+            loop {
+                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                    continue;
+                };
+                seen.lock().unwrap().push(n);
+                answer.truncate(prefix.len());
+                answer.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&answer, peer).await;
+            }
+        });
+        UdpTestBackend {
+            name: name.to_string(),
+            addr,
+            sizes,
+            task,
+        }
+    }
+
+    /// Sizes of the datagrams received so far, in order.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.sizes.lock().unwrap().clone()
+    }
+
+    pub fn received(&self) -> usize {
+        self.sizes.lock().unwrap().len()
+    }
+}
+
+impl Drop for UdpTestBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One udp listener `front` on 127.0.0.1:0 in front of pool `pool` (udp defaults:
+/// max_connections 65536, idle_timeout 30s).
+pub fn udp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
+    let mut config = tcp_config(strategy, backends);
+    config.listeners[0].protocol = Protocol::Udp;
+    config.listeners[0].max_connections = Some(65536);
+    config.listeners[0].idle_timeout = Duration::from_secs(30);
+    config.pools[0].protocol = Protocol::Udp;
+    config
+}
+
+/// A client UDP socket on `ip`, any port.
+pub async fn udp_client(ip: &str) -> tokio::net::UdpSocket {
+    tokio::net::UdpSocket::bind((ip, 0)).await.unwrap()
+}
+
+/// Sends `payload` to `to` and returns the first datagram that comes back and its source.
+pub async fn udp_exchange_from(
+    socket: &tokio::net::UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+) -> (Vec<u8>, SocketAddr) {
+    socket.send_to(payload, to).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = tokio::time::timeout(DEADLINE, socket.recv_from(&mut buf))
+        .await
+        .expect("udp answer in time")
+        .unwrap();
+    buf.truncate(n);
+    (buf, from)
+}
+
+/// Sends `payload` to `to` and returns the answer as text.
+pub async fn udp_exchange(
+    socket: &tokio::net::UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+) -> String {
+    let (answer, _) = udp_exchange_from(socket, to, payload).await;
+    String::from_utf8(answer).expect("a text answer")
+}
+
+/// The backend name in an answer `NAME:payload`.
+pub fn answered_by(answer: &str) -> &str {
+    answer.split(':').next().unwrap_or("")
+}
