@@ -23,7 +23,9 @@ pub async fn run(config_path: &Path) -> ExitCode {
         }
     };
     tracing::info!("weir {} running", env!("CARGO_PKG_VERSION"));
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     let signal = terminate_signal().await;
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(
         "{signal}: stopped accepting; letting open connections finish for up to {}",
         humantime::format_duration(server.config.shutdown_timeout)
@@ -53,5 +55,12 @@ pub fn raise_open_file_limit() {
                 Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
             }
         }
+    }
+}
+
+/// Tells systemd (Type=notify) what weir is doing; a no-op when not started by systemd.
+pub fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
     }
 }

@@ -38,17 +38,31 @@ pools:
 #[test]
 fn check_exits_0_on_a_valid_file_and_2_listing_every_problem() {
     let dir = temp_dir("check");
-    let good = write_config(&dir, "listeners:\n  a:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n");
+    let good = write_config(
+        &dir,
+        "listeners:\n  a:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
     let out = weir().args(["check", "-c"]).arg(&good).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bad = write_config(&dir, BAD);
     let out = weir().args(["check", "-c"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let file = bad.display().to_string();
-    assert!(stderr.contains(&format!("{file}:4:11:")), "missing pool at 4:11 in:\n{stderr}");
-    assert!(stderr.contains(&format!("{file}:7:15:")), "unknown strategy at 7:15 in:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("{file}:4:11:")),
+        "missing pool at 4:11 in:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{file}:7:15:")),
+        "unknown strategy at 7:15 in:\n{stderr}"
+    );
     assert!(stderr.contains("\"fastest\""), "{stderr}");
 }
 
@@ -59,11 +73,20 @@ fn run_with_a_bad_file_prints_the_same_and_exits_2() {
     let check = weir().args(["check", "-c"]).arg(&bad).output().unwrap();
     let run = weir().args(["run", "-c"]).arg(&bad).output().unwrap();
     assert_eq!(run.status.code(), Some(2));
-    assert_eq!(String::from_utf8_lossy(&run.stderr), String::from_utf8_lossy(&check.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stderr),
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
 
 /// Starts `weir run`, returning the child and the address its listener `front` bound.
-fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
+fn spawn_weir(
+    config: &std::path::Path,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut child = weir()
         .args(["run", "-c"])
         .arg(config)
@@ -125,19 +148,28 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
     let mut buf = [0u8; 6];
     open.read_exact(&mut buf).unwrap();
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     // Accepting stops at once.
     let deadline = Instant::now() + common::DEADLINE;
     while TcpStream::connect_timeout(&front, Duration::from_millis(200)).is_ok() {
-        assert!(Instant::now() < deadline, "weir still accepts after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "weir still accepts after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The open connection still works.
     open.write_all(b"after!").unwrap();
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"after!");
-    assert!(child.try_wait().unwrap().is_none(), "weir waits for the open connection");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "weir waits for the open connection"
+    );
     drop(open);
 
     let deadline = Instant::now() + common::DEADLINE;
@@ -145,18 +177,27 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
         if let Some(status) = child.try_wait().unwrap() {
             break status.code();
         }
-        assert!(Instant::now() < deadline, "weir exits once the last connection closed");
+        assert!(
+            Instant::now() < deadline,
+            "weir exits once the last connection closed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code, Some(0));
     let logs: Vec<String> = logs.try_iter().collect();
-    assert!(logs.iter().any(|l| l.contains("SIGTERM")), "the signal is logged: {logs:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("SIGTERM")),
+        "the signal is logged: {logs:?}"
+    );
 }
 
 #[test]
 fn json_log_format_prints_one_object_a_line() {
     let dir = temp_dir("json");
-    let config = write_config(&dir, "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n");
+    let config = write_config(
+        &dir,
+        "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
     let mut child = weir()
         .args(["--log-format", "json", "run", "-c"])
         .arg(&config)
@@ -170,4 +211,33 @@ fn json_log_format_prints_one_object_a_line() {
     let _ = child.wait();
     let value: serde_json::Value = serde_json::from_str(&first).expect("a JSON object");
     assert!(value.get("level").is_some(), "{first}");
+}
+
+#[test]
+fn tells_systemd_ready_then_stopping() {
+    let dir = temp_dir("notify");
+    let socket_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    notify.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let config = write_config(
+        &dir,
+        "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
+    let mut child = weir()
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }
