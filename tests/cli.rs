@@ -106,9 +106,11 @@ fn spawn_weir(
     });
     let deadline = Instant::now() + common::DEADLINE;
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("weir logs its listener address");
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weir did not log its listener address in time");
+        };
         if let Some(rest) = line.split("accepting on ").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
             return (child, addr, rx);
