@@ -213,6 +213,68 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     (out.status.success(), text)
 }
 
+fn kit_file(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Every PromQL expression of the Grafana dashboard (panels and variables).
+fn dashboard_queries() -> Vec<String> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&kit_file("deploy/grafana/weir.json")).expect("valid JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push(target["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+    {
+        if let Some(q) = var["query"]["query"].as_str() {
+            // label_values(SELECTOR, label): the selector is the query.
+            let inner = q.strip_prefix("label_values(").expect("label_values");
+            queries.push(inner[..inner.rfind(',').unwrap()].to_string());
+        }
+    }
+    assert!(queries.len() > 10);
+    queries
+}
+
+/// A dashboard query with Grafana's variables replaced by what "All" means.
+fn with_variables_resolved(query: &str) -> String {
+    query
+        .replace("$__rate_interval", "1m")
+        .replace("$instance", ".*")
+        .replace("$job", ".*")
+        .replace("$pool", ".*")
+        .replace("$listener", ".*")
+}
+
+/// The metric names (weir_*, process_*) an expression or rule file mentions.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts = text[i..].starts_with("weir_") || text[i..].starts_with("process_");
+        let boundary = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if starts && boundary {
+            let end = text[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(text.len(), |n| i + n);
+            names.push(text[i..end].to_string());
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Labels weir may put on a series: never a client address or anything unbounded.
 const ALLOWED_LABELS: &[&str] = &[
     "listener",
@@ -653,6 +715,36 @@ async fn metrics_answer_while_1000_connections_are_open() {
 }
 
 #[tokio::test]
+async fn dashboard_and_alerts_use_only_metrics_weir_exports() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_kit";
+    let backend = TestBackend::start("k").await;
+    let (_server, _front, metrics) =
+        start_tagged(tag, config(tag, vec![backend_config("k", backend.addr, 1)])).await;
+    let text = scrape(metrics).await;
+    let exported = |name: &str| {
+        let base = name
+            .strip_suffix("_bucket")
+            .or_else(|| name.strip_suffix("_count"))
+            .or_else(|| name.strip_suffix("_sum"))
+            .unwrap_or(name);
+        text.contains(&format!("# TYPE {base} "))
+    };
+    let mut used = metric_names(&dashboard_queries().join("\n"));
+    assert!(used.len() >= 10, "{used:?}");
+    used.extend(metric_names(&kit_file("deploy/prometheus/alerts.yml")));
+    for name in used {
+        if name == "weir_listener_max_connections" {
+            continue; // exported only for listeners with max_connections (none here)
+        }
+        assert!(
+            exported(&name),
+            "{name} is used in deploy/ but weir does not export it"
+        );
+    }
+}
+
+#[tokio::test]
 async fn promtool_checks_the_alert_rules_and_their_tests() {
     let _listening = LISTENING.read().await;
     if !require_program("promtool") {
@@ -676,6 +768,15 @@ async fn promtool_checks_the_alert_rules_and_their_tests() {
     )
     .unwrap();
     assert!(tests.contains("alertname: WeirBackendDown"));
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A Prometheus server on loopback, killed (and its data removed) on drop.
@@ -746,15 +847,7 @@ impl Prometheus {
 
     /// The value of an instant query's first result, if any.
     async fn query(&self, query: &str) -> Option<f64> {
-        let encoded: String = query
-            .bytes()
-            .map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
+        let encoded = url_encode(query);
         let json = self.api(&format!("/api/v1/query?query={encoded}")).await?;
         json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
     }
@@ -808,6 +901,16 @@ async fn a_real_prometheus_scrapes_weir() {
         rules.to_string().contains("WeirBackendDown"),
         "alerts.yml loaded: {rules}"
     );
+    // Every dashboard query is valid PromQL, and the ones over connections find data.
+    for query in dashboard_queries() {
+        let resolved = with_variables_resolved(&query);
+        let encoded = url_encode(&resolved);
+        let reply = prometheus
+            .api(&format!("/api/v1/query?query={encoded}"))
+            .await
+            .expect("an answer");
+        assert_eq!(reply["status"], "success", "{resolved}: {reply}");
+    }
     // The histogram arrives as buckets PromQL can take a quantile of.
     let quantile = format!(
         "histogram_quantile(0.99, sum by (le) (weir_backend_connect_duration_seconds_bucket{{pool=\"{tag}\"}}))"
