@@ -99,6 +99,18 @@ impl BackendMetrics {
     }
 }
 
+/// A backend that is gone (removed by a reload, its last connection closed) is no longer
+/// refreshed, and the exporter cannot delete series: without this its last `up 1` would
+/// stay forever and hide a pool with no backend left. It reports no state instead.
+impl Drop for BackendMetrics {
+    fn drop(&mut self) {
+        self.up.set(0.0);
+        for state in &self.states {
+            state.set(0.0);
+        }
+    }
+}
+
 /// Per-listener handles.
 pub struct ListenerMetrics {
     pub connections_total: Counter,

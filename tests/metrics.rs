@@ -667,6 +667,38 @@ async fn shutdown_is_not_held_by_the_metrics_endpoint() {
 }
 
 #[tokio::test]
+async fn a_backend_that_is_gone_reports_no_state() {
+    let _listening = LISTENING.read().await;
+    let backend = TestBackend::start("g").await;
+    let gone = "mt_gone";
+    let (server, _, _) = start_tagged(
+        gone,
+        config(gone, vec![backend_config("g", backend.addr, 1)]),
+    )
+    .await;
+    // Another instance's endpoint shows it too: the registry is per process.
+    let watcher = "mt_watcher";
+    let (_watcher, _, metrics) = start_tagged(
+        watcher,
+        config(watcher, vec![backend_config("w", backend.addr, 1)]),
+    )
+    .await;
+    let labels = [("pool", gone), ("backend", "g")];
+    scrape_until(metrics, "mt_gone up", |m| {
+        value(m, "weir_backend_up", &labels) == Some(1.0)
+    })
+    .await;
+    server.stop().await;
+    drop(server);
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(get(&m, "weir_backend_up", &labels), 0.0);
+    for state in State::ALL {
+        let labels = [labels[0], labels[1], ("state", state.as_str())];
+        assert_eq!(get(&m, "weir_backend_state", &labels), 0.0, "{state}");
+    }
+}
+
+#[tokio::test]
 async fn metrics_answer_while_1000_connections_are_open() {
     let _listening = LISTENING.read().await;
     weir::run::raise_open_file_limit();
