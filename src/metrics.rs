@@ -458,14 +458,12 @@ async fn answer(
     let body = tokio::task::spawn_blocking(move || render(recorder, &control))
         .await
         .map_err(io::Error::other)?;
-    let body = if method == "HEAD" { "" } else { &body };
-    respond(
-        &mut stream,
-        "200 OK",
-        "text/plain; version=0.0.4; charset=utf-8",
-        body.as_bytes(),
-    )
-    .await
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    if method == "HEAD" {
+        // The same head as GET (Content-Length included), no body.
+        return respond_head(&mut stream, "200 OK", content_type, body.len(), b"").await;
+    }
+    respond(&mut stream, "200 OK", content_type, body.as_bytes()).await
 }
 
 /// Reads up to the blank line ending the request head. None: too large.
@@ -495,11 +493,22 @@ async fn respond(
     content_type: &str,
     body: &[u8],
 ) -> io::Result<()> {
+    respond_head(stream, status, content_type, body.len(), body).await
+}
+
+/// Writes a head announcing `length` bytes, then `body`, then closes our side.
+async fn respond_head(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    length: usize,
+    body: &[u8],
+) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
     if !content_type.is_empty() {
         head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    head.push_str(&format!("Content-Length: {length}\r\n\r\n"));
     let write = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body).await?;
