@@ -77,11 +77,15 @@ pub struct Server {
     pub handle: ControlHandle,
     pub shutdown: Shutdown,
     pub config: Arc<Config>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
     /// Builds everything from `config`, binds every listener and starts serving.
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Server> {
+        // First: metric handles created before the recorder is installed are no-ops, and a
+        // metrics.bind failure must stop startup before any listener runs.
+        let exporter = crate::metrics::Exporter::new(config.metrics_bind)?;
         let shutdown = Shutdown::new();
         let mut tables = Tables::default();
         for pool_config in &config.pools {
@@ -131,14 +135,17 @@ impl Server {
         shutdown
             .tracker
             .spawn(control.run(rx, shutdown.stop_accepting.clone()));
+        let handle = ControlHandle {
+            tx,
+            tables,
+            config_path,
+        };
+        let metrics_addr = exporter.start(handle.clone(), &shutdown);
         Ok(Server {
-            handle: ControlHandle {
-                tx,
-                tables,
-                config_path,
-            },
+            handle,
             shutdown,
             config,
+            metrics_addr,
         })
     }
 
@@ -149,6 +156,11 @@ impl Server {
 
     pub fn backend(&self, pool: &str, backend: &str) -> Option<Arc<Backend>> {
         self.handle.tables().backend(pool, backend)
+    }
+
+    /// The address `/metrics` is served on (None without `metrics.bind`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Graceful stop: stop accepting, let connections finish for up to
