@@ -436,6 +436,17 @@ async fn answer(
     let mut parts = line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    if path == "/ready" && (method == "GET" || method == "HEAD") {
+        // The endpoint starts only once every listener is bound, which is after the first
+        // health-check round, and stops when shutdown begins: answering means ready.
+        return respond(
+            &mut stream,
+            "200 OK",
+            "text/plain; charset=utf-8",
+            b"ready\n",
+        )
+        .await;
+    }
     if path != "/metrics" {
         return respond(
             &mut stream,

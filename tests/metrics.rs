@@ -558,6 +558,9 @@ async fn other_paths_are_404_and_other_methods_405() {
     }
     let (status, _) = http(metrics, "POST", "/metrics").await;
     assert_eq!(status, 405);
+    // Readiness for Kubernetes: served once listeners accept.
+    let (status, body) = http(metrics, "GET", "/ready").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
     let (status, body) = http(metrics, "HEAD", "/metrics").await;
     assert_eq!((status, body.as_str()), (200, ""));
     let (status, body) = http(metrics, "GET", "/metrics?name[]=weir_backend_up").await;
