@@ -4,6 +4,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
