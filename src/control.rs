@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin;
 use crate::backend::Backend;
 use crate::config::{Config, PoolConfig, Protocol};
 use crate::health;
@@ -85,12 +86,35 @@ pub struct Server {
     pub config: Arc<Config>,
 }
 
+/// In-process knobs for `Server::start_with`; `Default` is what `weir run` uses.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    /// An admin client must send its command line within this long.
+    pub admin_read_timeout: Duration,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            admin_read_timeout: admin::READ_TIMEOUT,
+        }
+    }
+}
+
 impl Server {
     /// Builds everything from `config`, runs the first round of health checks, binds
     /// every listener and starts serving.
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Server> {
+        Self::start_with(config, config_path, StartOptions::default()).await
+    }
+
+    pub async fn start_with(
+        config: Config,
+        config_path: Option<PathBuf>,
+        options: StartOptions,
+    ) -> anyhow::Result<Server> {
         let shutdown = Shutdown::new();
-        let result = Self::build(config, config_path, &shutdown).await;
+        let result = Self::build(config, config_path, options, &shutdown).await;
         if result.is_err() {
             // Whatever was started already (checkers, accept loops) stops.
             shutdown.stop_accepting.cancel();
@@ -102,6 +126,7 @@ impl Server {
     async fn build(
         config: Config,
         config_path: Option<PathBuf>,
+        options: StartOptions,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Server> {
         let shutdown = shutdown.clone();
@@ -111,6 +136,12 @@ impl Server {
                 .pools
                 .insert(pool_config.name.clone(), build_pool(pool_config));
         }
+
+        // Before anything is served: a second instance on the same socket is refused.
+        let admin_socket = match &config.admin_socket {
+            Some(path) => Some(admin::AdminSocket::bind(path).await?),
+            None => None,
+        };
 
         // The first round of checks decides every backend before a client can arrive.
         let mut first_round = Vec::new();
@@ -180,6 +211,14 @@ impl Server {
             tables,
             config_path,
         };
+        if let Some(socket) = admin_socket {
+            shutdown.tracker.spawn(admin::serve(
+                socket,
+                handle.clone(),
+                shutdown.clone(),
+                options.admin_read_timeout,
+            ));
+        }
         Ok(Server {
             handle,
             shutdown,

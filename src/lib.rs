@@ -1,9 +1,11 @@
 //! weir: a Layer-4 TCP/UDP load balancer.
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod health;
 pub mod metrics;
 pub mod pool;

@@ -246,6 +246,87 @@ async fn backend_marked_down_by_traffic_is_brought_back_by_probes() {
     eprintln!("probes brought x back after {took:?}");
 }
 
+/// A backend whose check alternates pass and fail on every probe.
+async fn flapping_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    scripted_server(|n| Some(if n % 2 == 0 { b"ok\n" } else { b"no\n" })).await
+}
+
+#[tokio::test]
+async fn operator_state_holds_while_probes_flap() {
+    let (addr, probes) = flapping_server().await;
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("f", addr, 1)]);
+    let interval = Duration::from_millis(20);
+    config.pools[0].health_check = Some(HealthCheckConfig {
+        send: None,
+        expect: Some(b"ok".to_vec()),
+        ..health_check(interval, Duration::from_millis(500), 1, 1)
+    });
+    let (server, _front) = start(config).await;
+    let f = server.backend("pool", "f").unwrap();
+
+    // It flaps: both healths show up.
+    let (mut seen_up, mut seen_down) = (false, false);
+    wait_until(DEADLINE, "the backend to flap", || {
+        match f.health() {
+            Health::Up => seen_up = true,
+            Health::Down => seen_down = true,
+        }
+        let both = seen_up && seen_down;
+        async move { both }
+    })
+    .await;
+
+    // Drain: health checks go on (and keep flapping), the state stays drained.
+    let reply = admin_command(&server, "drain pool/f").await;
+    assert_eq!(reply, Ok("pool/f: drained, 0 connections open\n".into()));
+    let at = probes.load(Ordering::SeqCst);
+    let (mut seen_up, mut seen_down) = (false, false);
+    wait_until(DEADLINE, "ten more probes while drained", || {
+        assert_eq!(f.state(), State::Drained, "a probe never overrides drain");
+        match f.health() {
+            Health::Up => seen_up = true,
+            Health::Down => seen_down = true,
+        }
+        let done = probes.load(Ordering::SeqCst) >= at + 10 && seen_up && seen_down;
+        async move { done }
+    })
+    .await;
+
+    // Disable: probes pause, the state stays disabled.
+    let reply = admin_command(&server, "disable pool/f").await.unwrap();
+    assert!(reply.starts_with("pool/f: disabled"), "{reply}");
+    // A probe already in flight may still land.
+    let at = probes.load(Ordering::SeqCst) + 1;
+    let window = Instant::now() + interval * 20;
+    while Instant::now() < window {
+        assert_eq!(f.state(), State::Disabled);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        probes.load(Ordering::SeqCst) <= at,
+        "no probes while disabled: {} after {}",
+        probes.load(Ordering::SeqCst),
+        at
+    );
+
+    // Enable: the state follows health again, probes resume.
+    let reply = admin_command(&server, "enable pool/f").await.unwrap();
+    assert!(reply.starts_with("pool/f: enabled, now "), "{reply}");
+    let at = probes.load(Ordering::SeqCst);
+    wait_until(DEADLINE, "probes to resume", || {
+        let state = f.state();
+        assert!(matches!(state, State::Up | State::Down), "{state}");
+        let resumed = probes.load(Ordering::SeqCst) >= at + 4;
+        async move { resumed }
+    })
+    .await;
+}
+
+async fn admin_command(server: &weir::control::Server, line: &str) -> Result<String, String> {
+    let request = weir::admin::parse(line)?;
+    weir::admin::execute(request, &server.handle).await
+}
+
 #[tokio::test]
 async fn tcp_probe_reasons_read_like_an_operator_would_write_them() {
     let timeout = Duration::from_millis(200);
