@@ -324,11 +324,19 @@ async fn probe_tcp(
     let mut chunk = [0u8; 4096];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => {
+            Err(_) if reply.is_empty() => {
                 return Err(format!(
                     "{} waiting for a reply containing {}",
                     timed_out(config),
                     quoted(expect)
+                ));
+            }
+            // Many servers (Redis among them) keep the connection open after answering.
+            Err(_) => {
+                return Err(format!(
+                    "reply did not contain {} within {}",
+                    quoted(expect),
+                    humantime::format_duration(config.timeout)
                 ));
             }
             Ok(Err(e)) => return Err(format!("reading the reply: {}", describe(&e))),

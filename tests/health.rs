@@ -374,6 +374,30 @@ async fn tcp_probe_reasons_read_like_an_operator_would_write_them() {
         Ok(())
     );
 
+    // Answers and keeps the connection open, as Redis does.
+    let holder = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let held = holder.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = holder.accept().await {
+            tokio::spawn(async move {
+                let _ = stream
+                    .write_all(b"$29\r\n# Replication\r\nrole:slave\r\n")
+                    .await;
+                let mut sink = [0u8; 64];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    assert_eq!(
+        probe(
+            held,
+            &send_expect("INFO replication\r\n", "role:master", timeout),
+            Protocol::Tcp
+        )
+        .await,
+        Err("reply did not contain \"role:master\" within 200ms".into())
+    );
+
     let (closer, _) = scripted_server(|_| Some(b"")).await;
     assert_eq!(
         probe(
