@@ -212,29 +212,7 @@ fn backends(tables: &Tables) -> Vec<Arc<Backend>> {
 fn show_backends(tables: &Tables, json: bool) -> String {
     let backends = backends(tables);
     if json {
-        let rows: Vec<serde_json::Value> = backends
-            .iter()
-            .map(|b| {
-                let last = b.last_check();
-                serde_json::json!({
-                    "pool": b.pool,
-                    "name": b.name,
-                    "address": b.address,
-                    "resolved": b.addr.to_string(),
-                    "state": b.state().as_str(),
-                    "health": match b.health() { Health::Up => "up", Health::Down => "down" },
-                    "admin": match b.admin() {
-                        Admin::Enabled => "enabled",
-                        Admin::Drain => "drain",
-                        Admin::Disabled => "disabled",
-                    },
-                    "weight": b.weight(),
-                    "active": b.active(),
-                    "total": b.total(),
-                    "last_check": if last.is_empty() { None } else { Some(last.as_str()) },
-                })
-            })
-            .collect();
+        let rows: Vec<BackendRow> = backends.iter().map(|b| BackendRow::of(b)).collect();
         return json_lines(&rows);
     }
     let header = [
@@ -273,16 +251,14 @@ fn show_backends(tables: &Tables, json: bool) -> String {
 fn show_listeners(tables: &Tables, json: bool) -> String {
     let listeners = tables.listeners.values();
     if json {
-        let rows: Vec<serde_json::Value> = listeners
-            .map(|l| {
-                serde_json::json!({
-                    "name": l.name,
-                    "protocol": l.protocol.as_str(),
-                    "bind": l.bind.to_string(),
-                    "pool": l.pool.load().name,
-                    "active": l.active(),
-                    "total": l.total(),
-                })
+        let rows: Vec<ListenerRow> = listeners
+            .map(|l| ListenerRow {
+                name: &l.name,
+                protocol: l.protocol.as_str(),
+                bind: l.bind.to_string(),
+                pool: l.pool.load().name.clone(),
+                active: l.active(),
+                total: l.total(),
             })
             .collect();
         return json_lines(&rows);
@@ -303,7 +279,62 @@ fn show_listeners(tables: &Tables, json: bool) -> String {
     table(&header, &rows)
 }
 
-fn json_lines(rows: &[serde_json::Value]) -> String {
+/// One backend in `show backends --json`; fields in the order of the table.
+#[derive(serde::Serialize)]
+struct BackendRow<'a> {
+    pool: &'a str,
+    name: &'a str,
+    /// As written in the config (may be a DNS name).
+    address: &'a str,
+    /// What it resolved to.
+    resolved: String,
+    state: &'static str,
+    /// The two inputs of `state`: what the checks say, what the operator said.
+    health: &'static str,
+    admin: &'static str,
+    weight: u32,
+    active: u64,
+    total: u64,
+    last_check: Option<String>,
+}
+
+impl<'a> BackendRow<'a> {
+    fn of(b: &'a Backend) -> Self {
+        let last = b.last_check();
+        BackendRow {
+            pool: &b.pool,
+            name: &b.name,
+            address: &b.address,
+            resolved: b.addr.to_string(),
+            state: b.state().as_str(),
+            health: match b.health() {
+                Health::Up => "up",
+                Health::Down => "down",
+            },
+            admin: match b.admin() {
+                Admin::Enabled => "enabled",
+                Admin::Drain => "drain",
+                Admin::Disabled => "disabled",
+            },
+            weight: b.weight(),
+            active: b.active(),
+            total: b.total(),
+            last_check: (!last.is_empty()).then(|| last.to_string()),
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ListenerRow<'a> {
+    name: &'a str,
+    protocol: &'static str,
+    bind: String,
+    pool: String,
+    active: u64,
+    total: u64,
+}
+
+fn json_lines<T: serde::Serialize>(rows: &[T]) -> String {
     let mut text = serde_json::to_string_pretty(rows).unwrap_or_else(|_| "[]".into());
     text.push('\n');
     text
