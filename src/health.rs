@@ -95,29 +95,7 @@ async fn check_loop(
     protocol: Protocol,
     first_round: oneshot::Sender<()>,
 ) {
-    // Handles registered once per checker, not looked up per probe.
-    let labels = [
-        ("pool", backend.pool.clone()),
-        ("backend", backend.name.clone()),
-    ];
-    let pass_counter = metrics::counter!(
-        "weir_health_checks_total",
-        &[
-            labels[0].clone(),
-            labels[1].clone(),
-            ("result", "pass".into())
-        ]
-    );
-    let fail_counter = metrics::counter!(
-        "weir_health_checks_total",
-        &[
-            labels[0].clone(),
-            labels[1].clone(),
-            ("result", "fail".into())
-        ]
-    );
-    let duration = metrics::histogram!("weir_health_check_duration_seconds", &labels);
-
+    let handles = CheckMetrics::new(&backend);
     let addr = probe_addr(backend.addr, &config);
     let mut counters = Counters::new(backend.health());
     let mut first_round = Some(first_round);
@@ -126,14 +104,14 @@ async fn check_loop(
             let started = Instant::now();
             let result = probe(addr, &config, protocol).await;
             let took = started.elapsed();
-            duration.record(took.as_secs_f64());
+            handles.duration.record(took.as_secs_f64());
             match &result {
                 Ok(()) => {
-                    pass_counter.increment(1);
+                    handles.pass.increment(1);
                     backend.set_last_check(format!("pass {:.1}ms", took.as_secs_f64() * 1e3));
                 }
                 Err(reason) => {
-                    fail_counter.increment(1);
+                    handles.fail.increment(1);
                     backend.set_last_check(format!("fail: {reason}"));
                 }
             }
@@ -147,6 +125,24 @@ async fn check_loop(
             let _ = tx.send(());
         }
         tokio::time::sleep(jittered(config.interval)).await;
+    }
+}
+
+/// A checker's metric handles, registered once when it starts, never per probe.
+struct CheckMetrics {
+    pass: metrics::Counter,
+    fail: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl CheckMetrics {
+    fn new(backend: &Backend) -> Self {
+        let (pool, name) = (backend.pool.clone(), backend.name.clone());
+        CheckMetrics {
+            pass: metrics::counter!("weir_health_checks_total", "pool" => pool.clone(), "backend" => name.clone(), "result" => "pass"),
+            fail: metrics::counter!("weir_health_checks_total", "pool" => pool.clone(), "backend" => name.clone(), "result" => "fail"),
+            duration: metrics::histogram!("weir_health_check_duration_seconds", "pool" => pool, "backend" => name),
+        }
     }
 }
 
