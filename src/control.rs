@@ -9,17 +9,24 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin;
 use crate::backend::Backend;
 use crate::config::{Config, PoolConfig, Protocol};
+use crate::health;
 use crate::pool::{Pool, PoolSnapshot};
 use crate::proxy::{self, Listener};
 use crate::shutdown::Shutdown;
+
+/// `Server::start` waits for the first round of health checks this much longer than the
+/// longest check timeout: timers fire a little late on a busy machine.
+const FIRST_ROUND_SLACK: Duration = Duration::from_millis(250);
 
 /// Everything live, as one immutable snapshot.
 #[derive(Default)]
@@ -80,19 +87,87 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
 }
 
+/// In-process knobs for `Server::start_with`; `Default` is what `weir run` uses.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    /// An admin client must send its command line within this long.
+    pub admin_read_timeout: Duration,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            admin_read_timeout: admin::READ_TIMEOUT,
+        }
+    }
+}
+
 impl Server {
-    /// Builds everything from `config`, binds every listener and starts serving.
+    /// Builds everything from `config`, runs the first round of health checks, binds
+    /// every listener and starts serving.
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Server> {
+        Self::start_with(config, config_path, StartOptions::default()).await
+    }
+
+    pub async fn start_with(
+        config: Config,
+        config_path: Option<PathBuf>,
+        options: StartOptions,
+    ) -> anyhow::Result<Server> {
+        let shutdown = Shutdown::new();
+        let result = Self::build(config, config_path, options, &shutdown).await;
+        if result.is_err() {
+            // Whatever was started already (checkers, accept loops) stops.
+            shutdown.stop_accepting.cancel();
+            shutdown.hard.cancel();
+        }
+        result
+    }
+
+    async fn build(
+        config: Config,
+        config_path: Option<PathBuf>,
+        options: StartOptions,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Server> {
         // First: metric handles created before the recorder is installed are no-ops, and a
         // metrics.bind failure must stop startup before any listener runs.
         let exporter = crate::metrics::Exporter::new(config.metrics_bind)?;
-        let shutdown = Shutdown::new();
+        let shutdown = shutdown.clone();
         let mut tables = Tables::default();
         for pool_config in &config.pools {
             tables
                 .pools
                 .insert(pool_config.name.clone(), build_pool(pool_config));
         }
+
+        // Before anything is served: a second instance on the same socket is refused.
+        let admin_socket = match &config.admin_socket {
+            Some(path) => Some(admin::AdminSocket::bind(path).await?),
+            None => None,
+        };
+
+        // The first round of checks decides every backend before a client can arrive.
+        let mut first_round = Vec::new();
+        let mut longest = Duration::ZERO;
+        for pool_config in &config.pools {
+            if let Some(check) = &pool_config.health_check {
+                let pool = &tables.pools[&pool_config.name];
+                // A reload that replaces this pool's checkers can hold on to this token.
+                let stop = shutdown.stop_accepting.child_token();
+                first_round.extend(health::spawn_pool(pool, check, &shutdown, &stop));
+                longest = longest.max(check.timeout);
+            }
+        }
+        if !first_round.is_empty() {
+            health::wait_first_round(first_round, longest + FIRST_ROUND_SLACK).await;
+            for pool in tables.pools.values() {
+                let snapshot = pool.load_full();
+                let up = snapshot.backends.iter().filter(|b| b.is_eligible()).count();
+                tracing::info!(pool = %pool.name, "{up} of {} backends up", snapshot.backends.len());
+            }
+        }
+
         for listener_config in &config.listeners {
             let pool = Arc::clone(&tables.pools[&listener_config.pool]);
             let listener = match listener_config.protocol {
@@ -141,6 +216,14 @@ impl Server {
             config_path,
         };
         let metrics_addr = exporter.start(handle.clone(), &shutdown);
+        if let Some(socket) = admin_socket {
+            shutdown.tracker.spawn(admin::serve(
+                socket,
+                handle.clone(),
+                shutdown.clone(),
+                options.admin_read_timeout,
+            ));
+        }
         Ok(Server {
             handle,
             shutdown,
