@@ -124,6 +124,7 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         Request::Drain(target) => {
             let backend = find(&tables, &target)?;
             backend.set_admin(Admin::Drain);
+            control.admin_changed().await;
             tracing::info!("{target}: drain (admin)");
             let open = backend.active();
             Ok(format!(
@@ -135,6 +136,7 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         Request::Disable(target) => {
             let backend = find(&tables, &target)?;
             backend.set_admin(Admin::Disabled);
+            control.admin_changed().await;
             tracing::info!("{target}: disabled (admin); health checks paused");
             Ok(format!(
                 "{target}: disabled, health checks paused, {}\n",
@@ -144,6 +146,7 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         Request::Enable(target) => {
             let backend = find(&tables, &target)?;
             backend.set_admin(Admin::Enabled);
+            control.admin_changed().await;
             tracing::info!("{target}: enabled (admin)");
             Ok(format!("{target}: enabled, now {}\n", backend.state()))
         }
@@ -155,8 +158,7 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
                 .await?;
             Ok(format!("{target}: weight {weight} (was {was})\n"))
         }
-        // Reload is built separately; this is its one place in the admin protocol.
-        Request::Reload => Err("reload is not available yet".into()),
+        Request::Reload => control.reload().await.map(|summary| summary + "\n"),
     }
 }
 

@@ -13,3 +13,4 @@ pub mod pool;
 pub mod proxy;
 pub mod run;
 pub mod shutdown;
+pub mod state_file;

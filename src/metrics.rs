@@ -280,7 +280,7 @@ fn refresh_tables(tables: &Tables) {
         }
     }
     for listener in tables.listeners.values() {
-        if let Some(max) = listener.max_connections {
+        if let Some(max) = listener.max_connections() {
             // A lookup by name, once a second per listener: off the connection path, and it
             // follows a reload that changes the limit.
             gauge!("weir_listener_max_connections", "listener" => listener.name.clone())

@@ -395,7 +395,7 @@ async fn disable_enable_and_set_weight() {
     );
     assert_eq!(
         admin(&s.socket, "reload").await,
-        "error: reload is not available yet\n"
+        "error: this instance was started without a config file\n"
     );
 }
 

@@ -100,6 +100,7 @@ pub fn backend_config(name: &str, addr: SocketAddr, weight: u32) -> BackendConfi
 pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
     Config {
         admin_socket: None,
+        state_file: None,
         metrics_bind: None,
         shutdown_timeout: Duration::from_secs(5),
         listeners: vec![ListenerConfig {
