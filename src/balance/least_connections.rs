@@ -33,22 +33,27 @@ impl LeastConnections {
             return None;
         }
         let start = self.start.fetch_add(1, Ordering::Relaxed) % n;
-        // (index, active, weight) of the best so far.
-        let mut best: Option<(usize, u128, u128)> = None;
-        for i in (start..n).chain(0..start) {
+        let mut best = None;
+        // The best ratio so far as active/weight; 1/0 stands for infinity, which any
+        // backend beats.
+        let (mut best_active, mut best_weight) = (1u128, 0u128);
+        for k in 0..n {
+            let i = if start + k < n {
+                start + k
+            } else {
+                start + k - n
+            };
             if !available(backends, i, exclude) {
                 continue;
             }
-            let (active, weight) = (
-                u128::from(backends[i].active()),
-                u128::from(self.weights[i]),
-            );
+            let active = u128::from(backends[i].active());
+            let weight = u128::from(self.weights[i]);
             // active/weight < best_active/best_weight, without division or floats.
-            if best.is_none_or(|(_, ba, bw)| active * bw < ba * weight) {
-                best = Some((i, active, weight));
+            if active * best_weight < best_active * weight {
+                (best, best_active, best_weight) = (Some(i), active, weight);
             }
         }
-        best.map(|(i, _, _)| i)
+        best
     }
 }
 
