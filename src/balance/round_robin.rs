@@ -22,7 +22,7 @@
 //! recomputes only the picked peer's path and the nodes that expired. The tree's leaves
 //! are in order of weight, since lines of near-equal slope rarely cross.
 //!
-//! The period is capped at `MAX_PERIOD` slots, which builds in about 25 ms: beyond it
+//! The period is capped at `MAX_PERIOD` slots, which builds in 25–30 ms: beyond it
 //! (say 1,024 backends with coprime weights averaging over 256) the weights are scaled to
 //! fit, rounded to nearest and at least 1. Each backend's share of the picks is then off by
 //! less than one slot in `MAX_PERIOD` (0.0004% of the traffic), which is noticeable, in

@@ -3,11 +3,16 @@
 //! The build fills a Maglev lookup table (Eisenbud et al., NSDI 2016): a prime number of
 //! slots, each backend walking its own permutation of them (offset and step from a stable
 //! hash of its *name*) and taking the next free slot on each of its turns. Turns go in
-//! order of `(turns taken + 1) / weight`, ties by name, so a backend gets slots in
-//! proportion to its weight and nothing depends on the order of the config file: two
+//! order of `turns taken / weight`, ties by name, so a backend gets slots in proportion to
+//! its weight, every backend gets at least one (a weight-1 backend among heavy ones would
+//! otherwise round to none), and nothing depends on the order of the config file: two
 //! balancers built over the same named backends agree slot for slot. A pick hashes the
 //! client's address (stable xxh3 of its bytes; an IPv4-mapped IPv6 address counts as the
 //! IPv4 one) to a slot.
+//!
+//! The table has at least 100 slots per backend, for resolution: 65,537 up to 655
+//! backends, then the next prime size up. A change of size (a pool growing past 655
+//! backends) moves most clients; any other change of the backend set moves few.
 //!
 //! The table is rebuilt only when the backend set or a weight changes, never on health.
 //! When the slot's backend is ineligible or excluded, the pick falls back to weighted
@@ -111,7 +116,7 @@ fn client_key(client: IpAddr) -> u64 {
     }
 }
 
-/// One backend's turn in the fill: due at `(taken + 1) / weight`, ties by name order.
+/// One backend's turn in the fill: due at `taken / weight`, ties by name order.
 #[derive(PartialEq, Eq)]
 struct Turn {
     taken: u64,
@@ -123,8 +128,8 @@ struct Turn {
 impl Ord for Turn {
     /// Reversed, so that `BinaryHeap` (a max-heap) yields the earliest turn first.
     fn cmp(&self, other: &Self) -> Ordering {
-        let due = u128::from(self.taken + 1) * u128::from(other.weight);
-        let other_due = u128::from(other.taken + 1) * u128::from(self.weight);
+        let due = u128::from(self.taken) * u128::from(other.weight);
+        let other_due = u128::from(other.taken) * u128::from(self.weight);
         other_due.cmp(&due).then_with(|| other.rank.cmp(&self.rank))
     }
 }
@@ -289,6 +294,17 @@ mod tests {
             let expected = sh.table.len() as f64 * w as f64 / 16.0;
             assert!((slots[i] as f64 - expected).abs() < 2.0, "{slots:?}");
         }
+    }
+
+    #[test]
+    fn every_backend_gets_slots_even_when_outweighed() {
+        let mut weights = vec![1000; 200];
+        weights.push(1); // a fair share of 65,537 × 1/200,001 = 0.3 slots
+        let backends = backends(&weights);
+        let Balancer::SourceHash(sh) = Balancer::new(Strategy::SourceHash, &backends) else {
+            unreachable!()
+        };
+        assert_eq!(sh.table.iter().filter(|&&i| i == 200).count(), 1);
     }
 
     #[test]
