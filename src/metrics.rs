@@ -188,6 +188,14 @@ pub fn install() -> bool {
 /// The HELP lines. Metrics the health checker registers are described here too, so the
 /// text is complete whichever module creates a series first.
 fn describe() {
+    describe_counter!(
+        "weir_config_reloads_total",
+        "Config reloads (SIGHUP or admin reload) by result: success or failure."
+    );
+    describe_gauge!(
+        "weir_config_last_reload_success_timestamp_seconds",
+        "When the config was last reloaded successfully, Unix time."
+    );
     describe_gauge!(
         "weir_backend_up",
         "1 when the backend is up (healthy and enabled), 0 otherwise."
