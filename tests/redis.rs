@@ -1,5 +1,6 @@
-//! Real Redis behind weir: a `role:master` check sends writes to the primary only, and
-//! weir follows a failover (replica promoted, old primary demoted) by itself.
+//! Real Redis behind weir: plain SET/GET through the proxy; and a `role:master` check
+//! that sends writes to the primary only, following a failover (replica promoted, old
+//! primary demoted) by itself.
 //!
 //! Needs `redis-server`; skipped when it is missing unless WEIR_REQUIRE_EXTERNAL=1.
 
@@ -123,6 +124,34 @@ fn parse_reply(reply: &[u8]) -> Option<String> {
         return (rest.len() >= len + 2).then(|| rest[..len].to_string());
     }
     Some(first.to_string())
+}
+
+#[tokio::test]
+async fn set_then_get_through_weir() {
+    if !require_program("redis-server") {
+        return;
+    }
+    let redis_server = Redis::start().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("r", redis_server.addr, 1)],
+    ))
+    .await;
+    assert_eq!(
+        redis(front, &["SET", "weir:key", "through the proxy"])
+            .await
+            .unwrap(),
+        "+OK"
+    );
+    assert_eq!(
+        redis(front, &["GET", "weir:key"]).await.unwrap(),
+        "through the proxy"
+    );
+    // And straight from the server: the write really landed there.
+    assert_eq!(
+        redis_server.command(&["GET", "weir:key"]).await,
+        "through the proxy"
+    );
 }
 
 #[tokio::test]
