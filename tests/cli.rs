@@ -243,3 +243,84 @@ fn tells_systemd_ready_then_stopping() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// One admin command over the socket, from a synchronous test.
+fn admin_sync(socket: &std::path::Path, line: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+#[test]
+fn sighup_reloads_the_config_file_and_keeps_open_connections() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in backend.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dir = temp_dir("sighup");
+    let socket = dir.join("admin.sock");
+    let text = |bind: &str, extra_backend: &str| {
+        format!(
+            "admin:\n  socket: {}\nlisteners:\n  front:\n    bind: {bind}\n    pool: p\npools:\n  p:\n    backends:\n      - address: {backend_addr}\n        name: one\n{extra_backend}",
+            socket.display()
+        )
+    };
+    let config = write_config(&dir, &text("127.0.0.1:0", ""));
+    let (mut child, front, logs) = spawn_weir(&config);
+    let mut open = TcpStream::connect(front).unwrap();
+    open.set_read_timeout(Some(common::DEADLINE)).unwrap();
+
+    write_config(
+        &dir,
+        &text(
+            &front.to_string(),
+            &format!("      - address: {backend_addr}\n        name: two\n"),
+        ),
+    );
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    while !admin_sync(&socket, "show backends").contains("two") {
+        assert!(
+            Instant::now() < deadline,
+            "backend two appears after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connection opened before the reload still works.
+    open.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+
+    // An invalid file on SIGHUP: nothing changes, weir keeps serving.
+    write_config(&dir, "listeners: [");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let reply = admin_sync(&socket, "show backends");
+    assert!(reply.contains("one") && reply.contains("two"), "{reply}");
+    open.write_all(b"again").unwrap();
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"again");
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
