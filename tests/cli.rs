@@ -315,6 +315,15 @@ fn sighup_reloads_the_config_file_and_keeps_open_connections() {
         .args(["-HUP", &child.id().to_string()])
         .status()
         .unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let line = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("weir logs the failed reload");
+        if line.contains("reload failed, nothing changed") {
+            break;
+        }
+    }
     let reply = admin_sync(&socket, "show backends");
     assert!(reply.contains("one") && reply.contains("two"), "{reply}");
     open.write_all(b"again").unwrap();
