@@ -50,6 +50,7 @@ async fn start_backend(name: &'static str, weight: u32) -> std::io::Result<DemoB
 fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
     Config {
         admin_socket: None,
+        state_file: None,
         metrics_bind: None,
         shutdown_timeout: Duration::from_secs(2),
         listeners: vec![ListenerConfig {

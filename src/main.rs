@@ -33,10 +33,15 @@ fn main() -> ExitCode {
                 }
             },
             Command::Run { config } => weir::run::run(&config).await,
-            Command::Ctl { .. } => {
-                eprintln!("weir ctl: the admin socket is not available yet");
-                ExitCode::from(2)
-            }
+            Command::Ctl {
+                socket,
+                config,
+                command,
+            } => match weir::ctl::run(socket, config, command).await {
+                weir::ctl::Outcome::Success => ExitCode::SUCCESS,
+                weir::ctl::Outcome::Failed => ExitCode::from(1),
+                weir::ctl::Outcome::Unreachable => ExitCode::from(2),
+            },
             Command::Demo => weir::demo::run().await,
         }
     })

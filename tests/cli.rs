@@ -38,17 +38,31 @@ pools:
 #[test]
 fn check_exits_0_on_a_valid_file_and_2_listing_every_problem() {
     let dir = temp_dir("check");
-    let good = write_config(&dir, "listeners:\n  a:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n");
+    let good = write_config(
+        &dir,
+        "listeners:\n  a:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
     let out = weir().args(["check", "-c"]).arg(&good).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bad = write_config(&dir, BAD);
     let out = weir().args(["check", "-c"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let file = bad.display().to_string();
-    assert!(stderr.contains(&format!("{file}:4:11:")), "missing pool at 4:11 in:\n{stderr}");
-    assert!(stderr.contains(&format!("{file}:7:15:")), "unknown strategy at 7:15 in:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("{file}:4:11:")),
+        "missing pool at 4:11 in:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{file}:7:15:")),
+        "unknown strategy at 7:15 in:\n{stderr}"
+    );
     assert!(stderr.contains("\"fastest\""), "{stderr}");
 }
 
@@ -59,11 +73,20 @@ fn run_with_a_bad_file_prints_the_same_and_exits_2() {
     let check = weir().args(["check", "-c"]).arg(&bad).output().unwrap();
     let run = weir().args(["run", "-c"]).arg(&bad).output().unwrap();
     assert_eq!(run.status.code(), Some(2));
-    assert_eq!(String::from_utf8_lossy(&run.stderr), String::from_utf8_lossy(&check.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stderr),
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
 
 /// Starts `weir run`, returning the child and the address its listener `front` bound.
-fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
+fn spawn_weir(
+    config: &std::path::Path,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut child = weir()
         .args(["run", "-c"])
         .arg(config)
@@ -83,9 +106,11 @@ fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, std
     });
     let deadline = Instant::now() + common::DEADLINE;
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("weir logs its listener address");
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weir did not log its listener address in time");
+        };
         if let Some(rest) = line.split("accepting on ").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
             return (child, addr, rx);
@@ -125,19 +150,28 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
     let mut buf = [0u8; 6];
     open.read_exact(&mut buf).unwrap();
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     // Accepting stops at once.
     let deadline = Instant::now() + common::DEADLINE;
     while TcpStream::connect_timeout(&front, Duration::from_millis(200)).is_ok() {
-        assert!(Instant::now() < deadline, "weir still accepts after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "weir still accepts after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The open connection still works.
     open.write_all(b"after!").unwrap();
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"after!");
-    assert!(child.try_wait().unwrap().is_none(), "weir waits for the open connection");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "weir waits for the open connection"
+    );
     drop(open);
 
     let deadline = Instant::now() + common::DEADLINE;
@@ -145,18 +179,27 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
         if let Some(status) = child.try_wait().unwrap() {
             break status.code();
         }
-        assert!(Instant::now() < deadline, "weir exits once the last connection closed");
+        assert!(
+            Instant::now() < deadline,
+            "weir exits once the last connection closed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code, Some(0));
     let logs: Vec<String> = logs.try_iter().collect();
-    assert!(logs.iter().any(|l| l.contains("SIGTERM")), "the signal is logged: {logs:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("SIGTERM")),
+        "the signal is logged: {logs:?}"
+    );
 }
 
 #[test]
 fn json_log_format_prints_one_object_a_line() {
     let dir = temp_dir("json");
-    let config = write_config(&dir, "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n");
+    let config = write_config(
+        &dir,
+        "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
     let mut child = weir()
         .args(["--log-format", "json", "run", "-c"])
         .arg(&config)
@@ -170,4 +213,123 @@ fn json_log_format_prints_one_object_a_line() {
     let _ = child.wait();
     let value: serde_json::Value = serde_json::from_str(&first).expect("a JSON object");
     assert!(value.get("level").is_some(), "{first}");
+}
+
+#[test]
+fn tells_systemd_ready_then_stopping() {
+    let dir = temp_dir("notify");
+    let socket_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    notify.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let config = write_config(
+        &dir,
+        "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
+    let mut child = weir()
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// One admin command over the socket, from a synchronous test.
+fn admin_sync(socket: &std::path::Path, line: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+#[test]
+fn sighup_reloads_the_config_file_and_keeps_open_connections() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in backend.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dir = temp_dir("sighup");
+    let socket = dir.join("admin.sock");
+    let text = |bind: &str, extra_backend: &str| {
+        format!(
+            "admin:\n  socket: {}\nlisteners:\n  front:\n    bind: {bind}\n    pool: p\npools:\n  p:\n    backends:\n      - address: {backend_addr}\n        name: one\n{extra_backend}",
+            socket.display()
+        )
+    };
+    let config = write_config(&dir, &text("127.0.0.1:0", ""));
+    let (mut child, front, logs) = spawn_weir(&config);
+    let mut open = TcpStream::connect(front).unwrap();
+    open.set_read_timeout(Some(common::DEADLINE)).unwrap();
+
+    write_config(
+        &dir,
+        &text(
+            &front.to_string(),
+            &format!("      - address: {backend_addr}\n        name: two\n"),
+        ),
+    );
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    while !admin_sync(&socket, "show backends").contains("two") {
+        assert!(
+            Instant::now() < deadline,
+            "backend two appears after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connection opened before the reload still works.
+    open.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+
+    // An invalid file on SIGHUP: nothing changes, weir keeps serving.
+    write_config(&dir, "listeners: [");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let line = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("weir logs the failed reload");
+        if line.contains("reload failed, nothing changed") {
+            break;
+        }
+    }
+    let reply = admin_sync(&socket, "show backends");
+    assert!(reply.contains("one") && reply.contains("two"), "{reply}");
+    open.write_all(b"again").unwrap();
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"again");
+
+    let _ = child.kill();
+    let _ = child.wait();
 }

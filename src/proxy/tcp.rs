@@ -142,7 +142,7 @@ async fn handle(
     let backend = guard.backend();
     let started = std::time::Instant::now();
     let options = SpliceOptions {
-        idle_timeout: listener.idle_timeout,
+        idle_timeout: listener.idle_timeout(),
         half_close_linger: HALF_CLOSE_LINGER,
     };
     let counters = Counters {

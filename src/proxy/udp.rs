@@ -407,7 +407,7 @@ impl Table {
     ) -> Option<Session> {
         let Some(admitted) = self.opener.listener.admit() else {
             // admit() counted it in weir_listener_rejected_total{reason="max_connections"}.
-            let max = self.opener.listener.max_connections.unwrap_or(0);
+            let max = self.opener.listener.max_connections().unwrap_or(0);
             self.opener.drop_datagram(
                 DropReason::MaxConnections,
                 client,
@@ -542,6 +542,11 @@ fn try_receive(
     }
 }
 
+/// A session expires between idle_timeout and 1.25 × idle_timeout after its last datagram.
+fn sweep_interval(idle: Duration) -> Duration {
+    (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
 /// Receives until `stop` fires or shutdown begins, owning the session table; then lets
 /// the sessions linger briefly for answers in flight (see `STOPPED_LINGER`) and ends them.
 pub async fn receive_loop(
@@ -552,9 +557,9 @@ pub async fn receive_loop(
 ) {
     let front = Arc::new(socket);
     let with_pktinfo = pktinfo::SUPPORTED && listener.bind.ip().is_unspecified();
-    let idle = listener.idle_timeout;
-    // A session expires between idle_timeout and 1.25 × idle_timeout after its last datagram.
-    let sweep_every = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    // Read again at every sweep: a reload may change idle_timeout.
+    let mut idle = listener.idle_timeout();
+    let mut sweep_every = sweep_interval(idle);
     let started = Instant::now();
     let mut table = Table {
         sessions: HashMap::new(),
@@ -617,6 +622,8 @@ pub async fn receive_loop(
         }
         let now = tokio::time::Instant::now();
         if now >= next_sweep {
+            idle = listener.idle_timeout();
+            sweep_every = sweep_interval(idle);
             table.expire(idle);
             next_sweep = now + sweep_every;
             sweep.as_mut().reset(next_sweep);

@@ -11,7 +11,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use weir::config::{BackendConfig, Config, ListenerConfig, PoolConfig, Protocol, Strategy};
+use weir::backend::State;
+use weir::config::{
+    BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol, Strategy,
+};
 use weir::control::Server;
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -97,6 +100,7 @@ pub fn backend_config(name: &str, addr: SocketAddr, weight: u32) -> BackendConfi
 pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
     Config {
         admin_socket: None,
+        state_file: None,
         metrics_bind: None,
         shutdown_timeout: Duration::from_secs(5),
         listeners: vec![ListenerConfig {
@@ -190,6 +194,111 @@ pub fn require_program(program: &str) -> bool {
     }
     eprintln!("SKIPPED: {program} is not installed; install it to run this test (.ci/run does)");
     false
+}
+
+/// A TCP-connect health check with these timings.
+pub fn health_check(
+    interval: Duration,
+    timeout: Duration,
+    rise: u32,
+    fall: u32,
+) -> HealthCheckConfig {
+    HealthCheckConfig {
+        interval,
+        timeout,
+        rise,
+        fall,
+        port: None,
+        send: None,
+        expect: None,
+    }
+}
+
+/// The state of `pool/backend` as the admin socket shows it.
+pub fn state(server: &Server, pool: &str, backend: &str) -> State {
+    server
+        .backend(pool, backend)
+        .unwrap_or_else(|| panic!("no backend {pool}/{backend}"))
+        .state()
+}
+
+/// Polls until `pool/backend` is in `wanted`; returns how long that took.
+pub async fn wait_for_state(
+    server: &Server,
+    pool: &str,
+    backend: &str,
+    wanted: State,
+    deadline: Duration,
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    let end = started + deadline;
+    loop {
+        let now = state(server, pool, backend);
+        if now == wanted {
+            return started.elapsed();
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{pool}/{backend} is still {now} after {deadline:?}, waiting for {wanted}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A private directory under the system temp dir, removed on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "weir-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Sends one raw line (the caller adds the newline, or not) to an admin socket and
+/// returns everything it answered before closing. A reset after the reply counts as
+/// the close.
+pub async fn admin_raw(socket: &std::path::Path, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
+    let _ = stream.write_all(bytes).await;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
+            .await
+            .expect("admin reply in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// One admin command; returns the reply.
+pub async fn admin(socket: &std::path::Path, line: &str) -> String {
+    admin_raw(socket, format!("{line}\n").as_bytes()).await
 }
 
 /// A UDP backend that answers each datagram with `NAME:` followed by the datagram
