@@ -253,6 +253,14 @@ fn describe() {
         "weir_listener_rejected_total",
         "Client connections closed without being proxied, by reason."
     );
+    describe_counter!(
+        "weir_udp_datagrams_total",
+        "UDP datagrams forwarded, by direction: to_backend (from clients) or to_client (replies)."
+    );
+    describe_counter!(
+        "weir_udp_dropped_total",
+        "UDP datagrams dropped, by reason: max_connections, no_backend, upstream_socket, buffer_full, send_error."
+    );
     describe_gauge!(
         "weir_listener_max_connections",
         "The listener's max_connections (absent when unlimited)."

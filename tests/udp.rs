@@ -507,3 +507,54 @@ async fn graceful_stop_stops_receiving_and_ends_sessions() {
     );
     assert_eq!(a.received(), received);
 }
+
+#[tokio::test]
+async fn datagram_and_drop_counters_are_exported() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = UdpTestBackend::start("a").await;
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
+    // The recorder is process-wide: a listener name no other test uses.
+    config.listeners[0].name = "udp_metrics".into();
+    config.listeners[0].max_connections = Some(1);
+    config.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    let server = weir::control::Server::start(config, None).await.unwrap();
+    let front = server.listener_addr("udp_metrics").unwrap();
+    let metrics = server.metrics_addr().expect("metrics address");
+
+    let client = udp_client("127.0.0.1").await;
+    for i in 0..3 {
+        let payload = format!("{i}");
+        assert_eq!(
+            udp_exchange(&client, front, payload.as_bytes()).await,
+            format!("a:{i}")
+        );
+    }
+    let over = udp_client("127.0.0.1").await;
+    over.send_to(b"no room", front).await.unwrap();
+    let l = server.handle.tables().listeners["udp_metrics"].clone();
+    wait_until(DEADLINE, "the drop", || {
+        let l = l.clone();
+        async move { l.udp.as_ref().unwrap().dropped(DropReason::MaxConnections) == 1 }
+    })
+    .await;
+
+    let mut stream = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut text))
+        .await
+        .expect("scrape in time")
+        .unwrap();
+    for line in [
+        r#"weir_udp_datagrams_total{listener="udp_metrics",direction="to_backend"} 3"#,
+        r#"weir_udp_datagrams_total{listener="udp_metrics",direction="to_client"} 3"#,
+        r#"weir_udp_dropped_total{listener="udp_metrics",reason="max_connections"} 1"#,
+        r#"weir_listener_rejected_total{listener="udp_metrics",reason="max_connections"} 1"#,
+        r#"weir_listener_connections_total{listener="udp_metrics"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+}
