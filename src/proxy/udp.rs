@@ -575,15 +575,13 @@ pub async fn receive_loop(
     let mut buf = vec![0u8; BUFFER_SIZE].into_boxed_slice();
     let mut control = [0u8; pktinfo::RECV_CONTROL_SIZE];
     let mut next_sweep = tokio::time::Instant::now() + sweep_every;
-    let sweep = pin!(tokio::time::sleep_until(next_sweep));
-    let mut sweep = sweep;
-    let stopped = pin!(async {
+    let mut sweep = pin!(tokio::time::sleep_until(next_sweep));
+    let mut stopped = pin!(async {
         tokio::select! {
             () = shutdown.stop_accepting.cancelled() => {}
             () = stop.cancelled() => {}
         }
     });
-    let mut stopped = stopped;
     let mut next_receive_error = started;
 
     'receiving: loop {
@@ -635,8 +633,7 @@ pub async fn receive_loop(
     tracing::info!(listener = %listener.name, bind = %listener.bind, sessions = table.sessions.len(), "stopped receiving");
 
     let linger = idle.min(STOPPED_LINGER);
-    let hard = pin!(shutdown.hard.cancelled());
-    let mut hard = hard;
+    let mut hard = pin!(shutdown.hard.cancelled());
     while !table.sessions.is_empty() {
         tokio::select! {
             () = &mut hard => break,
