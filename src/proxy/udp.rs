@@ -30,14 +30,14 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, MsgHdr, SockAddr, SockRef, Socket, Type};
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -719,18 +719,7 @@ impl ReplyTask {
             .bytes_received
             .increment(data.len() as u64);
         let stats = stats(&self.listener);
-        let front = SockRef::from(&*self.front);
-        let result = if self.to.control.is_empty() {
-            front.send_to(data, &self.to.client)
-        } else {
-            let buffers = [IoSlice::new(data)];
-            let message = MsgHdr::new()
-                .with_addr(&self.to.client)
-                .with_buffers(&buffers)
-                .with_control(self.to.control.as_bytes());
-            front.sendmsg(&message, 0)
-        };
-        match result {
+        match pktinfo::send_to(&self.front, data, &self.to.client, &self.to.control) {
             Ok(_) => stats.count_to_client(),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 stats.count_drop(DropReason::BufferFull)
@@ -746,14 +735,14 @@ impl ReplyTask {
 /// Destination addresses of received datagrams, and reply source addresses, on Linux.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod pktinfo {
-    use std::io::{self, IoSliceMut};
+    use std::io::{self, IoSlice, IoSliceMut};
     use std::mem::{offset_of, size_of};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
     use std::os::fd::AsRawFd;
 
     use nix::libc;
     use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
-    use socket2::Socket;
+    use socket2::{MsgHdr, SockAddr, SockRef, Socket};
     use tokio::net::UdpSocket;
 
     use super::Received;
@@ -827,6 +816,26 @@ mod pktinfo {
             client,
             local,
         })
+    }
+
+    /// Sends without waiting (a full buffer is WouldBlock), from the address in `control`
+    /// when there is one.
+    pub fn send_to(
+        front: &UdpSocket,
+        data: &[u8],
+        to: &SockAddr,
+        control: &Control,
+    ) -> io::Result<usize> {
+        let front = SockRef::from(front);
+        if control.is_empty() {
+            return front.send_to(data, to);
+        }
+        let buffers = [IoSlice::new(data)];
+        let message = MsgHdr::new()
+            .with_addr(to)
+            .with_buffers(&buffers)
+            .with_control(control.as_bytes());
+        front.sendmsg(&message, 0)
     }
 
     fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
@@ -926,7 +935,7 @@ mod pktinfo {
     use std::io;
     use std::net::Ipv4Addr;
 
-    use socket2::Socket;
+    use socket2::{SockAddr, SockRef, Socket};
     use tokio::net::UdpSocket;
 
     use super::Received;
@@ -934,6 +943,7 @@ mod pktinfo {
     pub const SUPPORTED: bool = false;
     pub const RECV_CONTROL_SIZE: usize = 0;
 
+    #[allow(dead_code)] // never received here
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Local {
         V4(Ipv4Addr),
@@ -950,18 +960,21 @@ mod pktinfo {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 
+    pub fn send_to(
+        front: &UdpSocket,
+        data: &[u8],
+        to: &SockAddr,
+        _: &Control,
+    ) -> io::Result<usize> {
+        SockRef::from(front).send_to(data, to)
+    }
+
     #[derive(Clone, Copy, Default)]
     pub struct Control;
 
     impl Control {
         pub fn new(_: Local) -> Control {
             Control
-        }
-        pub fn is_empty(&self) -> bool {
-            true
-        }
-        pub fn as_bytes(&self) -> &[u8] {
-            &[]
         }
     }
 }
