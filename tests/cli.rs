@@ -333,3 +333,37 @@ fn sighup_reloads_the_config_file_and_keeps_open_connections() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn demo_shows_strategies_a_backend_going_down_and_a_drain_then_exits_0() {
+    let out = weir().arg("demo").env_remove("RUST_LOG").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |label: &str| -> Vec<String> {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} row in:\n{stdout}"));
+        line.split_whitespace().skip(1).map(String::from).collect()
+    };
+    assert_eq!(row("round-robin"), ["100", "200", "300"]);
+    assert_eq!(row("least-connections"), ["100", "200", "300"]);
+    assert!(stdout.contains("charlie=down"), "{stdout}");
+    assert!(stdout.contains("bravo=draining"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("bravo") && l.contains("drained")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("app/bravo: enabled, now up"), "{stdout}");
+    // No client connection failed at any point.
+    for line in stdout.lines().filter(|l| l.contains("failed:")) {
+        assert!(line.contains("failed:0"), "{line}");
+    }
+}
