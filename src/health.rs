@@ -128,7 +128,7 @@ async fn check_loop(
     }
 }
 
-/// A checker's metric handles, registered once when it starts, never per probe.
+/// Flips the backend's health for a rise/fall transition and logs it once, with the reason.
 fn apply(backend: &Backend, change: Change, result: &Result<(), String>) {
     let (pool, name) = (&backend.pool, &backend.name);
     match change {
