@@ -118,11 +118,10 @@ fn spawn_weir(
     }
 }
 
-#[test]
-fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
-    // An echo backend on a std thread (this test is synchronous).
+/// An echo backend on std threads (these tests are synchronous); returns its address.
+fn echo_backend_thread() -> SocketAddr {
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend_addr = backend.local_addr().unwrap();
+    let addr = backend.local_addr().unwrap();
     std::thread::spawn(move || {
         for stream in backend.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -136,6 +135,12 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
             });
         }
     });
+    addr
+}
+
+#[test]
+fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
+    let backend_addr = echo_backend_thread();
     let dir = temp_dir("sigterm");
     let config = write_config(
         &dir,
@@ -256,21 +261,7 @@ fn admin_sync(socket: &std::path::Path, line: &str) -> String {
 
 #[test]
 fn sighup_reloads_the_config_file_and_keeps_open_connections() {
-    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in backend.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let backend_addr = echo_backend_thread();
     let dir = temp_dir("sighup");
     let socket = dir.join("admin.sock");
     let text = |bind: &str, extra_backend: &str| {
