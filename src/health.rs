@@ -95,7 +95,7 @@ async fn check_loop(
     protocol: Protocol,
     first_round: oneshot::Sender<()>,
 ) {
-    let handles = CheckMetrics::new(&backend);
+    let handles = &backend.metrics;
     let addr = probe_addr(backend.addr, &config);
     let mut counters = Counters::new(backend.health());
     let mut first_round = Some(first_round);
@@ -104,14 +104,14 @@ async fn check_loop(
             let started = Instant::now();
             let result = probe(addr, &config, protocol).await;
             let took = started.elapsed();
-            handles.duration.record(took.as_secs_f64());
+            handles.health_check_duration.record(took.as_secs_f64());
             match &result {
                 Ok(()) => {
-                    handles.pass.increment(1);
+                    handles.health_checks_pass.increment(1);
                     backend.set_last_check(format!("pass {:.1}ms", took.as_secs_f64() * 1e3));
                 }
                 Err(reason) => {
-                    handles.fail.increment(1);
+                    handles.health_checks_fail.increment(1);
                     backend.set_last_check(format!("fail: {reason}"));
                 }
             }
@@ -128,24 +128,7 @@ async fn check_loop(
     }
 }
 
-/// A checker's metric handles, registered once when it starts, never per probe.
-struct CheckMetrics {
-    pass: metrics::Counter,
-    fail: metrics::Counter,
-    duration: metrics::Histogram,
-}
-
-impl CheckMetrics {
-    fn new(backend: &Backend) -> Self {
-        let (pool, name) = (backend.pool.clone(), backend.name.clone());
-        CheckMetrics {
-            pass: metrics::counter!("weir_health_checks_total", "pool" => pool.clone(), "backend" => name.clone(), "result" => "pass"),
-            fail: metrics::counter!("weir_health_checks_total", "pool" => pool.clone(), "backend" => name.clone(), "result" => "fail"),
-            duration: metrics::histogram!("weir_health_check_duration_seconds", "pool" => pool, "backend" => name),
-        }
-    }
-}
-
+/// Flips the backend's health for a rise/fall transition and logs it once, with the reason.
 fn apply(backend: &Backend, change: Change, result: &Result<(), String>) {
     let (pool, name) = (&backend.pool, &backend.name);
     match change {

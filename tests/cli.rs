@@ -87,9 +87,18 @@ fn spawn_weir(
     SocketAddr,
     std::sync::mpsc::Receiver<String>,
 ) {
-    let mut child = weir()
-        .args(["run", "-c"])
-        .arg(config)
+    spawn_weir_with(weir().args(["run", "-c"]).arg(config))
+}
+
+/// Like `spawn_weir`, for a prepared command.
+fn spawn_weir_with(
+    command: &mut Command,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut child = command
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -118,11 +127,10 @@ fn spawn_weir(
     }
 }
 
-#[test]
-fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
-    // An echo backend on a std thread (this test is synchronous).
+/// An echo backend on std threads (these tests are synchronous); returns its address.
+fn echo_backend_thread() -> SocketAddr {
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend_addr = backend.local_addr().unwrap();
+    let addr = backend.local_addr().unwrap();
     std::thread::spawn(move || {
         for stream in backend.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -136,6 +144,12 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
             });
         }
     });
+    addr
+}
+
+#[test]
+fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
+    let backend_addr = echo_backend_thread();
     let dir = temp_dir("sigterm");
     let config = write_config(
         &dir,
@@ -256,21 +270,7 @@ fn admin_sync(socket: &std::path::Path, line: &str) -> String {
 
 #[test]
 fn sighup_reloads_the_config_file_and_keeps_open_connections() {
-    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in backend.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let backend_addr = echo_backend_thread();
     let dir = temp_dir("sighup");
     let socket = dir.join("admin.sock");
     let text = |bind: &str, extra_backend: &str| {
@@ -332,4 +332,109 @@ fn sighup_reloads_the_config_file_and_keeps_open_connections() {
 
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn demo_shows_strategies_a_backend_going_down_and_a_drain_then_exits_0() {
+    let out = weir().arg("demo").env_remove("RUST_LOG").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |label: &str| -> Vec<String> {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} row in:\n{stdout}"));
+        line.split_whitespace().skip(1).map(String::from).collect()
+    };
+    assert_eq!(row("round-robin"), ["100", "200", "300"]);
+    assert_eq!(row("least-connections"), ["100", "200", "300"]);
+    assert!(stdout.contains("charlie=down"), "{stdout}");
+    assert!(stdout.contains("bravo=draining"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("bravo") && l.contains("drained")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("app/bravo: enabled, now up"), "{stdout}");
+    // No client connection failed at any point.
+    for line in stdout.lines().filter(|l| l.contains("failed:")) {
+        assert!(line.contains("failed:0"), "{line}");
+    }
+}
+
+#[test]
+fn out_of_file_descriptors_the_accept_loop_backs_off_logs_once_and_recovers() {
+    let backend_addr = echo_backend_thread();
+    let dir = temp_dir("emfile");
+    let config = write_config(
+        &dir,
+        &format!(
+            "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: {backend_addr}\n"
+        ),
+    );
+    // A hard limit of 64 open files that weir cannot raise: a few dozen connections exhaust it.
+    let (mut child, front, logs) = spawn_weir_with(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" run -c \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_weir"))
+            .arg(&config),
+    );
+    let mut clients = Vec::new();
+    for _ in 0..80 {
+        // The kernel completes handshakes into the backlog even while weir can't accept.
+        if let Ok(stream) = TcpStream::connect_timeout(&front, Duration::from_secs(2)) {
+            clients.push(stream);
+        }
+    }
+    let deadline = Instant::now() + common::DEADLINE;
+    let mut exhaustion_lines = 0;
+    while exhaustion_lines == 0 {
+        let Ok(line) = logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weir never logged running out of file descriptors");
+        };
+        if line.contains("accept failed") {
+            exhaustion_lines += 1;
+        }
+    }
+    // Free the descriptors: weir accepts again and serves.
+    drop(clients);
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let mut stream = TcpStream::connect(front).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        if stream.write_all(b"back").is_ok()
+            && stream.read_exact(&mut buf).is_ok()
+            && &buf == b"back"
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "weir serves again once descriptors are free"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "weir is still running");
+    let _ = child.kill();
+    let _ = child.wait();
+    let later: Vec<String> = logs
+        .try_iter()
+        .filter(|l| l.contains("accept failed"))
+        .collect();
+    assert!(
+        later.is_empty(),
+        "logged once per burst, not per failure: {later:?}"
+    );
 }
