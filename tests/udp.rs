@@ -151,13 +151,6 @@ async fn idle_sessions_expire_and_release_their_counts() {
     assert_eq!(l.active(), 1);
     assert_eq!(backend.active(), 1);
 
-    // Datagrams more often than the timeout keep the session open.
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(80)).await;
-        assert_eq!(udp_exchange(&client, front, b"keep").await, "a:keep");
-    }
-    assert_eq!(l.total(), 1, "still the first session");
-
     let idle_from = Instant::now();
     wait_until(DEADLINE, "the idle session to expire", || {
         let (l, backend) = (l.clone(), backend.clone());
@@ -176,11 +169,62 @@ async fn idle_sessions_expire_and_release_their_counts() {
 }
 
 #[tokio::test]
+async fn traffic_either_way_keeps_a_session_open() {
+    // A backend that answers "stream" with five datagrams, 300 ms apart.
+    let socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let backend_addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            if &buf[..n] == b"stream" {
+                let socket = Arc::clone(&socket);
+                tokio::spawn(async move {
+                    for i in 0..5 {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = socket.send_to(format!("tick {i}").as_bytes(), peer).await;
+                    }
+                });
+            } else {
+                let _ = socket.send_to(&buf[..n], peer).await;
+            }
+        }
+    });
+    let mut config = udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", backend_addr, 1)],
+    );
+    config.listeners[0].idle_timeout = Duration::from_secs(1);
+    let (server, front) = start(config).await;
+    let l = listener(&server);
+
+    // Client datagrams more often than idle_timeout.
+    let client = udp_client("127.0.0.1").await;
+    for _ in 0..5 {
+        assert_eq!(udp_exchange(&client, front, b"keep").await, "keep");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(l.total(), 1, "one session all along");
+
+    // Backend datagrams alone: one request, then 1.5 s of answers.
+    let client = udp_client("127.0.0.1").await;
+    client.send_to(b"stream", front).await.unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..5 {
+        let (n, _) = tokio::time::timeout(DEADLINE, client.recv_from(&mut buf))
+            .await
+            .expect("tick in time")
+            .unwrap();
+        assert_eq!(&buf[..n], format!("tick {i}").as_bytes());
+    }
+    assert_eq!(l.total(), 2, "the second client's one session");
+}
+
+#[tokio::test]
 async fn session_cap_drops_and_counts_then_serves_after_expiry() {
     let a = UdpTestBackend::start("a").await;
     let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
     config.listeners[0].max_connections = Some(2);
-    config.listeners[0].idle_timeout = Duration::from_millis(300);
+    config.listeners[0].idle_timeout = Duration::from_secs(1);
     let (server, front) = start(config).await;
     let l = listener(&server);
     let stats = l.udp.as_ref().unwrap();
@@ -255,7 +299,7 @@ async fn drain_keeps_live_sessions_and_sends_new_ones_elsewhere() {
             backend_config("b", b.addr, 1),
         ],
     );
-    config.listeners[0].idle_timeout = Duration::from_millis(300);
+    config.listeners[0].idle_timeout = Duration::from_secs(1);
     let (server, front) = start(config).await;
 
     let client = udp_client("127.0.0.1").await;
@@ -557,4 +601,64 @@ async fn datagram_and_drop_counters_are_exported() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
     }
+}
+
+#[tokio::test]
+async fn reload_keeps_sessions_applies_idle_timeout_and_moves_the_listener() {
+    let a = UdpTestBackend::start("a").await;
+    let dir = TempDir::new("udp-reload");
+    let path = dir.join("weir.yaml");
+    let yaml = |bind: &str, idle: &str| {
+        format!(
+            "listeners:\n  front:\n    bind: {bind}\n    protocol: udp\n    pool: pool\n    idle_timeout: {idle}\npools:\n  pool:\n    backends:\n      - address: {}\n        name: a\n",
+            a.addr
+        )
+    };
+    std::fs::write(&path, yaml("127.0.0.1:0", "30s")).unwrap();
+    let config = weir::config::load(&path).expect("valid config");
+    let server = weir::control::Server::start(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let front = server.listener_addr("front").unwrap();
+    let l = listener(&server);
+    let client = udp_client("127.0.0.1").await;
+    assert_eq!(udp_exchange(&client, front, b"1").await, "a:1");
+
+    // Same address, shorter idle_timeout: the session survives the reload, then expires.
+    std::fs::write(&path, yaml("127.0.0.1:0", "200ms")).unwrap();
+    server.handle.reload().await.expect("reload");
+    assert!(Arc::ptr_eq(&l, &listener(&server)), "the same listener");
+    assert_eq!(udp_exchange(&client, front, b"2").await, "a:2");
+    assert_eq!(l.total(), 1, "the same session");
+    wait_until(
+        DEADLINE,
+        "the session to expire under the new timeout",
+        || {
+            let l = l.clone();
+            async move { l.active() == 0 }
+        },
+    )
+    .await;
+
+    // Another port: the new listener serves, the old one stops.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(&path, yaml(&format!("127.0.0.1:{port}"), "200ms")).unwrap();
+    server.handle.reload().await.expect("reload");
+    let moved = server.listener_addr("front").unwrap();
+    assert_eq!(moved.port(), port);
+    assert_eq!(udp_exchange(&client, moved, b"3").await, "a:3");
+    let old_socket_closed = || async {
+        // Once the old loop has ended, its port can be bound again.
+        std::net::UdpSocket::bind(front).is_ok()
+    };
+    wait_until(
+        DEADLINE,
+        "the old listener's socket to close",
+        old_socket_closed,
+    )
+    .await;
 }
