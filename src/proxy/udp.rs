@@ -663,8 +663,9 @@ struct ReplyTask {
 
 impl ReplyTask {
     async fn run(self) {
-        // ERROR too: an ICMP error on a connected UDP socket raises only EPOLLERR, which
-        // plain read readiness would never report.
+        // ERROR too: the kernel reports an ICMP error on a connected UDP socket as
+        // EPOLLERR; asking for it makes sure the task wakes for it, whatever readiness
+        // comes with it.
         let interest = Interest::READABLE | Interest::ERROR;
         let mut cancelled = pin!(self.cancel.cancelled());
         loop {
@@ -679,9 +680,9 @@ impl ReplyTask {
             }
             let mut handled = 0;
             while handled < BATCH {
-                // A raw recv under each readiness in turn, not try_recv: tokio's would skip
-                // the syscall on ERROR-only readiness and never see the ICMP error (and
-                // try_io takes one interest at a time).
+                // A raw recv under each readiness in turn (try_io takes one interest at a
+                // time), not try_recv: that one skips the syscall unless read readiness is
+                // set, so ERROR-only readiness would never be cleared.
                 let received = REPLY_BUFFER.with_borrow_mut(|buf| {
                     let mut read = || (&*SockRef::from(&*self.upstream)).read(&mut buf[..]);
                     let n = match self.upstream.try_io(Interest::READABLE, &mut read) {
