@@ -217,7 +217,11 @@ impl Server {
             for pool in tables.pools.values() {
                 let snapshot = pool.load_full();
                 let up = snapshot.backends.iter().filter(|b| b.is_eligible()).count();
-                tracing::info!(pool = %pool.name, "{up} of {} backends up", snapshot.backends.len());
+                if up == 0 {
+                    tracing::warn!(pool = %pool.name, "no backend is up: clients of this pool are closed at once until one is");
+                } else {
+                    tracing::info!(pool = %pool.name, "{up} of {} backends up", snapshot.backends.len());
+                }
             }
         }
 
