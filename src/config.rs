@@ -21,6 +21,9 @@ pub const DEFAULT_PATH: &str = "config/weir.yaml";
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub admin_socket: Option<PathBuf>,
+    /// Where drained/disabled backends and changed weights are kept across restarts
+    /// (`admin.state_file`; off unless set).
+    pub state_file: Option<PathBuf>,
     pub metrics_bind: Option<SocketAddr>,
     pub shutdown_timeout: Duration,
     /// Sorted by name.
@@ -225,11 +228,13 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "admin settings: a mapping with socket"
+    expecting = "admin settings: a mapping with socket, state_file"
 )]
 struct RawAdmin {
     #[serde(default)]
     socket: Option<Pos<String>>,
+    #[serde(default)]
+    state_file: Option<Pos<String>>,
 }
 
 #[derive(Deserialize)]
@@ -727,6 +732,22 @@ fn validate(cx: &mut Cx, raw: RawConfig) -> Config {
                 Some(PathBuf::from(&s.value))
             }
         });
+    let state_file = raw
+        .admin
+        .as_ref()
+        .and_then(|a| a.value.state_file.as_ref())
+        .and_then(|s| {
+            if s.value.trim().is_empty() {
+                cx.error(
+                    Some(&s.referenced),
+                    "admin.state_file",
+                    "admin state file path is empty",
+                );
+                None
+            } else {
+                Some(PathBuf::from(&s.value))
+            }
+        });
     let metrics_bind = raw
         .metrics
         .as_ref()
@@ -814,6 +835,7 @@ fn validate(cx: &mut Cx, raw: RawConfig) -> Config {
     pools.sort_by(|a, b| a.name.cmp(&b.name));
     Config {
         admin_socket,
+        state_file,
         metrics_bind,
         shutdown_timeout,
         listeners,

@@ -50,6 +50,7 @@ async fn start_backend(name: &'static str, weight: u32) -> std::io::Result<DemoB
 fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
     Config {
         admin_socket: None,
+        state_file: None,
         metrics_bind: None,
         shutdown_timeout: Duration::from_secs(2),
         listeners: vec![ListenerConfig {
@@ -153,7 +154,7 @@ async fn demo() -> anyhow::Result<()> {
     println!(
         "weir demo: three backends on loopback, weighted 1, 2 and 3, and weir in front of them.\n"
     );
-    let backends = vec![
+    let mut backends = vec![
         start_backend("alpha", 1).await?,
         start_backend("bravo", 2).await?,
         start_backend("charlie", 3).await?,
@@ -215,9 +216,149 @@ async fn demo() -> anyhow::Result<()> {
          pins each client address to one backend, the same on every weir instance.\n"
     );
 
+    health_and_drain(&mut backends).await?;
+
     for b in &backends {
         b.task.abort();
     }
-    println!("done. Next: `weir run -c config/weir.yaml` (see README.md).");
+    println!("\ndone. Next: `weir run -c config/weir.yaml` (see README.md).");
+    Ok(())
+}
+
+/// Runs an admin command as `weir ctl` would, and prints it with its reply.
+async fn admin(server: &Server, line: &str) -> anyhow::Result<()> {
+    let request = crate::admin::parse(line).map_err(|e| anyhow::anyhow!(e))?;
+    let reply = crate::admin::execute(request, &server.handle)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    println!(
+        "   $ weir ctl {line}\n   {}",
+        reply.trim_end().replace('\n', "\n   ")
+    );
+    Ok(())
+}
+
+fn states(server: &Server, backends: &[DemoBackend]) -> String {
+    backends
+        .iter()
+        .map(|b| {
+            let state = server
+                .backend("app", b.name)
+                .map(|backend| backend.state().to_string())
+                .unwrap_or_default();
+            format!("{}={state}", b.name)
+        })
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
+/// Sends `n` connections, one every `gap`, and prints who answered once a second.
+async fn traffic(
+    server: &Server,
+    front: SocketAddr,
+    backends: &[DemoBackend],
+    n: usize,
+    gap: Duration,
+) {
+    let mut counts = vec![0u64; backends.len()];
+    let mut failed = 0u64;
+    let mut last_print = tokio::time::Instant::now();
+    for _ in 0..n {
+        match tokio::time::timeout(Duration::from_secs(2), one_connection(front, None)).await {
+            Ok(Ok(name)) => {
+                if let Some(i) = backends.iter().position(|b| b.name == name) {
+                    counts[i] += 1;
+                }
+            }
+            _ => failed += 1,
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            let spread: Vec<String> = backends
+                .iter()
+                .zip(&counts)
+                .map(|(b, c)| format!("{}:{c:>3}", b.name))
+                .collect();
+            println!(
+                "   last second: {}  failed:{failed}   [{}]",
+                spread.join(" "),
+                states(server, backends)
+            );
+            counts.iter_mut().for_each(|c| *c = 0);
+            failed = 0;
+            last_print = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(gap).await;
+    }
+}
+
+/// Part 2: a backend dies and health checks take it out; part 3: a drain.
+async fn health_and_drain(backends: &mut [DemoBackend]) -> anyhow::Result<()> {
+    let mut config = demo_config(Strategy::RoundRobin, backends);
+    config.pools[0].health_check = Some(crate::config::HealthCheckConfig {
+        interval: Duration::from_millis(250),
+        timeout: Duration::from_millis(200),
+        rise: 2,
+        fall: 2,
+        port: None,
+        send: None,
+        expect: None,
+    });
+    let server = Server::start(config, None).await?;
+    let front = server.listener_addr("demo").expect("demo listener");
+
+    println!("2. A backend dies. Health checks every 250ms (fall 2, rise 2), round-robin:\n");
+    traffic(&server, front, backends, 150, Duration::from_millis(10)).await;
+    println!("   -- charlie's process dies (its port now refuses connections) --");
+    // Wait until its listening socket is really closed, as with a dead process.
+    backends[2].task.abort();
+    let _ = (&mut backends[2].task).await;
+    traffic(&server, front, backends, 250, Duration::from_millis(10)).await;
+    println!(
+        "   No client saw a failure: a refused connect is retried on another backend, and\n   \
+         charlie was marked down after two failed checks.\n"
+    );
+
+    println!("3. Draining bravo for maintenance while a client holds a connection to it:\n");
+    // Hold one connection that landed on bravo.
+    let mut held = None;
+    for _ in 0..10 {
+        let stream = TcpStream::connect(front).await?;
+        let (r, w) = stream.into_split();
+        let mut stream = r.reunite(w).expect("same stream");
+        let mut name = Vec::new();
+        let mut byte = [0u8; 1];
+        while stream.read(&mut byte).await? == 1 && byte[0] != b'\n' {
+            name.push(byte[0]);
+        }
+        if name == b"bravo" {
+            held = Some(stream);
+            break;
+        }
+    }
+    let Some(mut held) = held else {
+        anyhow::bail!("no connection reached bravo");
+    };
+    admin(&server, "drain app/bravo").await?;
+    traffic(&server, front, backends, 100, Duration::from_millis(10)).await;
+    held.write_all(b"still works\n").await?;
+    let mut echo = [0u8; 12];
+    held.read_exact(&mut echo).await?;
+    println!(
+        "   the held connection still works (echoed {:?}); closing it",
+        String::from_utf8_lossy(&echo[..11])
+    );
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server
+        .backend("app", "bravo")
+        .is_some_and(|b| b.state() != crate::backend::State::Drained)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin(&server, "show backends").await?;
+    admin(&server, "enable app/bravo").await?;
+    traffic(&server, front, backends, 100, Duration::from_millis(10)).await;
+    server.stop().await;
     Ok(())
 }

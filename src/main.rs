@@ -9,7 +9,13 @@ use weir::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo tells its own story on stdout; only warnings (a backend dying) join it.
+    let default_level = if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -33,17 +39,23 @@ fn main() -> ExitCode {
                 }
             },
             Command::Run { config } => weir::run::run(&config).await,
-            Command::Ctl { .. } => {
-                eprintln!("weir ctl: the admin socket is not available yet");
-                ExitCode::from(2)
-            }
+            Command::Ctl {
+                socket,
+                config,
+                command,
+            } => match weir::ctl::run(socket, config, command).await {
+                weir::ctl::Outcome::Success => ExitCode::SUCCESS,
+                weir::ctl::Outcome::Failed => ExitCode::from(1),
+                weir::ctl::Outcome::Unreachable => ExitCode::from(2),
+            },
             Command::Demo => weir::demo::run().await,
         }
     })
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::control::Server;
-use crate::shutdown::terminate_signal;
+use crate::shutdown::{Signal, Signals};
 
 pub async fn run(config_path: &Path) -> ExitCode {
     let config = match crate::config::load(config_path) {
@@ -12,6 +12,13 @@ pub async fn run(config_path: &Path) -> ExitCode {
         Err(errors) => {
             eprintln!("{errors}");
             return ExitCode::from(2);
+        }
+    };
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("weir: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
         }
     };
     raise_open_file_limit();
@@ -23,17 +30,59 @@ pub async fn run(config_path: &Path) -> ExitCode {
         }
     };
     tracing::info!("weir {} running", env!("CARGO_PKG_VERSION"));
-    let signal = terminate_signal().await;
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    let signal = loop {
+        match signals.next().await {
+            Signal::Terminate(name) => break name,
+            Signal::Reload => reload(&server).await,
+        }
+    };
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(
-        "{signal}: stopped accepting; letting open connections finish for up to {}",
-        humantime::format_duration(server.config.shutdown_timeout)
+        "{signal}: stopped accepting; letting open connections finish for up to {} (send it again to close them now)",
+        humantime::format_duration(server.config().shutdown_timeout)
     );
-    let left = server.stop().await;
+    let left = tokio::select! {
+        left = server.stop() => left,
+        again = signals.terminate() => {
+            tracing::warn!("{again} again: closing every open connection now");
+            server.shutdown.hard.cancel();
+            server.stop().await
+        }
+    };
     if left > 0 {
         tracing::warn!("closed {left} connections still open when the grace period ended");
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-read the config file, as admin `reload` does. An invalid config changes
+/// nothing; the control task logs the outcome, success or every problem.
+async fn reload(server: &Server) {
+    let path = server
+        .handle
+        .config_path
+        .as_deref()
+        .map(|p| p.display().to_string());
+    tracing::info!("SIGHUP: reloading {}", path.unwrap_or_default());
+    notify_systemd(&[sd_notify::NotifyState::Reloading, monotonic_now()]);
+    let _ = server.handle.reload().await;
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+}
+
+/// systemd (v253+) wants RELOADING=1 to come with MONOTONIC_USEC, CLOCK_MONOTONIC in µs.
+fn monotonic_now() -> sd_notify::NotifyState<'static> {
+    #[cfg(target_os = "linux")]
+    {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let usec = i128::from(now.tv_sec) * 1_000_000 + i128::from(now.tv_nsec) / 1_000;
+        sd_notify::NotifyState::MonotonicUsec(usec)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        sd_notify::NotifyState::Status("reloading")
+    }
 }
 
 /// A load balancer holds two sockets per connection: raise the soft open-file limit to
@@ -53,5 +102,12 @@ pub fn raise_open_file_limit() {
                 Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
             }
         }
+    }
+}
+
+/// Tells systemd (Type=notify) what weir is doing; a no-op when not started by systemd.
+pub fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
     }
 }

@@ -37,20 +37,62 @@ impl Shutdown {
     }
 }
 
-/// Waits for the first SIGTERM or SIGINT.
-#[cfg(unix)]
-pub async fn terminate_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// The process's signals, installed once at start: a SIGTERM that arrives while weir is
+/// still starting is then handled gracefully, not by the default action (instant death).
+pub struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next signal weir acts on.
+    pub async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => Signal::Terminate("SIGTERM"),
+                _ = self.int.recv() => Signal::Terminate("SIGINT"),
+                _ = self.hup.recv() => Signal::Reload,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Terminate("Ctrl-C")
+        }
+    }
+
+    /// The next SIGTERM or SIGINT (a SIGHUP meanwhile is ignored); returns its name.
+    pub async fn terminate(&mut self) -> &'static str {
+        loop {
+            if let Signal::Terminate(name) = self.next().await {
+                return name;
+            }
+        }
     }
 }
 
-#[cfg(not(unix))]
-pub async fn terminate_signal() -> &'static str {
-    let _ = tokio::signal::ctrl_c().await;
-    "Ctrl-C"
+pub enum Signal {
+    /// SIGTERM or SIGINT, by name.
+    Terminate(&'static str),
+    /// SIGHUP.
+    Reload,
 }

@@ -38,17 +38,31 @@ pools:
 #[test]
 fn check_exits_0_on_a_valid_file_and_2_listing_every_problem() {
     let dir = temp_dir("check");
-    let good = write_config(&dir, "listeners:\n  a:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n");
+    let good = write_config(
+        &dir,
+        "listeners:\n  a:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
     let out = weir().args(["check", "-c"]).arg(&good).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bad = write_config(&dir, BAD);
     let out = weir().args(["check", "-c"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let file = bad.display().to_string();
-    assert!(stderr.contains(&format!("{file}:4:11:")), "missing pool at 4:11 in:\n{stderr}");
-    assert!(stderr.contains(&format!("{file}:7:15:")), "unknown strategy at 7:15 in:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("{file}:4:11:")),
+        "missing pool at 4:11 in:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{file}:7:15:")),
+        "unknown strategy at 7:15 in:\n{stderr}"
+    );
     assert!(stderr.contains("\"fastest\""), "{stderr}");
 }
 
@@ -59,14 +73,32 @@ fn run_with_a_bad_file_prints_the_same_and_exits_2() {
     let check = weir().args(["check", "-c"]).arg(&bad).output().unwrap();
     let run = weir().args(["run", "-c"]).arg(&bad).output().unwrap();
     assert_eq!(run.status.code(), Some(2));
-    assert_eq!(String::from_utf8_lossy(&run.stderr), String::from_utf8_lossy(&check.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stderr),
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
 
 /// Starts `weir run`, returning the child and the address its listener `front` bound.
-fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, std::sync::mpsc::Receiver<String>) {
-    let mut child = weir()
-        .args(["run", "-c"])
-        .arg(config)
+fn spawn_weir(
+    config: &std::path::Path,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    spawn_weir_with(weir().args(["run", "-c"]).arg(config))
+}
+
+/// Like `spawn_weir`, for a prepared command.
+fn spawn_weir_with(
+    command: &mut Command,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut child = command
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -83,9 +115,11 @@ fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, std
     });
     let deadline = Instant::now() + common::DEADLINE;
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("weir logs its listener address");
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weir did not log its listener address in time");
+        };
         if let Some(rest) = line.split("accepting on ").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
             return (child, addr, rx);
@@ -93,11 +127,10 @@ fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, std
     }
 }
 
-#[test]
-fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
-    // An echo backend on a std thread (this test is synchronous).
+/// An echo backend on std threads (these tests are synchronous); returns its address.
+fn echo_backend_thread() -> SocketAddr {
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend_addr = backend.local_addr().unwrap();
+    let addr = backend.local_addr().unwrap();
     std::thread::spawn(move || {
         for stream in backend.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -111,6 +144,12 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
             });
         }
     });
+    addr
+}
+
+#[test]
+fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
+    let backend_addr = echo_backend_thread();
     let dir = temp_dir("sigterm");
     let config = write_config(
         &dir,
@@ -125,19 +164,28 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
     let mut buf = [0u8; 6];
     open.read_exact(&mut buf).unwrap();
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     // Accepting stops at once.
     let deadline = Instant::now() + common::DEADLINE;
     while TcpStream::connect_timeout(&front, Duration::from_millis(200)).is_ok() {
-        assert!(Instant::now() < deadline, "weir still accepts after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "weir still accepts after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The open connection still works.
     open.write_all(b"after!").unwrap();
     open.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"after!");
-    assert!(child.try_wait().unwrap().is_none(), "weir waits for the open connection");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "weir waits for the open connection"
+    );
     drop(open);
 
     let deadline = Instant::now() + common::DEADLINE;
@@ -145,18 +193,27 @@ fn sigterm_lets_the_open_connection_finish_refuses_new_ones_and_exits_0() {
         if let Some(status) = child.try_wait().unwrap() {
             break status.code();
         }
-        assert!(Instant::now() < deadline, "weir exits once the last connection closed");
+        assert!(
+            Instant::now() < deadline,
+            "weir exits once the last connection closed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code, Some(0));
     let logs: Vec<String> = logs.try_iter().collect();
-    assert!(logs.iter().any(|l| l.contains("SIGTERM")), "the signal is logged: {logs:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("SIGTERM")),
+        "the signal is logged: {logs:?}"
+    );
 }
 
 #[test]
 fn json_log_format_prints_one_object_a_line() {
     let dir = temp_dir("json");
-    let config = write_config(&dir, "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n");
+    let config = write_config(
+        &dir,
+        "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
     let mut child = weir()
         .args(["--log-format", "json", "run", "-c"])
         .arg(&config)
@@ -170,4 +227,223 @@ fn json_log_format_prints_one_object_a_line() {
     let _ = child.wait();
     let value: serde_json::Value = serde_json::from_str(&first).expect("a JSON object");
     assert!(value.get("level").is_some(), "{first}");
+}
+
+#[test]
+fn tells_systemd_ready_then_stopping() {
+    let dir = temp_dir("notify");
+    let socket_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    notify.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let config = write_config(
+        &dir,
+        "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
+    let mut child = weir()
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// One admin command over the socket, from a synchronous test.
+fn admin_sync(socket: &std::path::Path, line: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+#[test]
+fn sighup_reloads_the_config_file_and_keeps_open_connections() {
+    let backend_addr = echo_backend_thread();
+    let dir = temp_dir("sighup");
+    let socket = dir.join("admin.sock");
+    let text = |bind: &str, extra_backend: &str| {
+        format!(
+            "admin:\n  socket: {}\nlisteners:\n  front:\n    bind: {bind}\n    pool: p\npools:\n  p:\n    backends:\n      - address: {backend_addr}\n        name: one\n{extra_backend}",
+            socket.display()
+        )
+    };
+    let config = write_config(&dir, &text("127.0.0.1:0", ""));
+    let (mut child, front, logs) = spawn_weir(&config);
+    let mut open = TcpStream::connect(front).unwrap();
+    open.set_read_timeout(Some(common::DEADLINE)).unwrap();
+
+    write_config(
+        &dir,
+        &text(
+            &front.to_string(),
+            &format!("      - address: {backend_addr}\n        name: two\n"),
+        ),
+    );
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    while !admin_sync(&socket, "show backends").contains("two") {
+        assert!(
+            Instant::now() < deadline,
+            "backend two appears after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connection opened before the reload still works.
+    open.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+
+    // An invalid file on SIGHUP: nothing changes, weir keeps serving.
+    write_config(&dir, "listeners: [");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let line = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("weir logs the failed reload");
+        if line.contains("reload failed, nothing changed") {
+            break;
+        }
+    }
+    let reply = admin_sync(&socket, "show backends");
+    assert!(reply.contains("one") && reply.contains("two"), "{reply}");
+    open.write_all(b"again").unwrap();
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"again");
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn demo_shows_strategies_a_backend_going_down_and_a_drain_then_exits_0() {
+    let out = weir().arg("demo").env_remove("RUST_LOG").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |label: &str| -> Vec<String> {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} row in:\n{stdout}"));
+        line.split_whitespace().skip(1).map(String::from).collect()
+    };
+    assert_eq!(row("round-robin"), ["100", "200", "300"]);
+    assert_eq!(row("least-connections"), ["100", "200", "300"]);
+    assert!(stdout.contains("charlie=down"), "{stdout}");
+    assert!(stdout.contains("bravo=draining"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("bravo") && l.contains("drained")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("app/bravo: enabled, now up"), "{stdout}");
+    // No client connection failed at any point.
+    for line in stdout.lines().filter(|l| l.contains("failed:")) {
+        assert!(line.contains("failed:0"), "{line}");
+    }
+}
+
+#[test]
+fn out_of_file_descriptors_the_accept_loop_backs_off_logs_once_and_recovers() {
+    let backend_addr = echo_backend_thread();
+    let dir = temp_dir("emfile");
+    let config = write_config(
+        &dir,
+        &format!(
+            "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: {backend_addr}\n"
+        ),
+    );
+    // A hard limit of 64 open files that weir cannot raise: a few dozen connections exhaust it.
+    let (mut child, front, logs) = spawn_weir_with(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" run -c \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_weir"))
+            .arg(&config),
+    );
+    let mut clients = Vec::new();
+    for _ in 0..80 {
+        // The kernel completes handshakes into the backlog even while weir can't accept.
+        if let Ok(stream) = TcpStream::connect_timeout(&front, Duration::from_secs(2)) {
+            clients.push(stream);
+        }
+    }
+    let deadline = Instant::now() + common::DEADLINE;
+    let mut exhaustion_lines = 0;
+    while exhaustion_lines == 0 {
+        let Ok(line) = logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weir never logged running out of file descriptors");
+        };
+        if line.contains("accept failed") {
+            exhaustion_lines += 1;
+        }
+    }
+    // Free the descriptors. Until weir says it accepts again, the burst goes on: it is
+    // logged once, not once per failed accept.
+    drop(clients);
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let Ok(line) = logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weir never logged accepting again");
+        };
+        if line.contains("accepting again") {
+            break;
+        }
+        assert!(
+            !line.contains("accept failed"),
+            "logged once per burst, not per failure: {line}"
+        );
+    }
+    // And it serves.
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let mut stream = TcpStream::connect(front).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        if stream.write_all(b"back").is_ok()
+            && stream.read_exact(&mut buf).is_ok()
+            && &buf == b"back"
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "weir serves again once descriptors are free"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "weir is still running");
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -3,6 +3,7 @@
 pub mod connect;
 pub mod splice;
 pub mod tcp;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,11 +23,15 @@ pub struct Listener {
     /// The address actually bound (port 0 in the config becomes the real port).
     pub bind: SocketAddr,
     pub pool: ArcSwap<Pool>,
-    pub max_connections: Option<usize>,
-    pub idle_timeout: Duration,
+    /// `max_connections` (u64::MAX: unlimited) and `idle_timeout` in milliseconds: atomics,
+    /// so a reload changes them for the next connection without a new listener.
+    max_connections: AtomicU64,
+    idle_timeout_ms: AtomicU64,
     active: AtomicU64,
     total: AtomicU64,
     pub metrics: ListenerMetrics,
+    /// UDP listeners only: datagram and drop counters.
+    pub udp: Option<udp::UdpStats>,
 }
 
 impl Listener {
@@ -36,12 +41,38 @@ impl Listener {
             protocol: config.protocol,
             bind,
             pool: ArcSwap::new(pool),
-            max_connections: config.max_connections,
-            idle_timeout: config.idle_timeout,
+            max_connections: AtomicU64::new(0),
+            idle_timeout_ms: AtomicU64::new(0),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             metrics: ListenerMetrics::new(&config.name),
+            udp: (config.protocol == Protocol::Udp).then(|| udp::UdpStats::new(&config.name)),
         })
+        .with_settings(config)
+    }
+
+    fn with_settings(self: Arc<Self>, config: &ListenerConfig) -> Arc<Self> {
+        self.apply(config);
+        self
+    }
+
+    /// Takes `max_connections` and `idle_timeout` from `config` (reload).
+    pub fn apply(&self, config: &ListenerConfig) {
+        let max = config.max_connections.map_or(u64::MAX, |m| m as u64);
+        self.max_connections.store(max, Ordering::Relaxed);
+        let idle = u64::try_from(config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        self.idle_timeout_ms.store(idle, Ordering::Relaxed);
+    }
+
+    pub fn max_connections(&self) -> Option<usize> {
+        match self.max_connections.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            max => Some(max as usize),
+        }
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
     }
 
     pub fn active(&self) -> u64 {
@@ -55,9 +86,7 @@ impl Listener {
     /// Admits one connection (or UDP session) unless `max_connections` is reached.
     pub fn admit(self: &Arc<Self>) -> Option<ListenerGuard> {
         let prev = self.active.fetch_add(1, Ordering::AcqRel);
-        if let Some(max) = self.max_connections
-            && prev >= max as u64
-        {
+        if prev >= self.max_connections.load(Ordering::Relaxed) {
             self.active.fetch_sub(1, Ordering::AcqRel);
             self.metrics.rejected_max_connections.increment(1);
             return None;

@@ -164,7 +164,7 @@ fn handle(
         let backend = guard.backend();
         let started = std::time::Instant::now();
         let options = SpliceOptions {
-            idle_timeout: listener.idle_timeout,
+            idle_timeout: listener.idle_timeout(),
             half_close_linger: HALF_CLOSE_LINGER,
         };
         let counters = Counters {

@@ -1,0 +1,458 @@
+//! Active health checking: one task per backend probes it every `interval` (±10% jitter,
+//! so a fleet of backends isn't probed in lockstep) and flips the backend's health atomic
+//! after `rise` consecutive passes or `fall` consecutive failures.
+//!
+//! The first round decides at once (up after a pass, down after a failure), and
+//! `Server::start` waits for it before binding listeners, so a fresh weir never sends a
+//! client to a dead backend. A probe only ever writes `health`, never the operator's
+//! `admin` state; while a backend is `disabled` its probes pause (the task stays).
+//!
+//! Passive checking (failed connects from traffic, in `proxy/connect.rs`) can also mark a
+//! backend down; the checker notices that its health changed under it and starts counting
+//! passes from zero, so the backend needs `rise` fresh passes to come back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Admin, Backend, Health};
+use crate::config::{HealthCheckConfig, Protocol};
+use crate::pool::Pool;
+use crate::proxy::connect::describe;
+use crate::shutdown::Shutdown;
+
+/// A TCP reply is searched for `expect` within this many bytes at most: a probe never
+/// buffers without bound.
+pub const MAX_REPLY: usize = 64 * 1024;
+
+/// Starts one checker per backend of `pool` (which must have a health check). The
+/// returned receivers each fire once that backend's first probe has finished.
+pub fn spawn_pool(
+    pool: &Pool,
+    config: &HealthCheckConfig,
+    shutdown: &Shutdown,
+    stop: &CancellationToken,
+) -> Vec<oneshot::Receiver<()>> {
+    pool.load_full()
+        .backends
+        .iter()
+        .map(|backend| {
+            spawn_checker(
+                Arc::clone(backend),
+                config.clone(),
+                pool.protocol,
+                shutdown,
+                stop.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Starts the checker task of one backend on the shutdown tracker. It stops when
+/// accepting stops or when `stop` fires (a reload that removes the backend can use that).
+pub fn spawn_checker(
+    backend: Arc<Backend>,
+    config: HealthCheckConfig,
+    protocol: Protocol,
+    shutdown: &Shutdown,
+    stop: CancellationToken,
+) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    let stopping = shutdown.stop_accepting.clone();
+    shutdown.tracker.spawn(async move {
+        tokio::select! {
+            () = check_loop(backend, config, protocol, tx) => {}
+            () = stopping.cancelled() => {}
+            () = stop.cancelled() => {}
+        }
+    });
+    rx
+}
+
+/// Waits until every first probe has finished, or `bound` has passed (each probe is
+/// already bounded by its timeout; the bound only guards against surprises).
+pub async fn wait_first_round(receivers: Vec<oneshot::Receiver<()>>, bound: Duration) {
+    let deadline = tokio::time::Instant::now() + bound;
+    for rx in receivers {
+        if tokio::time::timeout_at(deadline, rx).await.is_err() {
+            tracing::warn!(
+                "health: the first round of checks did not finish within {}; starting anyway",
+                humantime::format_duration(bound)
+            );
+            return;
+        }
+    }
+}
+
+async fn check_loop(
+    backend: Arc<Backend>,
+    config: HealthCheckConfig,
+    protocol: Protocol,
+    first_round: oneshot::Sender<()>,
+) {
+    let handles = &backend.metrics;
+    let addr = probe_addr(backend.addr, &config);
+    let mut counters = Counters::new(backend.health());
+    let mut first_round = Some(first_round);
+    loop {
+        if backend.admin() != Admin::Disabled {
+            let started = Instant::now();
+            let result = probe(addr, &config, protocol).await;
+            let took = started.elapsed();
+            handles.health_check_duration.record(took.as_secs_f64());
+            match &result {
+                Ok(()) => {
+                    handles.health_checks_pass.increment(1);
+                    backend.set_last_check(format!("pass {:.1}ms", took.as_secs_f64() * 1e3));
+                }
+                Err(reason) => {
+                    handles.health_checks_fail.increment(1);
+                    backend.set_last_check(format!("fail: {reason}"));
+                }
+            }
+            let current = backend.health();
+            if let Some(change) = counters.record(result.is_ok(), current, config.rise, config.fall)
+            {
+                apply(&backend, change, &result);
+            }
+        }
+        if let Some(tx) = first_round.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::sleep(jittered(config.interval)).await;
+    }
+}
+
+/// Flips the backend's health for a rise/fall transition and logs it once, with the reason.
+fn apply(backend: &Backend, change: Change, result: &Result<(), String>) {
+    let (pool, name) = (&backend.pool, &backend.name);
+    match change {
+        Change::FirstPass => {
+            backend.set_health(Health::Up);
+            tracing::info!("{pool}/{name} up: first check passed");
+        }
+        Change::FirstFail => {
+            backend.set_health(Health::Down);
+            let reason = result.as_ref().err().map_or("", String::as_str);
+            tracing::warn!("{pool}/{name} down: first check failed: {reason}");
+        }
+        Change::Up { passes } => {
+            // Logged once: only the writer that actually flipped it says so.
+            if backend.set_health(Health::Up) == Health::Down {
+                // A backend marked down by traffic starts afresh.
+                backend.record_connect_success();
+                tracing::info!(
+                    "{pool}/{name} up: {passes} consecutive {}",
+                    plural(passes, "pass", "passes")
+                );
+            }
+        }
+        Change::Down { failures } => {
+            if backend.set_health(Health::Down) == Health::Up {
+                let reason = result.as_ref().err().map_or("", String::as_str);
+                tracing::warn!(
+                    "{pool}/{name} down: {failures} consecutive {}, last: {reason}",
+                    plural(failures, "failure", "failures")
+                );
+            }
+        }
+    }
+}
+
+fn plural<'a>(n: u32, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 { one } else { many }
+}
+
+/// The address probed: the backend's, or its host with the check's `port`.
+pub fn probe_addr(backend: SocketAddr, config: &HealthCheckConfig) -> SocketAddr {
+    match config.port {
+        Some(port) => SocketAddr::new(backend.ip(), port),
+        None => backend,
+    }
+}
+
+/// `interval` ±10%.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(rand::random_range(0.9..=1.1))
+}
+
+/// A health transition the checker decided on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    FirstPass,
+    FirstFail,
+    Up { passes: u32 },
+    Down { failures: u32 },
+}
+
+/// rise/fall bookkeeping, kept apart from I/O so it can be tested on its own.
+#[derive(Debug)]
+struct Counters {
+    first: bool,
+    passes: u32,
+    failures: u32,
+    /// The health this checker last saw or set; a different value at the next result
+    /// means someone else (passive checking) changed it.
+    believed: Health,
+}
+
+impl Counters {
+    fn new(current: Health) -> Self {
+        Counters {
+            first: true,
+            passes: 0,
+            failures: 0,
+            believed: current,
+        }
+    }
+
+    fn record(&mut self, passed: bool, current: Health, rise: u32, fall: u32) -> Option<Change> {
+        if current != self.believed {
+            // Marked down (or up) by someone else: count from zero.
+            self.passes = 0;
+            self.failures = 0;
+            self.believed = current;
+        }
+        if passed {
+            self.passes = self.passes.saturating_add(1);
+            self.failures = 0;
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.passes = 0;
+        }
+        if std::mem::take(&mut self.first) {
+            self.believed = if passed { Health::Up } else { Health::Down };
+            return Some(if passed {
+                Change::FirstPass
+            } else {
+                Change::FirstFail
+            });
+        }
+        match current {
+            Health::Down if passed && self.passes >= rise => {
+                self.believed = Health::Up;
+                Some(Change::Up {
+                    passes: self.passes,
+                })
+            }
+            Health::Up if !passed && self.failures >= fall => {
+                self.believed = Health::Down;
+                Some(Change::Down {
+                    failures: self.failures,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One probe of `addr`, bounded by `config.timeout`. `Err` carries an operator-facing
+/// reason: "connection refused", "timed out after 1s", `reply did not contain "role:master"`.
+pub async fn probe(
+    addr: SocketAddr,
+    config: &HealthCheckConfig,
+    protocol: Protocol,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    match protocol {
+        Protocol::Tcp => probe_tcp(addr, config, deadline).await,
+        Protocol::Udp => probe_udp(addr, config, deadline).await,
+    }
+}
+
+fn timed_out(config: &HealthCheckConfig) -> String {
+    format!(
+        "timed out after {}",
+        humantime::format_duration(config.timeout)
+    )
+}
+
+/// `expect` as the operator wrote it, quoted, with binary bytes as `\xNN`.
+fn quoted(bytes: &[u8]) -> String {
+    format!("\"{}\"", bytes.escape_ascii())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn probe_tcp(
+    addr: SocketAddr,
+    config: &HealthCheckConfig,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+        .await
+        .map_err(|_| timed_out(config))?
+        .map_err(|e| describe(&e))?;
+    if let Some(send) = &config.send {
+        tokio::time::timeout_at(deadline, stream.write_all(send))
+            .await
+            .map_err(|_| format!("{} sending the probe", timed_out(config)))?
+            .map_err(|e| format!("sending the probe: {}", describe(&e)))?;
+    }
+    let Some(expect) = &config.expect else {
+        return Ok(());
+    };
+    let mut reply = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) if reply.is_empty() => {
+                return Err(format!(
+                    "{} waiting for a reply containing {}",
+                    timed_out(config),
+                    quoted(expect)
+                ));
+            }
+            // Many servers (Redis among them) keep the connection open after answering.
+            Err(_) => {
+                return Err(format!(
+                    "reply did not contain {} within {}",
+                    quoted(expect),
+                    humantime::format_duration(config.timeout)
+                ));
+            }
+            Ok(Err(e)) => return Err(format!("reading the reply: {}", describe(&e))),
+            Ok(Ok(0)) if reply.is_empty() => {
+                return Err(format!(
+                    "connection closed without a reply (expected {})",
+                    quoted(expect)
+                ));
+            }
+            Ok(Ok(0)) => return Err(format!("reply did not contain {}", quoted(expect))),
+            Ok(Ok(n)) => n,
+        };
+        // Only the new bytes and the tail that could complete a match are searched again.
+        let from = reply.len().saturating_sub(expect.len().saturating_sub(1));
+        reply.extend_from_slice(&chunk[..n]);
+        if contains(&reply[from..], expect) {
+            return Ok(());
+        }
+        if reply.len() >= MAX_REPLY {
+            return Err(format!(
+                "reply did not contain {} in its first {} bytes",
+                quoted(expect),
+                MAX_REPLY
+            ));
+        }
+    }
+}
+
+async fn probe_udp(
+    addr: SocketAddr,
+    config: &HealthCheckConfig,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local)
+        .await
+        .map_err(|e| format!("cannot open a udp socket: {e}"))?;
+    // Connected, so only the backend's replies arrive and an ICMP "port unreachable"
+    // comes back as "connection refused".
+    socket.connect(addr).await.map_err(|e| describe(&e))?;
+    let datagram = config.send.as_deref().unwrap_or(&[]);
+    tokio::time::timeout_at(deadline, socket.send(datagram))
+        .await
+        .map_err(|_| timed_out(config))?
+        .map_err(|e| describe(&e))?;
+    let mut buf = vec![0u8; 65536];
+    let n = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
+        Err(_) => {
+            return Err(match &config.expect {
+                Some(expect) => format!(
+                    "{} waiting for a reply containing {}",
+                    timed_out(config),
+                    quoted(expect)
+                ),
+                None => format!("{} waiting for a reply", timed_out(config)),
+            });
+        }
+        Ok(Err(e)) => return Err(describe(&e)),
+        Ok(Ok(n)) => n,
+    };
+    match &config.expect {
+        Some(expect) if !contains(&buf[..n], expect) => {
+            Err(format!("reply did not contain {}", quoted(expect)))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_result_decides_at_once() {
+        let mut c = Counters::new(Health::Down);
+        assert_eq!(c.record(true, Health::Down, 3, 3), Some(Change::FirstPass));
+        let mut c = Counters::new(Health::Down);
+        assert_eq!(c.record(false, Health::Down, 3, 3), Some(Change::FirstFail));
+    }
+
+    #[test]
+    fn rise_and_fall_count_consecutive_results() {
+        let mut c = Counters::new(Health::Down);
+        c.record(true, Health::Down, 2, 3);
+        // Up now. Two failures are not enough, a pass resets the count.
+        assert_eq!(c.record(false, Health::Up, 2, 3), None);
+        assert_eq!(c.record(false, Health::Up, 2, 3), None);
+        assert_eq!(c.record(true, Health::Up, 2, 3), None);
+        assert_eq!(c.record(false, Health::Up, 2, 3), None);
+        assert_eq!(c.record(false, Health::Up, 2, 3), None);
+        assert_eq!(
+            c.record(false, Health::Up, 2, 3),
+            Some(Change::Down { failures: 3 })
+        );
+        assert_eq!(c.record(true, Health::Down, 2, 3), None);
+        assert_eq!(
+            c.record(true, Health::Down, 2, 3),
+            Some(Change::Up { passes: 2 })
+        );
+    }
+
+    #[test]
+    fn marked_down_by_traffic_needs_rise_fresh_passes() {
+        let mut c = Counters::new(Health::Down);
+        c.record(true, Health::Down, 3, 3);
+        for _ in 0..10 {
+            assert_eq!(c.record(true, Health::Up, 3, 3), None);
+        }
+        // Passive checking marked it down between two probes: the 11 passes so far
+        // don't count.
+        assert_eq!(c.record(true, Health::Down, 3, 3), None);
+        assert_eq!(c.record(true, Health::Down, 3, 3), None);
+        assert_eq!(
+            c.record(true, Health::Down, 3, 3),
+            Some(Change::Up { passes: 3 })
+        );
+    }
+
+    #[test]
+    fn contains_finds_needles_anywhere() {
+        assert!(contains(
+            b"# Replication\r\nrole:master\r\n",
+            b"role:master"
+        ));
+        assert!(!contains(b"role:slave", b"role:master"));
+        assert!(contains(b"anything", b""));
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(900) && d <= Duration::from_millis(1100));
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The admin state file (`admin.state_file`): drained and disabled backends and weights
+//! changed at runtime, kept across restarts so a backend under maintenance doesn't come
+//! back into rotation because weir restarted.
+//!
+//! Only the control task writes it (after every admin change and reload), atomically:
+//! a temporary file in the same folder, then a rename.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Admin, Backend};
+use crate::config::Config;
+use crate::control::Tables;
+
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    /// Keyed by `POOL/BACKEND`.
+    pub backends: BTreeMap<String, BackendState>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendState {
+    /// `drain` or `disabled`; absent: enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+    /// Absent: the weight from the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+/// What differs from the config in `tables`: the admin state of every backend that
+/// isn't enabled, and every weight that isn't the config's.
+pub fn capture(tables: &Tables, config: &Config) -> StateFile {
+    let mut state = StateFile::default();
+    for pool_config in &config.pools {
+        let Some(pool) = tables.pools.get(&pool_config.name) else {
+            continue;
+        };
+        let snapshot = pool.load_full();
+        for backend_config in &pool_config.backends {
+            let Some(backend) = snapshot.find(&backend_config.name) else {
+                continue;
+            };
+            let admin = match backend.admin() {
+                Admin::Enabled => None,
+                Admin::Drain => Some("drain".to_string()),
+                Admin::Disabled => Some("disabled".to_string()),
+            };
+            let weight = (backend.weight() != backend_config.weight).then(|| backend.weight());
+            if admin.is_some() || weight.is_some() {
+                state.backends.insert(
+                    format!("{}/{}", backend.pool, backend.name),
+                    BackendState { admin, weight },
+                );
+            }
+        }
+    }
+    state
+}
+
+pub fn write(path: &Path, state: &StateFile) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(state).map_err(std::io::Error::other)? + "\n";
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Reads the file; a missing file is an empty state.
+pub fn read(path: &Path) -> Result<StateFile, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
+        Err(e) => Err(format!("{}: cannot read: {e}", path.display())),
+    }
+}
+
+/// Applies a state file to freshly built backends, logging each restored entry; entries
+/// whose backend no longer exists are ignored with a warning. Returns whether a weight
+/// changed (the caller rebuilds that pool's snapshot).
+pub fn restore(
+    state: &StateFile,
+    find: impl Fn(&str, &str) -> Option<std::sync::Arc<Backend>>,
+) -> bool {
+    let mut weights_changed = false;
+    for (key, entry) in &state.backends {
+        let Some((pool, name)) = key.split_once('/') else {
+            tracing::warn!("state file: ignoring {key:?}: not POOL/BACKEND");
+            continue;
+        };
+        let Some(backend) = find(pool, name) else {
+            tracing::warn!("state file: ignoring {key}: no such backend in the config");
+            continue;
+        };
+        match entry.admin.as_deref() {
+            None => {}
+            Some("drain") => backend.set_admin(Admin::Drain),
+            Some("disabled") => backend.set_admin(Admin::Disabled),
+            Some(other) => {
+                tracing::warn!("state file: ignoring {key}: unknown admin state {other:?}");
+                continue;
+            }
+        }
+        if let Some(weight) = entry.weight {
+            if (1..=1000).contains(&weight) {
+                backend.set_weight(weight);
+                weights_changed = true;
+            } else {
+                tracing::warn!("state file: ignoring weight {weight} of {key}: out of 1..=1000");
+            }
+        }
+        tracing::info!(
+            "state file: restored {key}: {}{}",
+            entry.admin.as_deref().unwrap_or("enabled"),
+            entry
+                .weight
+                .map(|w| format!(", weight {w}"))
+                .unwrap_or_default()
+        );
+    }
+    weights_changed
+}

@@ -1,0 +1,334 @@
+//! Reload (admin `reload` and SIGHUP) and the admin state file, over real sockets.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weir::backend::State;
+use weir::control::Server;
+
+/// A config file text: one tcp listener `front` on `bind` before pool `pool`.
+fn yaml(bind: &str, strategy: &str, backends: &[(&str, SocketAddr, u32)], extra: &str) -> String {
+    let mut text = format!(
+        "{extra}listeners:\n  front:\n    bind: {bind}\n    pool: pool\npools:\n  pool:\n    strategy: {strategy}\n    backends:\n"
+    );
+    for (name, addr, weight) in backends {
+        text +=
+            &format!("      - address: {addr}\n        name: {name}\n        weight: {weight}\n");
+    }
+    text
+}
+
+async fn start_file(dir: &TempDir, text: &str) -> (Server, SocketAddr, std::path::PathBuf) {
+    let path = dir.join("weir.yaml");
+    std::fs::write(&path, text).unwrap();
+    let config = weir::config::load(&path).expect("valid config");
+    let server = Server::start(config, Some(path.clone()))
+        .await
+        .expect("weir starts");
+    let front = server.listener_addr("front").unwrap();
+    (server, front, path)
+}
+
+/// Sends `bytes` and reads the echo back: the connection still works end to end.
+async fn echo(stream: &mut TcpStream, bytes: &[u8]) {
+    stream.write_all(bytes).await.unwrap();
+    let mut back = vec![0u8; bytes.len()];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("connection intact");
+    assert_eq!(back, bytes);
+}
+
+fn names(server: &Server) -> Vec<String> {
+    let tables = server.handle.tables();
+    let snapshot = tables.pools["pool"].load_full();
+    snapshot.backends.iter().map(|b| b.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn reload_adds_removes_reweighs_and_keeps_open_connections() {
+    let dir = TempDir::new("reload-diff");
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let c = TestBackend::start("c").await;
+    let socket = dir.join("admin.sock");
+    let admin_line = format!("admin:\n  socket: {}\n", socket.display());
+    let (server, front, path) = start_file(
+        &dir,
+        &yaml(
+            "127.0.0.1:0",
+            "round-robin",
+            &[("a", a.addr, 1), ("b", b.addr, 1)],
+            &admin_line,
+        ),
+    )
+    .await;
+
+    // Open connections on both backends, bytes flowing.
+    let (on_a, first) = connect_named(front).await;
+    let (on_b, second) = connect_named(front).await;
+    let mut seen = [first, second];
+    seen.sort();
+    assert_eq!(seen, ["a", "b"]);
+    let (mut on_a, mut on_b) = if seen[0] == "a" {
+        (on_a, on_b)
+    } else {
+        (on_b, on_a)
+    };
+    echo(&mut on_a, b"before reload").await;
+    let backend_b = server.backend("pool", "b").unwrap();
+
+    // The listener keeps its port: write the real one into the file.
+    let bind = front.to_string();
+    std::fs::write(
+        &path,
+        yaml(
+            &bind,
+            "least-connections",
+            &[("a", a.addr, 5), ("c", c.addr, 1)],
+            &admin_line,
+        ),
+    )
+    .unwrap();
+    let reply = admin(&socket, "reload").await;
+    assert!(reply.starts_with("reloaded:"), "{reply}");
+    assert!(
+        reply.contains("1 backend added") && reply.contains("1 backend removed"),
+        "{reply}"
+    );
+
+    // Same objects for what stayed; the new weight and strategy apply.
+    let tables = server.handle.tables();
+    let snapshot = tables.pools["pool"].load_full();
+    assert_eq!(snapshot.strategy, weir::config::Strategy::LeastConnections);
+    assert_eq!(server.backend("pool", "a").unwrap().weight(), 5);
+    assert!(std::sync::Arc::ptr_eq(
+        &server.backend("pool", "b").unwrap(),
+        &backend_b
+    ));
+    assert_eq!(
+        backend_b.state(),
+        State::Draining,
+        "removed but still carrying a connection"
+    );
+
+    // Open connections are untouched, on the kept and on the removed backend.
+    echo(&mut on_a, b"after reload").await;
+    echo(&mut on_b, b"still on b").await;
+
+    // New connections: the added backend gets traffic, the removed one none.
+    let before_b = b.accepted();
+    let mut held = Vec::new();
+    let mut got_c = 0;
+    for _ in 0..12 {
+        let (stream, name) = connect_named(front).await;
+        assert_ne!(name, "b");
+        got_c += usize::from(name == "c");
+        held.push(stream);
+    }
+    assert!(got_c > 0, "the added backend gets traffic");
+    assert_eq!(b.accepted(), before_b);
+
+    // Once its last connection closes, the removed backend is gone.
+    drop(on_b);
+    wait_until(DEADLINE, "b to disappear", || {
+        let names = names(&server);
+        async move { names == ["a", "c"] }
+    })
+    .await;
+    let shown = admin(&socket, "show backends").await;
+    assert!(
+        !shown.contains("pool/b") && !shown.contains(" b "),
+        "{shown}"
+    );
+    echo(&mut on_a, b"the end").await;
+}
+
+#[tokio::test]
+async fn invalid_config_on_reload_changes_nothing_and_names_the_line() {
+    let dir = TempDir::new("reload-invalid");
+    let a = TestBackend::start("a").await;
+    let socket = dir.join("admin.sock");
+    let admin_line = format!("admin:\n  socket: {}\n", socket.display());
+    let (server, front, path) = start_file(
+        &dir,
+        &yaml(
+            "127.0.0.1:0",
+            "round-robin",
+            &[("a", a.addr, 1)],
+            &admin_line,
+        ),
+    )
+    .await;
+    let (mut open, _) = connect_named(front).await;
+
+    std::fs::write(
+        &path,
+        yaml(
+            &front.to_string(),
+            "fastest",
+            &[("a", a.addr, 1)],
+            &admin_line,
+        ),
+    )
+    .unwrap();
+    let reply = admin(&socket, "reload").await;
+    let file = path.display().to_string();
+    assert!(reply.starts_with("error: "), "{reply}");
+    assert!(
+        reply.contains(&format!("{file}:9:15: unknown strategy \"fastest\"")),
+        "{reply}"
+    );
+
+    // weir serves on with the old config.
+    assert_eq!(
+        server.config().pools[0].strategy,
+        weir::config::Strategy::RoundRobin
+    );
+    echo(&mut open, b"still here").await;
+    let (_next, name) = connect_named(front).await;
+    assert_eq!(name, "a");
+
+    // The ctl binary: exit 1 with the same message.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["ctl", "-s"])
+        .arg(&socket)
+        .arg("reload")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("unknown strategy"), "{stderr}");
+}
+
+#[tokio::test]
+async fn listeners_added_and_removed_and_a_bind_conflict_rolls_back() {
+    let dir = TempDir::new("reload-listeners");
+    let a = TestBackend::start("a").await;
+    let (server, front, path) = start_file(
+        &dir,
+        &yaml("127.0.0.1:0", "round-robin", &[("a", a.addr, 1)], ""),
+    )
+    .await;
+    let (mut open, _) = connect_named(front).await;
+
+    // A port that is taken: the reload fails and nothing changes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let with_second = |second: SocketAddr| {
+        yaml(&front.to_string(), "round-robin", &[("a", a.addr, 1)], "").replace(
+            "pools:\n",
+            &format!("  second:\n    bind: {second}\n    pool: pool\npools:\n"),
+        )
+    };
+    std::fs::write(&path, with_second(taken_addr)).unwrap();
+    let err = server.handle.reload().await.unwrap_err();
+    assert!(
+        err.contains("second") && err.contains(&taken_addr.to_string()),
+        "{err}"
+    );
+    assert!(err.contains("nothing changed"), "{err}");
+    assert!(server.listener_addr("second").is_none());
+    echo(&mut open, b"unchanged").await;
+
+    // A free port: the listener is added and serves.
+    drop(taken);
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(&path, with_second(free)).unwrap();
+    let reply = server.handle.reload().await.unwrap();
+    assert!(reply.contains("1 listener added"), "{reply}");
+    let (_s, name) = connect_named(free).await;
+    assert_eq!(name, "a");
+
+    // Removed again: it stops accepting; the first listener's connection is untouched.
+    std::fs::write(
+        &path,
+        yaml(&front.to_string(), "round-robin", &[("a", a.addr, 1)], ""),
+    )
+    .unwrap();
+    let reply = server.handle.reload().await.unwrap();
+    assert!(reply.contains("1 listener removed"), "{reply}");
+    wait_until(
+        DEADLINE,
+        "the removed listener to stop accepting",
+        || async move { TcpStream::connect(free).await.is_err() },
+    )
+    .await;
+    echo(&mut open, b"first listener").await;
+}
+
+#[tokio::test]
+async fn drained_stays_drained_across_reload_and_restart_with_the_state_file() {
+    let dir = TempDir::new("reload-state");
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let state = dir.join("state.json");
+    let socket = dir.join("admin.sock");
+    let extra = format!(
+        "admin:\n  socket: {}\n  state_file: {}\n",
+        socket.display(),
+        state.display()
+    );
+    let text = yaml(
+        "127.0.0.1:0",
+        "round-robin",
+        &[("a", a.addr, 1), ("b", b.addr, 1)],
+        &extra,
+    );
+    let (server, front, path) = start_file(&dir, &text).await;
+
+    assert!(admin(&socket, "drain pool/a").await.contains("drained"));
+    assert!(
+        admin(&socket, "set weight pool/b 7")
+            .await
+            .contains("weight 7")
+    );
+    wait_until(DEADLINE, "the state file", || {
+        let state = state.clone();
+        async move {
+            std::fs::read_to_string(&state).is_ok_and(|s| s.contains("drain") && s.contains("7"))
+        }
+    })
+    .await;
+
+    // Reload with the same file: drained stays drained.
+    std::fs::write(&path, text.replace("127.0.0.1:0", &front.to_string())).unwrap();
+    server.handle.reload().await.unwrap();
+    assert_eq!(state_of(&server, "a"), State::Drained);
+    for _ in 0..5 {
+        let (_s, name) = connect_named(front).await;
+        assert_eq!(name, "b");
+    }
+
+    // Restart: the state file brings both back.
+    server.stop().await;
+    drop(server);
+    let config = weir::config::load(&path).unwrap();
+    let restarted = Server::start(config, Some(path.clone())).await.unwrap();
+    assert_eq!(state_of(&restarted, "a"), State::Drained);
+    assert_eq!(restarted.backend("pool", "b").unwrap().weight(), 7);
+
+    // A state entry for a backend that no longer exists is ignored.
+    std::fs::write(
+        &state,
+        "{\"backends\":{\"pool/gone\":{\"admin\":\"drain\"}}}",
+    )
+    .unwrap();
+    restarted.stop().await;
+    let config = weir::config::load(&path).unwrap();
+    let again = Server::start(config, Some(path)).await.unwrap();
+    assert_eq!(state_of(&again, "a"), State::Up);
+}
+
+fn state_of(server: &Server, backend: &str) -> State {
+    server.backend("pool", backend).unwrap().state()
+}

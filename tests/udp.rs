@@ -1,0 +1,664 @@
+//! The UDP data path over real sockets: session affinity, balancing of sessions, expiry,
+//! the session cap, maximum-size datagrams, drain, ICMP unreachable and re-pick, reply
+//! source addresses on wildcard binds, shutdown.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use weir::backend::{Admin, Health, State};
+use weir::config::Strategy;
+use weir::proxy::Listener;
+use weir::proxy::udp::DropReason;
+
+fn listener(server: &weir::control::Server) -> Arc<Listener> {
+    server.handle.tables().listeners["front"].clone()
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_client_socket_sticks_to_one_backend_for_1000_datagrams() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    ))
+    .await;
+    let client = udp_client("127.0.0.1").await;
+    let mut names = HashSet::new();
+    for i in 0..1000 {
+        let payload = format!("datagram {i}");
+        let answer = udp_exchange(&client, front, payload.as_bytes()).await;
+        assert_eq!(answer.split_once(':').unwrap().1, payload, "answer intact");
+        names.insert(answered_by(&answer).to_string());
+    }
+    assert_eq!(names.len(), 1, "one session, one backend: {names:?}");
+    assert_eq!(a.received() + b.received(), 1000);
+    let l = listener(&server);
+    assert_eq!(l.active(), 1, "one session");
+    assert_eq!(l.total(), 1);
+    let stats = l.udp.as_ref().unwrap();
+    assert_eq!(stats.datagrams_to_backend(), 1000);
+    assert_eq!(stats.datagrams_to_client(), 1000);
+    let name = names.into_iter().next().unwrap();
+    assert_eq!(server.backend("pool", &name).unwrap().active(), 1);
+}
+
+#[tokio::test]
+async fn round_robin_spreads_client_sockets_over_backends() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    ))
+    .await;
+    let mut clients = Vec::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..10 {
+        let client = udp_client("127.0.0.1").await;
+        let answer = udp_exchange(&client, front, format!("hello {i}").as_bytes()).await;
+        *counts.entry(answered_by(&answer).to_string()).or_default() += 1;
+        clients.push((client, answered_by(&answer).to_string()));
+    }
+    assert_eq!(counts.get("a"), Some(&5), "{counts:?}");
+    assert_eq!(counts.get("b"), Some(&5), "{counts:?}");
+    // Each keeps its backend.
+    for (i, (client, name)) in clients.iter().enumerate() {
+        let answer = udp_exchange(client, front, format!("again {i}").as_bytes()).await;
+        assert_eq!(answered_by(&answer), name);
+    }
+    assert_eq!(server.backend("pool", "a").unwrap().active(), 5);
+    assert_eq!(server.backend("pool", "b").unwrap().active(), 5);
+    assert_eq!(listener(&server).active(), 10);
+}
+
+#[tokio::test]
+async fn source_hash_keeps_each_client_address_on_the_backend_the_pool_picks() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let c = UdpTestBackend::start("c").await;
+    let (server, front) = start(udp_config(
+        Strategy::SourceHash,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+            backend_config("c", c.addr, 1),
+        ],
+    ))
+    .await;
+    let pool = listener(&server).pool.load_full();
+    let mut used = HashSet::new();
+    for host in 2..=21 {
+        let ip = format!("127.0.0.{host}");
+        let expected = {
+            let snapshot = pool.snapshot();
+            let index = snapshot
+                .pick(ip.parse::<IpAddr>().unwrap(), &[])
+                .expect("a backend");
+            snapshot.backends[index].name.clone()
+        };
+        // Two sockets (two ports, so two sessions) on the same address, a few datagrams each.
+        for _ in 0..2 {
+            let client = udp_client(&ip).await;
+            for i in 0..3 {
+                let answer = udp_exchange(&client, front, format!("{ip} {i}").as_bytes()).await;
+                assert_eq!(answered_by(&answer), expected, "client {ip}");
+            }
+        }
+        used.insert(expected);
+    }
+    assert!(
+        used.len() >= 2,
+        "20 addresses over 3 backends use more than one: {used:?}"
+    );
+    assert_eq!(listener(&server).active(), 40);
+}
+
+#[tokio::test]
+async fn idle_sessions_expire_and_release_their_counts() {
+    let a = UdpTestBackend::start("a").await;
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
+    config.listeners[0].idle_timeout = Duration::from_millis(200);
+    let (server, front) = start(config).await;
+    let l = listener(&server);
+    let backend = server.backend("pool", "a").unwrap();
+
+    let client = udp_client("127.0.0.1").await;
+    assert_eq!(udp_exchange(&client, front, b"one").await, "a:one");
+    assert_eq!(l.active(), 1);
+    assert_eq!(backend.active(), 1);
+
+    let idle_from = Instant::now();
+    wait_until(DEADLINE, "the idle session to expire", || {
+        let (l, backend) = (l.clone(), backend.clone());
+        async move { l.active() == 0 && backend.active() == 0 }
+    })
+    .await;
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(190),
+        "not before idle_timeout"
+    );
+
+    // The same client opens a new session.
+    assert_eq!(udp_exchange(&client, front, b"two").await, "a:two");
+    assert_eq!(l.total(), 2);
+    assert_eq!(backend.total(), 2);
+}
+
+#[tokio::test]
+async fn traffic_either_way_keeps_a_session_open() {
+    // A backend that answers "stream" with five datagrams, 300 ms apart.
+    let socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let backend_addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            if &buf[..n] == b"stream" {
+                let socket = Arc::clone(&socket);
+                tokio::spawn(async move {
+                    for i in 0..5 {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = socket.send_to(format!("tick {i}").as_bytes(), peer).await;
+                    }
+                });
+            } else {
+                let _ = socket.send_to(&buf[..n], peer).await;
+            }
+        }
+    });
+    let mut config = udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", backend_addr, 1)],
+    );
+    config.listeners[0].idle_timeout = Duration::from_secs(1);
+    let (server, front) = start(config).await;
+    let l = listener(&server);
+
+    // Client datagrams more often than idle_timeout.
+    let client = udp_client("127.0.0.1").await;
+    for _ in 0..5 {
+        assert_eq!(udp_exchange(&client, front, b"keep").await, "keep");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(l.total(), 1, "one session all along");
+
+    // Backend datagrams alone: one request, then 1.5 s of answers.
+    let client = udp_client("127.0.0.1").await;
+    client.send_to(b"stream", front).await.unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..5 {
+        let (n, _) = tokio::time::timeout(DEADLINE, client.recv_from(&mut buf))
+            .await
+            .expect("tick in time")
+            .unwrap();
+        assert_eq!(&buf[..n], format!("tick {i}").as_bytes());
+    }
+    assert_eq!(l.total(), 2, "the second client's one session");
+}
+
+#[tokio::test]
+async fn session_cap_drops_and_counts_then_serves_after_expiry() {
+    let a = UdpTestBackend::start("a").await;
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
+    config.listeners[0].max_connections = Some(2);
+    config.listeners[0].idle_timeout = Duration::from_secs(1);
+    let (server, front) = start(config).await;
+    let l = listener(&server);
+    let stats = l.udp.as_ref().unwrap();
+
+    let first = udp_client("127.0.0.1").await;
+    let second = udp_client("127.0.0.1").await;
+    let third = udp_client("127.0.0.1").await;
+    assert_eq!(udp_exchange(&first, front, b"1").await, "a:1");
+    assert_eq!(udp_exchange(&second, front, b"2").await, "a:2");
+    assert_eq!(l.active(), 2);
+
+    third.send_to(b"3", front).await.unwrap();
+    wait_until(
+        DEADLINE,
+        "the third client's datagram to be dropped",
+        || async { stats.dropped(DropReason::MaxConnections) == 1 },
+    )
+    .await;
+    assert_eq!(
+        a.received(),
+        2,
+        "the dropped datagram never reached the backend"
+    );
+    let mut buf = [0u8; 16];
+    assert!(
+        third.try_recv_from(&mut buf).is_err(),
+        "no answer to a dropped datagram"
+    );
+    assert_eq!(l.active(), 2);
+    assert_eq!(l.total(), 2);
+
+    wait_until(DEADLINE, "the two sessions to expire", || async {
+        l.active() == 0
+    })
+    .await;
+    assert_eq!(udp_exchange(&third, front, b"3 again").await, "a:3 again");
+    assert_eq!(l.active(), 1);
+}
+
+#[tokio::test]
+async fn largest_datagram_passes_whole_each_way() {
+    let echo = UdpTestBackend::echo("echo").await;
+    let (_server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("echo", echo.addr, 1)],
+    ))
+    .await;
+    let client = udp_client("127.0.0.1").await;
+    let big = pseudo_random(65_507, 99);
+    let (answer, _) = udp_exchange_from(&client, front, &big).await;
+    assert_eq!(answer.len(), 65_507, "nothing truncated");
+    assert!(answer == big, "bytes intact");
+
+    // Boundaries kept: small ones after a big one arrive as they were sent.
+    for len in [0usize, 1, 1500, 9000, 65_507, 3] {
+        let payload = pseudo_random(len, len as u64);
+        let (answer, _) = udp_exchange_from(&client, front, &payload).await;
+        assert_eq!(answer.len(), len);
+        assert!(answer == payload);
+    }
+    assert_eq!(echo.sizes(), vec![65_507, 0, 1, 1500, 9000, 65_507, 3]);
+}
+
+#[tokio::test]
+async fn drain_keeps_live_sessions_and_sends_new_ones_elsewhere() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let mut config = udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    );
+    config.listeners[0].idle_timeout = Duration::from_secs(1);
+    let (server, front) = start(config).await;
+
+    let client = udp_client("127.0.0.1").await;
+    let first = answered_by(&udp_exchange(&client, front, b"x").await).to_string();
+    let other = if first == "a" { "b" } else { "a" };
+    let drained = server.backend("pool", &first).unwrap();
+    drained.set_admin(Admin::Drain);
+    assert_eq!(drained.state(), State::Draining);
+
+    // The open session keeps its backend; new sessions go to the other one.
+    for i in 0..5 {
+        let answer = udp_exchange(&client, front, format!("x{i}").as_bytes()).await;
+        assert_eq!(answered_by(&answer), first);
+        let newcomer = udp_client("127.0.0.1").await;
+        let answer = udp_exchange(&newcomer, front, b"new").await;
+        assert_eq!(answered_by(&answer), other);
+    }
+    assert_eq!(drained.active(), 1);
+
+    wait_until(DEADLINE, "the drained backend's session to expire", || {
+        let d = drained.clone();
+        async move { d.state() == State::Drained }
+    })
+    .await;
+    assert_eq!(drained.active(), 0);
+    // The client's next datagram is a new session, on the other backend.
+    let answer = udp_exchange(&client, front, b"after").await;
+    assert_eq!(answered_by(&answer), other);
+}
+
+/// An address with nothing listening: datagrams to it come back as ICMP port unreachable.
+async fn dead_udp_address() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn icmp_unreachable_counts_a_connect_error_and_a_down_backend_loses_its_sessions() {
+    let dead = dead_udp_address().await;
+    let live = UdpTestBackend::start("live").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("dead", dead, 1),
+            backend_config("live", live.addr, 1),
+        ],
+    ))
+    .await;
+    let dead_backend = server.backend("pool", "dead").unwrap();
+    let live_backend = server.backend("pool", "live").unwrap();
+
+    // Make the first session land on the dead backend, whatever the strategy's order.
+    live_backend.set_admin(Admin::Drain);
+    let client = udp_client("127.0.0.1").await;
+    client.send_to(b"hello?", front).await.unwrap();
+    wait_until(
+        DEADLINE,
+        "the ICMP error to count as a connect error",
+        || {
+            let d = dead_backend.clone();
+            async move { d.metrics_connect_errors() >= 1 }
+        },
+    )
+    .await;
+    assert_eq!(dead_backend.active(), 1, "the session is still on it");
+    // Without a health check nothing marks it down: the session stays, each ICMP counts.
+    client.send_to(b"anyone?", front).await.unwrap();
+    wait_until(DEADLINE, "a second connect error", || {
+        let d = dead_backend.clone();
+        async move { d.metrics_connect_errors() >= 2 }
+    })
+    .await;
+
+    // Marked down (as a health check would): the session's next datagram re-picks.
+    live_backend.set_admin(Admin::Enabled);
+    dead_backend.set_health(Health::Down);
+    let answer = udp_exchange(&client, front, b"now?").await;
+    assert_eq!(answer, "live:now?");
+    assert_eq!(dead_backend.active(), 0, "the old upstream was released");
+    assert_eq!(live_backend.active(), 1);
+    let l = listener(&server);
+    assert_eq!(l.active(), 1, "still one session");
+    assert_eq!(l.total(), 1);
+    for i in 0..10 {
+        let payload = format!("{i}");
+        assert_eq!(
+            udp_exchange(&client, front, payload.as_bytes()).await,
+            format!("live:{i}")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_draining_backend_that_goes_down_loses_its_sessions_too() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    ))
+    .await;
+    let client = udp_client("127.0.0.1").await;
+    let first = answered_by(&udp_exchange(&client, front, b"x").await).to_string();
+    let backend = server.backend("pool", &first).unwrap();
+    backend.set_admin(Admin::Drain);
+    assert_eq!(
+        answered_by(&udp_exchange(&client, front, b"y").await),
+        first,
+        "draining: the session stays"
+    );
+    backend.set_health(Health::Down);
+    let answer = udp_exchange(&client, front, b"z").await;
+    assert_ne!(answered_by(&answer), first, "down: the session moves");
+    assert_eq!(backend.active(), 0);
+    assert_eq!(backend.state(), State::Drained);
+}
+
+#[tokio::test]
+async fn wildcard_ipv4_bind_replies_from_the_address_the_client_sent_to() {
+    let a = UdpTestBackend::start("a").await;
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
+    config.listeners[0].bind = "0.0.0.0:0".parse().unwrap();
+    let (_server, front) = start(config).await;
+    for (client_ip, to_ip) in [
+        ("127.0.0.5", "127.0.0.2"),
+        ("127.0.0.6", "127.0.0.3"),
+        ("127.0.0.1", "127.0.0.1"),
+    ] {
+        let to = SocketAddr::new(to_ip.parse().unwrap(), front.port());
+        let client = udp_client(client_ip).await;
+        for _ in 0..2 {
+            let (answer, from) = udp_exchange_from(&client, to, b"where").await;
+            assert_eq!(answer, b"a:where");
+            assert_eq!(from, to, "the reply comes from the address the client used");
+        }
+    }
+}
+
+#[tokio::test]
+async fn wildcard_ipv6_bind_replies_from_the_address_the_client_sent_to() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 loopback here");
+        return;
+    }
+    let a = UdpTestBackend::start("a").await;
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
+    config.listeners[0].bind = "[::]:0".parse().unwrap();
+    let (_server, front) = start(config).await;
+
+    let to = SocketAddr::new("::1".parse().unwrap(), front.port());
+    let client = udp_client("::1").await;
+    let (answer, from) = udp_exchange_from(&client, to, b"six").await;
+    assert_eq!(answer, b"a:six");
+    assert_eq!(from, to);
+
+    // IPv4 clients of the dual-stack socket get their answer from the IPv4 address used.
+    let to = SocketAddr::new("127.0.0.3".parse().unwrap(), front.port());
+    let client = udp_client("127.0.0.7").await;
+    let (answer, from) = udp_exchange_from(&client, to, b"four").await;
+    assert_eq!(answer, b"a:four");
+    assert_eq!(from, to);
+}
+
+#[tokio::test]
+async fn ipv6_listener_and_backend() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 loopback here");
+        return;
+    }
+    let socket = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    let backend_addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], peer).await;
+        }
+    });
+    let mut config = udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("v6", backend_addr, 1)],
+    );
+    config.listeners[0].bind = "[::1]:0".parse().unwrap();
+    let (_server, front) = start(config).await;
+    let client = udp_client("::1").await;
+    let (answer, from) = udp_exchange_from(&client, front, b"over v6").await;
+    assert_eq!(answer, b"over v6");
+    assert_eq!(from, front);
+}
+
+#[tokio::test]
+async fn no_backend_drops_and_counts() {
+    let a = UdpTestBackend::start("a").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("a", a.addr, 1)],
+    ))
+    .await;
+    server
+        .backend("pool", "a")
+        .unwrap()
+        .set_admin(Admin::Disabled);
+    let client = udp_client("127.0.0.1").await;
+    client.send_to(b"anyone", front).await.unwrap();
+    let l = listener(&server);
+    wait_until(DEADLINE, "the datagram to be dropped", || {
+        let l = l.clone();
+        async move { l.udp.as_ref().unwrap().dropped(DropReason::NoBackend) == 1 }
+    })
+    .await;
+    assert_eq!(l.active(), 0, "no session held");
+    assert_eq!(a.received(), 0);
+}
+
+#[tokio::test]
+async fn graceful_stop_stops_receiving_and_ends_sessions() {
+    let a = UdpTestBackend::start("a").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("a", a.addr, 1)],
+    ))
+    .await;
+    let l = listener(&server);
+    let client = udp_client("127.0.0.1").await;
+    assert_eq!(udp_exchange(&client, front, b"before").await, "a:before");
+
+    let started = Instant::now();
+    let left = tokio::time::timeout(DEADLINE, server.stop())
+        .await
+        .expect("stop in time");
+    assert_eq!(left, 0, "sessions ended within the grace period");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "sessions linger briefly, not for idle_timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(l.active(), 0);
+    assert_eq!(server.backend("pool", "a").unwrap().active(), 0);
+
+    let received = a.received();
+    client.send_to(b"after", front).await.unwrap();
+    let mut buf = [0u8; 64];
+    let answer = tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await;
+    assert!(
+        !matches!(answer, Ok(Ok(_))),
+        "no answer after shutdown: {answer:?}"
+    );
+    assert_eq!(a.received(), received);
+}
+
+#[tokio::test]
+async fn datagram_and_drop_counters_are_exported() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = UdpTestBackend::start("a").await;
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
+    // The recorder is process-wide: a listener name no other test uses.
+    config.listeners[0].name = "udp_metrics".into();
+    config.listeners[0].max_connections = Some(1);
+    config.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    let server = weir::control::Server::start(config, None).await.unwrap();
+    let front = server.listener_addr("udp_metrics").unwrap();
+    let metrics = server.metrics_addr().expect("metrics address");
+
+    let client = udp_client("127.0.0.1").await;
+    for i in 0..3 {
+        let payload = format!("{i}");
+        assert_eq!(
+            udp_exchange(&client, front, payload.as_bytes()).await,
+            format!("a:{i}")
+        );
+    }
+    let over = udp_client("127.0.0.1").await;
+    over.send_to(b"no room", front).await.unwrap();
+    let l = server.handle.tables().listeners["udp_metrics"].clone();
+    wait_until(DEADLINE, "the drop", || {
+        let l = l.clone();
+        async move { l.udp.as_ref().unwrap().dropped(DropReason::MaxConnections) == 1 }
+    })
+    .await;
+
+    let mut stream = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut text))
+        .await
+        .expect("scrape in time")
+        .unwrap();
+    for line in [
+        r#"weir_udp_datagrams_total{listener="udp_metrics",direction="to_backend"} 3"#,
+        r#"weir_udp_datagrams_total{listener="udp_metrics",direction="to_client"} 3"#,
+        r#"weir_udp_dropped_total{listener="udp_metrics",reason="max_connections"} 1"#,
+        r#"weir_listener_rejected_total{listener="udp_metrics",reason="max_connections"} 1"#,
+        r#"weir_listener_connections_total{listener="udp_metrics"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn reload_keeps_sessions_applies_idle_timeout_and_moves_the_listener() {
+    let a = UdpTestBackend::start("a").await;
+    let dir = TempDir::new("udp-reload");
+    let path = dir.join("weir.yaml");
+    let yaml = |bind: &str, idle: &str| {
+        format!(
+            "listeners:\n  front:\n    bind: {bind}\n    protocol: udp\n    pool: pool\n    idle_timeout: {idle}\npools:\n  pool:\n    backends:\n      - address: {}\n        name: a\n",
+            a.addr
+        )
+    };
+    std::fs::write(&path, yaml("127.0.0.1:0", "30s")).unwrap();
+    let config = weir::config::load(&path).expect("valid config");
+    let server = weir::control::Server::start(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let front = server.listener_addr("front").unwrap();
+    let l = listener(&server);
+    let client = udp_client("127.0.0.1").await;
+    assert_eq!(udp_exchange(&client, front, b"1").await, "a:1");
+
+    // Same address, shorter idle_timeout: the session survives the reload, then expires.
+    std::fs::write(&path, yaml("127.0.0.1:0", "200ms")).unwrap();
+    server.handle.reload().await.expect("reload");
+    assert!(Arc::ptr_eq(&l, &listener(&server)), "the same listener");
+    assert_eq!(udp_exchange(&client, front, b"2").await, "a:2");
+    assert_eq!(l.total(), 1, "the same session");
+    wait_until(
+        DEADLINE,
+        "the session to expire under the new timeout",
+        || {
+            let l = l.clone();
+            async move { l.active() == 0 }
+        },
+    )
+    .await;
+
+    // Another port: the new listener serves, the old one stops.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(&path, yaml(&format!("127.0.0.1:{port}"), "200ms")).unwrap();
+    server.handle.reload().await.expect("reload");
+    let moved = server.listener_addr("front").unwrap();
+    assert_eq!(moved.port(), port);
+    assert_eq!(udp_exchange(&client, moved, b"3").await, "a:3");
+    let old_socket_closed = || async {
+        // Once the old loop has ended, its port can be bound again.
+        std::net::UdpSocket::bind(front).is_ok()
+    };
+    wait_until(
+        DEADLINE,
+        "the old listener's socket to close",
+        old_socket_closed,
+    )
+    .await;
+}
