@@ -6,13 +6,13 @@
 # rounds), and each reported figure is the median over the rounds. All traffic stays on
 # 127.0.0.1; every load is bounded by a request count or a duration and by `timeout`.
 #
-# Knobs (environment): ROUNDS [3], DURATION iperf3 seconds [3], CONN_REQUESTS [20000],
+# Knobs (environment): ROUNDS [5], DURATION iperf3 seconds [3], CONN_REQUESTS [20000],
 # RR_REQUESTS [200000], IDLE_CONNS [10000], SETUPS ["direct haproxy nginx weir"],
 # FIGURES [all], NO_INSTALL=1 skips apt-get, NO_BUILD=1 uses the existing target/release/weir.
 # For experiments, a setup weir:VAR=VALUE runs weir with that environment variable set.
 set -euo pipefail
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-3}
 CONN_REQUESTS=${CONN_REQUESTS:-20000}
 RR_REQUESTS=${RR_REQUESTS:-200000}
@@ -53,6 +53,8 @@ install_tools() {
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v redis-benchmark >/dev/null || missing+=(redis-tools)
     command -v jq >/dev/null || missing+=(jq)
+    command -v unbound >/dev/null || missing+=(unbound)    # udp_qps.sh
+    command -v dnsperf >/dev/null || missing+=(dnsperf)    # udp_qps.sh
     ((${#missing[@]} == 0)) && return
     log "installing ${missing[*]}"
     apt-get update -qq
@@ -248,14 +250,25 @@ figure_idle_memory() {
     timeout 180 python3 "$REPO/benches/idle_conns.py" "${PORT[$1 redis]}" "$IDLE_CONNS" $(setup_pids "$1")
 }
 
-# PLACEHOLDER: UDP queries/s is measured by benches/udp_qps.sh (written separately). When
-# it exists it runs once after the TCP rounds with WORK set, and prints its own section.
+# UDP queries/s comes from benches/udp_qps.sh (DNS through weir and NGINX to one unbound;
+# HAProxy has no UDP proxy). It runs once, after the TCP rounds, and its summary lines
+# fill the udp_qps row. Without it (or its tools), the row says n/a.
 figure_udp_qps() {
-    if [[ -x $REPO/benches/udp_qps.sh ]]; then
-        WORK=$WORK "$REPO/benches/udp_qps.sh"
-    else
-        echo "udp_qps: n/a (benches/udp_qps.sh not present)"
+    if [[ ! -f $REPO/benches/udp_qps.sh ]]; then
+        log "udp_qps: n/a (benches/udp_qps.sh not present)"
+        return
     fi
+    local out
+    if ! out=$(timeout 300 bash "$REPO/benches/udp_qps.sh" 2>"$WORK/udp_qps.log"); then
+        log "udp_qps: failed, see $WORK/udp_qps.log"
+        return
+    fi
+    echo "$out" >"$WORK/udp_qps.out"
+    awk '/^unbound direct:/ {print "direct", $3} /^weir:/ {print "weir", $2} /^nginx stream:/ {print "nginx", $3}' \
+        <<<"$out" | while read -r setup qps; do
+        record udp_qps "$setup" 1 "$qps"
+        log "udp_qps $setup: $qps"
+    done
 }
 
 record() { # FIGURE SETUP ROUND VALUE...
@@ -303,6 +316,7 @@ rows = [
     ("rr_p50_ms", "ms", False),
     ("rr_p99_ms", "ms", False),
     ("idle_memory", "bytes/conn", False),
+    ("udp_qps", "queries/s", True),
 ]
 
 def median(figure, setup):
@@ -323,7 +337,6 @@ print("| figure | unit | " + " | ".join(setups) + " |")
 print("|---|---|" + "---|" * len(setups))
 for figure, unit, _ in rows:
     print(f"| {figure} | {unit} | " + " | ".join(fmt(median(figure, s)) for s in setups) + " |")
-print("| udp_qps | queries/s | " + " | ".join("n/a" for _ in setups) + " |")
 
 proxies = [s for s in setups if s != "direct"]
 print("\nRatios (same run): each proxy to direct, and to HAProxy:\n")
@@ -334,6 +347,8 @@ for figure, _, _ in rows:
     cells = [ratio(median(figure, p), median(figure, "direct")) for p in proxies]
     cells += [ratio(median(figure, p), median(figure, "haproxy")) for p in proxies if p != "haproxy"]
     print(f"| {figure} | " + " | ".join(cells) + " |")
+print("\nudp_qps: DNS queries/s to one unbound, the median of benches/udp_qps.sh's own runs;"
+      " HAProxy 2.6 has no UDP proxying.")
 EOF
 }
 
@@ -363,9 +378,8 @@ main() {
         done
         for setup in "${order[@]}"; do stop_setup "$setup"; done
     done
-    summarize
-    echo
     figure_udp_qps
+    summarize
     echo
     echo "$(date -u +%F), $(nproc) cores, $(uname -r); haproxy $(haproxy -v | awk 'NR==1{print $3}')," \
         "nginx $(nginx -v 2>&1 | sed 's|.*/||'), weir $(git -C "$REPO" rev-parse --short HEAD)," \
