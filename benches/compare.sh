@@ -9,7 +9,8 @@
 # Knobs (environment): ROUNDS [5], DURATION iperf3 seconds [3], CONN_REQUESTS [20000],
 # RR_REQUESTS [200000], IDLE_CONNS [10000], SETUPS ["direct haproxy nginx weir"],
 # FIGURES [all], NO_INSTALL=1 skips apt-get, NO_BUILD=1 uses the existing target/release/weir.
-# For experiments, a setup weir:VAR=VALUE runs weir with that environment variable set.
+# For experiments, a setup weir:VAR=VALUE runs weir with that environment variable set;
+# weir:WEIR_BIN=PATH runs another build of weir (A/B in one run).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}
@@ -18,7 +19,7 @@ CONN_REQUESTS=${CONN_REQUESTS:-20000}
 RR_REQUESTS=${RR_REQUESTS:-200000}
 IDLE_CONNS=${IDLE_CONNS:-10000} # lowered to fit the open-file limit, see main
 SETUPS=${SETUPS:-"direct haproxy nginx weir"}
-FIGURES=${FIGURES:-"idle_memory throughput_1 throughput_8 conn_rate rr_latency"}
+FIGURES=${FIGURES:-"idle_memory throughput_1 throughput_8 conn_rate rr_latency udp_qps"}
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/weir-compare.XXXXXX)
@@ -178,7 +179,9 @@ pools:
     backends:
       - address: 127.0.0.1:${PORT[direct iperf]}
 EOF
-    env RUST_LOG=warn "${env[@]}" "$REPO/target/release/weir" run -c "$cfg" >>"$WORK/weir.log" 2>&1 &
+    local bin=$REPO/target/release/weir
+    [[ ${env[0]:-} == WEIR_BIN=* ]] && bin=${env[0]#WEIR_BIN=} # A/B against another build
+    env RUST_LOG=warn "${env[@]}" "$bin" run -c "$cfg" >>"$WORK/weir.log" 2>&1 &
     PID[$setup]=$!
 }
 
@@ -374,11 +377,12 @@ main() {
         # Fresh proxies each round: idle_memory must not see memory kept from an earlier round.
         for setup in "${order[@]}"; do start_setup "$setup"; done
         for figure in $FIGURES; do
+            [[ $figure == udp_qps ]] && continue # once, after the rounds
             for setup in "${order[@]}"; do measure "$figure" "$setup" "$round"; done
         done
         for setup in "${order[@]}"; do stop_setup "$setup"; done
     done
-    figure_udp_qps
+    [[ " $FIGURES " == *" udp_qps "* ]] && figure_udp_qps
     summarize
     echo
     echo "$(date -u +%F), $(nproc) cores, $(uname -r); haproxy $(haproxy -v | awk 'NR==1{print $3}')," \

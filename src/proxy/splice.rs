@@ -244,7 +244,8 @@ struct Pump<'a> {
     end: u32,
     #[cfg(target_os = "linux")]
     pipe: pipes::Slot,
-    /// Splicing: the last read filled the buffer (a bulk transfer is under way).
+    /// Splicing: a bulk transfer is under way (a read filled the buffer, and the last
+    /// splice still moved at least a buffer's worth).
     splicing: bool,
     /// Bytes of the chunk being written, counted once all of it is out.
     chunk: u32,
@@ -320,8 +321,8 @@ impl<'a> Pump<'a> {
                 }
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::Read(e))),
-                // Nothing to read after all: the next burst starts with a copy again.
-                Poll::Pending => self.splicing = false,
+                // Nothing to read after all (splicing stays on: see `read`).
+                Poll::Pending => {}
             }
         }
     }
@@ -347,11 +348,18 @@ impl<'a> Pump<'a> {
         #[cfg(target_os = "linux")]
         if self.splicing {
             if self.pipe.fill() {
-                return match from
-                    .try_io(tokio::io::Interest::READABLE, || self.pipe.splice_in(from))
-                {
+                let result =
+                    from.try_io(tokio::io::Interest::READABLE, || self.pipe.splice_in(from));
+                return match result {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
-                    result => Poll::Ready(result),
+                    result => {
+                        // The socket waiting in between a bulk transfer's chunks doesn't end
+                        // it; a small chunk does: the next burst starts with a copy again.
+                        if result.as_ref().is_ok_and(|&n| n < BUFFER_SIZE) {
+                            self.splicing = false;
+                        }
+                        Poll::Ready(result)
+                    }
                 };
             }
             // No pipe to be had (out of descriptors): keep copying.
