@@ -246,6 +246,7 @@ struct Pump<'a> {
     pipe: pipes::Slot,
     /// Splicing: a bulk transfer is under way (a read filled the buffer, and the last
     /// splice still moved at least a buffer's worth).
+    #[cfg(target_os = "linux")]
     splicing: bool,
     /// Bytes of the chunk being written, counted once all of it is out.
     chunk: u32,
@@ -262,6 +263,7 @@ impl<'a> Pump<'a> {
             end: 0,
             #[cfg(target_os = "linux")]
             pipe: pipes::Slot::default(),
+            #[cfg(target_os = "linux")]
             splicing: false,
             chunk: 0,
             done: false,
@@ -336,8 +338,9 @@ impl<'a> Pump<'a> {
         let n = read.filled().len();
         self.start = 0;
         self.end = n as u32;
+        #[cfg(target_os = "linux")]
         if n == BUFFER_SIZE {
-            self.splicing = cfg!(target_os = "linux");
+            self.splicing = true;
         }
         Poll::Ready(Ok(n))
     }
