@@ -217,6 +217,7 @@ stop_setup() {
 # Every process of a setup: NGINX's master and workers; one process for the others.
 setup_pids() {
     local pid=${PID[$1]}
+    # shellcheck disable=SC2046 # one pid per word, on purpose
     echo "$pid" $(pgrep -P "$pid" || true)
 }
 
