@@ -7,6 +7,13 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use weir::cli::{Cli, Command, LogFormat};
 
+/// jemalloc rather than glibc's malloc: per-connection allocations (the task, tokio's I/O
+/// registrations) pack tighter, which roughly halves an idle connection's memory
+/// (docs/performance.md).
+#[cfg(all(unix, not(target_os = "macos")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo tells its own story on stdout; only warnings (a backend dying) join it.
