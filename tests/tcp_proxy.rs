@@ -29,19 +29,6 @@ async fn answer_after_eof_backend(answer_len: usize) -> std::net::SocketAddr {
     addr
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            // xorshift64: enough to make every byte position matter.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn half_close_client_sends_then_backend_answers_after_eof() {
     let backend = answer_after_eof_backend(256 * 1024).await;

@@ -19,18 +19,6 @@ fn listener(server: &weir::control::Server) -> Arc<Listener> {
     server.handle.tables().listeners["front"].clone()
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn one_client_socket_sticks_to_one_backend_for_1000_datagrams() {
     let a = UdpTestBackend::start("a").await;

@@ -408,3 +408,17 @@ pub async fn udp_exchange(
 pub fn answered_by(answer: &str) -> &str {
     answer.split(':').next().unwrap_or("")
 }
+
+/// `len` bytes that depend on every position and on `seed` (xorshift64): payloads whose
+/// corruption, truncation or reordering a checksum or comparison catches.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
