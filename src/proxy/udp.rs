@@ -24,7 +24,7 @@
 //! handles were registered with the listener. The loop polls its stop tokens (which take a
 //! mutex) only when it is about to sleep, never once per datagram.
 //!
-//! On a wildcard bind (0.0.0.0 or [::]) on Linux the loop reads each datagram's destination
+//! On a wildcard bind (`0.0.0.0` or `[::]`) on Linux the loop reads each datagram's destination
 //! address (IP_PKTINFO / IPV6_RECVPKTINFO) and replies carry it as their source
 //! (`pktinfo` below), so a multi-homed host answers from the address the client used.
 
