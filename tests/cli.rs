@@ -447,3 +447,54 @@ fn out_of_file_descriptors_the_accept_loop_backs_off_logs_once_and_recovers() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_second_sigterm_closes_open_connections_at_once() {
+    let backend_addr = echo_backend_thread();
+    let dir = temp_dir("sigterm-twice");
+    let config = write_config(
+        &dir,
+        &format!(
+            "shutdown_timeout: 1h\nlisteners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: {backend_addr}\n"
+        ),
+    );
+    let (mut child, front, logs) = spawn_weir(&config);
+    let mut open = TcpStream::connect(front).unwrap();
+    open.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    open.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    open.read_exact(&mut buf).unwrap();
+
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    // Wait until the first signal was taken (draining), then send the second.
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let line = logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("weir logs the first SIGTERM");
+        if line.contains("SIGTERM: stopped accepting") {
+            break;
+        }
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the open connection holds the first stop (1h grace)"
+    );
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second SIGTERM ends weir promptly"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0));
+    // The open connection was closed by weir.
+    let n = open.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0);
+}

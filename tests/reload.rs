@@ -246,6 +246,26 @@ async fn listeners_added_and_removed_and_a_bind_conflict_rolls_back() {
     std::fs::write(&path, with_second(free)).unwrap();
     let reply = server.handle.reload().await.unwrap();
     assert!(reply.contains("1 listener added"), "{reply}");
+    // The listener that stayed takes new settings without being rebound.
+    let front_listener = server.handle.tables().listeners["front"].clone();
+    std::fs::write(
+        &path,
+        with_second(free).replace(
+            "    pool: pool\n  second:",
+            "    pool: pool\n    max_connections: 7\n    idle_timeout: 5m\n  second:",
+        ),
+    )
+    .unwrap();
+    server.handle.reload().await.unwrap();
+    assert_eq!(front_listener.max_connections(), Some(7));
+    assert_eq!(
+        front_listener.idle_timeout(),
+        std::time::Duration::from_secs(300)
+    );
+    assert!(std::sync::Arc::ptr_eq(
+        &front_listener,
+        &server.handle.tables().listeners["front"]
+    ));
     let (_s, name) = connect_named(free).await;
     assert_eq!(name, "a");
 
