@@ -498,3 +498,75 @@ fn a_second_sigterm_closes_open_connections_at_once() {
     let n = open.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+/// A pool whose every backend fails its first health check: weir still starts, warns once
+/// at start naming the pool, and closes its clients at once instead of leaving them hanging.
+#[test]
+fn starting_with_no_backend_up_warns_and_closes_clients_at_once() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let dir = temp_dir("none-up");
+    let config = write_config(
+        &dir,
+        &format!(
+            "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: db\npools:\n  db:\n    health_check:\n      interval: 1s\n      timeout: 500ms\n    backends:\n      - address: {dead_addr}\n"
+        ),
+    );
+    let mut child = weir()
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + common::DEADLINE;
+    let mut before_accepting = Vec::new();
+    let front: SocketAddr = loop {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            panic!(
+                "weir did not start in time; it said:\n{}",
+                before_accepting.join("\n")
+            );
+        };
+        if let Some(rest) = line.split("accepting on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+        before_accepting.push(line);
+    };
+    let warnings: Vec<_> = before_accepting
+        .iter()
+        .filter(|l| l.contains("no backend is up"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{before_accepting:#?}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("db"),
+        "{}",
+        warnings[0]
+    );
+
+    let mut client = TcpStream::connect(front).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let closed = match client.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(n) => panic!("{n} bytes from a pool with no backend up"),
+    };
+    assert!(closed, "the client is closed at once");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -352,3 +352,72 @@ async fn drained_stays_drained_across_reload_and_restart_with_the_state_file() {
 fn state_of(server: &Server, backend: &str) -> State {
     server.backend("pool", backend).unwrap().state()
 }
+
+/// `metrics.bind` and `admin.socket` are bound once at start: a reload that changes them
+/// says so in its reply, and both keep answering where they were.
+#[tokio::test]
+async fn reload_says_metrics_and_admin_socket_changes_wait_for_a_restart() {
+    let dir = TempDir::new("reload-restart-notes");
+    let a = TestBackend::start("a").await;
+    let socket = dir.join("admin.sock");
+    let moved_socket = dir.join("moved.sock");
+    let settings = |admin: &std::path::Path, metrics: &str| {
+        format!(
+            "admin:\n  socket: {}\nmetrics:\n  bind: {metrics}\n",
+            admin.display()
+        )
+    };
+    let (server, front, path) = start_file(
+        &dir,
+        &yaml(
+            "127.0.0.1:0",
+            "round-robin",
+            &[("a", a.addr, 1)],
+            &settings(&socket, "127.0.0.1:0"),
+        ),
+    )
+    .await;
+    let metrics = server.metrics_addr().expect("metrics endpoint bound");
+    let other_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+
+    std::fs::write(
+        &path,
+        yaml(
+            &front.to_string(),
+            "round-robin",
+            &[("a", a.addr, 1)],
+            &settings(&moved_socket, &other_port.to_string()),
+        ),
+    )
+    .unwrap();
+    let reply = server.handle.reload().await.expect("the reload applies");
+    assert!(
+        reply.contains("metrics.bind changed: takes effect at the next restart"),
+        "{reply}"
+    );
+    assert!(
+        reply.contains("admin.socket changed: takes effect at the next restart"),
+        "{reply}"
+    );
+
+    // Both still answer where they were; nothing listens at the new places.
+    let rows = admin(&socket, "show backends").await;
+    assert!(rows.contains(&a.addr.to_string()), "{rows}");
+    assert!(!moved_socket.exists());
+    let mut stream = TcpStream::connect(metrics)
+        .await
+        .expect("metrics still served");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    assert!(body.contains("weir_backend_up"), "{body}");
+    assert!(TcpStream::connect(other_port).await.is_err());
+    let (_s, name) = connect_named(front).await;
+    assert_eq!(name, "a");
+}
