@@ -268,10 +268,12 @@ figure_udp_qps() {
         return
     fi
     echo "$out" >"$WORK/udp_qps.out"
-    awk '/^unbound direct:/ {print "direct", $3} /^weir:/ {print "weir", $2} /^nginx stream:/ {print "nginx", $3}' \
-        <<<"$out" | while read -r setup qps; do
-        record udp_qps "$setup" 1 "$qps"
-        log "udp_qps $setup: $qps"
+    awk '/^unbound direct:/ {print "udp_qps direct", $3} /^weir:/ {print "udp_qps weir", $2}
+         /^nginx stream:/ {print "udp_qps nginx", $3}
+         /^weir cpu:/ {print "udp_qps_cpu weir", $3} /^nginx cpu:/ {print "udp_qps_cpu nginx", $3}' \
+        <<<"$out" | while read -r figure setup value; do
+        printf '%s\t%s\t%s\t%s\n' "$figure" "$setup" 1 "$value" >>"$RESULTS"
+        log "$figure $setup: $value"
     done
 }
 
@@ -286,11 +288,41 @@ record() { # FIGURE SETUP ROUND VALUE...
     done
 }
 
+# CPU time (user + system, clock ticks) of every process of a setup, so far.
+cpu_ticks() {
+    local pid total=0
+    for pid in $(setup_pids "$1"); do
+        # Fields 14 and 15 of /proc/PID/stat; the command name (field 2) may hold spaces,
+        # so count from after its closing parenthesis.
+        total=$((total + $(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$total"
+}
+
+# What the proxy's own CPU time bought during a figure: µs per request for conn_rate and
+# rr_latency, ms per GB carried for throughput. Throughput and latency move with whatever
+# else the shared machine runs; CPU per unit of work moves much less.
+record_cpu() { # FIGURE SETUP ROUND TICKS FIRST_VALUE
+    local figure=$1 setup=$2 round=$3 ticks=$4 value=$5 per
+    local seconds
+    seconds=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {print t / hz}')
+    case $figure in
+        conn_rate) per=$(awk -v s="$seconds" -v n="$CONN_REQUESTS" 'BEGIN {print s * 1e6 / n}') ;;
+        rr_latency) per=$(awk -v s="$seconds" -v n="$RR_REQUESTS" 'BEGIN {print s * 1e6 / n}') ;;
+        throughput_*) per=$(awk -v s="$seconds" -v g="$value" -v d="$DURATION" \
+            'BEGIN {print (g > 0) ? s * 1e3 / (g * d / 8) : "nan"}') ;;
+        *) return 0 ;;
+    esac
+    printf '%s\t%s\t%s\t%s\n' "${figure%_latency}_cpu" "$setup" "$round" "$per" >>"$RESULTS"
+}
+
 measure() { # FIGURE SETUP ROUND
-    local out
+    local out before=0
+    [[ $2 != direct ]] && before=$(cpu_ticks "$2")
     if out=$("figure_$1" "$2"); then
         # shellcheck disable=SC2086
         record "$1" "$2" "$3" $out
+        [[ $2 != direct ]] && record_cpu "$1" "$2" "$3" $(($(cpu_ticks "$2") - before)) "${out%% *}"
         log "round $3 $1 $2: $out"
     else
         record "$1" "$2" "$3" nan nan nan
@@ -321,6 +353,11 @@ rows = [
     ("rr_p99_ms", "ms", False),
     ("idle_memory", "bytes/conn", False),
     ("udp_qps", "queries/s", True),
+    ("throughput_1_cpu", "proxy CPU ms/GB", False),
+    ("throughput_8_cpu", "proxy CPU ms/GB", False),
+    ("conn_rate_cpu", "proxy CPU µs/req", False),
+    ("rr_cpu", "proxy CPU µs/req", False),
+    ("udp_qps_cpu", "proxy CPU µs/query", False),
 ]
 
 def median(figure, setup):

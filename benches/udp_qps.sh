@@ -120,7 +120,8 @@ pools:
       - address: 127.0.0.1:$UNBOUND_PORT
 EOF
 RUST_LOG=warn "$WEIR" run -c "$WORK/weir.yaml" 2>"$WORK/weir.log" &
-PIDS+=($!)
+WEIR_PID=$!
+PIDS+=("$WEIR_PID")
 wait_answer "$WEIR_PORT"
 
 # --- nginx
@@ -147,7 +148,8 @@ stream {
 }
 EOF
 nginx -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
-PIDS+=($!)
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
 wait_answer "$NGINX_PORT"
 
 # --- the client
@@ -157,8 +159,9 @@ if command -v dnsperf >/dev/null; then
     measure() { # PORT -> queries/s
         dnsperf -s 127.0.0.1 -p "$1" -d "$WORK/queries" -c "$CLIENTS" -q "$OUTSTANDING" \
             -l "$SECONDS_EACH" -t 2 2>/dev/null >"$WORK/dnsperf.out"
-        # "QPS LOST": queries/s, and queries that got no answer within 2 s.
-        awk '/Queries lost:/ {lost = $3} /Queries per second:/ {qps = int($4)} END {print qps, lost}' "$WORK/dnsperf.out"
+        # "QPS LOST COMPLETED": queries/s, queries that got no answer within 2 s, answers.
+        awk '/Queries lost:/ {lost = $3} /Queries per second:/ {qps = int($4)}
+             /Queries completed:/ {done = $3} END {print qps, lost, done}' "$WORK/dnsperf.out"
     }
 else
     CLIENT="python (dnsperf not installed): $CLIENTS sockets, $SECONDS_EACH s"
@@ -184,30 +187,57 @@ while time.time() < end:
                 s.recv(4096); done += 1; s.send(q)
         except BlockingIOError:
             pass
-print(int(done / secs), "?")
+print(int(done / secs), "?", done)
 EOF
     }
 fi
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
+# CPU time (user + system, clock ticks) of a process and its children, so far.
+cpu_ticks() {
+    local pid total=0
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$total"
+}
+
+# measure PORT through the proxy PID: "QPS LOST CPU_US_PER_QUERY", the proxy's own CPU time
+# per answered query (it moves less with the shared machine's load than queries/s do).
+measure_proxy() {
+    local before qps lost answered
+    before=$(cpu_ticks "$2")
+    read -r qps lost answered < <(measure "$1")
+    awk -v t="$(($(cpu_ticks "$2") - before))" -v hz="$(getconf CLK_TCK)" -v n="$answered" \
+        -v q="$qps" -v l="$lost" 'BEGIN {printf "%s %s %.2f\n", q, l, (n > 0) ? t / hz * 1e6 / n : 0}'
+}
+
 echo "udp_qps: $CORES cores, $RUNS runs of ${SECONDS_EACH}s each, client: $CLIENT" >&2
-read -r direct direct_lost < <(measure "$UNBOUND_PORT")
+read -r direct direct_lost _ < <(measure "$UNBOUND_PORT")
 echo "  unbound direct: $direct q/s ($direct_lost lost)" >&2
 weir_runs=()
 nginx_runs=()
+weir_cpu=()
+nginx_cpu=()
 for run in $(seq "$RUNS"); do
-    read -r w w_lost < <(measure "$WEIR_PORT")
-    read -r n n_lost < <(measure "$NGINX_PORT")
-    echo "  run $run: weir $w q/s ($w_lost lost), nginx $n q/s ($n_lost lost)" >&2
+    read -r w w_lost w_cpu < <(measure_proxy "$WEIR_PORT" "$WEIR_PID")
+    read -r n n_lost n_cpu < <(measure_proxy "$NGINX_PORT" "$NGINX_PID")
+    echo "  run $run: weir $w q/s ($w_lost lost, $w_cpu µs CPU/query), nginx $n q/s ($n_lost lost, $n_cpu µs CPU/query)" >&2
     weir_runs+=("$w")
     nginx_runs+=("$n")
+    weir_cpu+=("$w_cpu")
+    nginx_cpu+=("$n_cpu")
 done
 weir_median=$(printf '%s\n' "${weir_runs[@]}" | median)
 nginx_median=$(printf '%s\n' "${nginx_runs[@]}" | median)
+weir_cpu_median=$(printf '%s\n' "${weir_cpu[@]}" | median)
+nginx_cpu_median=$(printf '%s\n' "${nginx_cpu[@]}" | median)
 ratio=$(awk -v w="$weir_median" -v n="$nginx_median" 'BEGIN { if (n > 0) printf "%.2f", w / n; else print "n/a" }')
 
 echo "unbound direct: $direct queries/s"
 echo "weir:           $weir_median queries/s (median of $RUNS)"
 echo "nginx stream:   $nginx_median queries/s (median of $RUNS)"
 echo "weir / nginx:   $ratio"
+echo "weir cpu:       $weir_cpu_median µs/query"
+echo "nginx cpu:      $nginx_cpu_median µs/query"
