@@ -18,9 +18,11 @@
 //! connected upstream socket: it counts as a failed connect (`record_connect_failure`,
 //! which feeds passive checking), nothing more.
 //!
-//! No allocation per datagram: the receive loop reuses one 64 KiB buffer, reply tasks share
-//! one per worker thread, sends are plain non-blocking syscalls (a full socket buffer drops
-//! the datagram and counts it rather than stalling every session behind one), and metric
+//! Several datagrams per system call (`udp_batch`): the receive loop reads what is queued on
+//! the listener's socket with one `recvmmsg`, a reply task reads its backend's answers the
+//! same way and sends them to the client with one `sendmmsg`. The buffers are one set per
+//! worker thread, not per session. Sends never wait (a full socket buffer drops the
+//! datagram and counts it rather than stalling every session behind one), and metric
 //! handles were registered with the listener. The loop polls its stop tokens (which take a
 //! mutex) only when it is about to sleep, never once per datagram.
 //!
@@ -28,9 +30,8 @@
 //! address (IP_PKTINFO / IPV6_RECVPKTINFO) and replies carry it as their source
 //! (`pktinfo` below), so a multi-homed host answers from the address the client used.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use super::udp_batch::{self, Batch, with_batch};
 use super::{Listener, ListenerGuard};
 use crate::backend::{Backend, ConnGuard, Health};
 use crate::metrics::UdpListenerMetrics;
@@ -143,8 +145,12 @@ impl UdpStats {
     }
 
     fn count_drop(&self, reason: DropReason) {
-        self.dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
-        self.metrics.dropped[reason as usize].increment(1);
+        self.count_drops(reason, 1);
+    }
+
+    fn count_drops(&self, reason: DropReason, count: u64) {
+        self.dropped[reason as usize].fetch_add(count, Ordering::Relaxed);
+        self.metrics.dropped[reason as usize].increment(count);
     }
 
     fn count_to_backend(&self) {
@@ -152,9 +158,11 @@ impl UdpStats {
         self.metrics.datagrams_to_backend.increment(1);
     }
 
-    fn count_to_client(&self) {
-        self.to_client.fetch_add(1, Ordering::Relaxed);
-        self.metrics.datagrams_to_client.increment(1);
+    fn count_to_client(&self, count: u64) {
+        if count > 0 {
+            self.to_client.fetch_add(count, Ordering::Relaxed);
+            self.metrics.datagrams_to_client.increment(count);
+        }
     }
 }
 
@@ -263,6 +271,8 @@ fn backend_unreachable(listener: &Listener, backend: &Backend, clock: Clock, e: 
 /// Where a reply goes and which source address it carries.
 struct ReplyTo {
     client: SockAddr,
+    /// The same address, for `sendmmsg`.
+    client_addr: SocketAddr,
     /// Encoded IP_PKTINFO/IPV6_PKTINFO naming the reply's source; empty: let routing pick.
     control: pktinfo::Control,
 }
@@ -358,6 +368,7 @@ impl Opener {
             backend: Arc::clone(backend),
             to: ReplyTo {
                 client: client.into(),
+                client_addr: client,
                 control: local.map(pktinfo::Control::new).unwrap_or_default(),
             },
             activity: Arc::clone(activity),
@@ -516,32 +527,6 @@ fn forward(opener: &Opener, upstream: &Upstream, data: &[u8]) {
     }
 }
 
-/// One datagram read from the listener's socket.
-struct Received {
-    len: usize,
-    client: SocketAddr,
-    local: Option<pktinfo::Local>,
-}
-
-/// Reads one datagram without waiting (WouldBlock when none is queued).
-fn try_receive(
-    front: &UdpSocket,
-    with_pktinfo: bool,
-    buf: &mut [u8],
-    control: &mut [u8],
-) -> io::Result<Received> {
-    if with_pktinfo {
-        front.try_io(Interest::READABLE, || pktinfo::recv(front, buf, control))
-    } else {
-        let (len, client) = front.try_recv_from(buf)?;
-        Ok(Received {
-            len,
-            client,
-            local: None,
-        })
-    }
-}
-
 /// A session expires between idle_timeout and 1.25 × idle_timeout after its last datagram.
 fn sweep_interval(idle: Duration) -> Duration {
     (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
@@ -572,8 +557,6 @@ pub async fn receive_loop(
             next_warning: [started; DropReason::ALL.len()],
         },
     };
-    let mut buf = vec![0u8; BUFFER_SIZE].into_boxed_slice();
-    let mut control = [0u8; pktinfo::RECV_CONTROL_SIZE];
     let mut next_sweep = tokio::time::Instant::now() + sweep_every;
     let mut sweep = pin!(tokio::time::sleep_until(next_sweep));
     let mut stopped = pin!(async {
@@ -601,11 +584,15 @@ pub async fn receive_loop(
         }
         let mut handled = 0;
         while handled < BATCH {
-            match try_receive(&front, with_pktinfo, &mut buf, &mut control) {
-                Ok(d) => {
-                    handled += 1;
-                    table.on_datagram(&buf[..d.len], d.client, d.local);
+            let received = with_batch(|batch| {
+                let n = front.try_io(Interest::READABLE, || batch.receive(&front, with_pktinfo))?;
+                for (data, datagram) in batch.datagrams() {
+                    table.on_datagram(data, datagram.from, datagram.local);
                 }
+                Ok::<_, io::Error>(n)
+            });
+            match received {
+                Ok(n) => handled += n.max(1),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     // Transient (ENOMEM, a signal): note it and go on; never exit on it.
@@ -626,7 +613,7 @@ pub async fn receive_loop(
             next_sweep = now + sweep_every;
             sweep.as_mut().reset(next_sweep);
         }
-        if handled == BATCH && (shutdown.stop_accepting.is_cancelled() || stop.is_cancelled()) {
+        if handled >= BATCH && (shutdown.stop_accepting.is_cancelled() || stop.is_cancelled()) {
             break 'receiving;
         }
     }
@@ -641,12 +628,6 @@ pub async fn receive_loop(
         }
     }
     // Dropping the table ends what is left: guards released, reply tasks cancelled.
-}
-
-thread_local! {
-    /// Reply tasks' receive buffer, one per worker thread: a buffer per session would cost
-    /// 64 KiB × max_connections. Borrowed only between two awaits.
-    static REPLY_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; BUFFER_SIZE].into_boxed_slice());
 }
 
 /// Reads a session's replies from its backend and sends them to the client.
@@ -683,19 +664,19 @@ impl ReplyTask {
                 // A raw recv under each readiness in turn (try_io takes one interest at a
                 // time), not try_recv: that one skips the syscall unless read readiness is
                 // set, so ERROR-only readiness would never be cleared.
-                let received = REPLY_BUFFER.with_borrow_mut(|buf| {
-                    let mut read = || (&*SockRef::from(&*self.upstream)).read(&mut buf[..]);
-                    let n = match self.upstream.try_io(Interest::READABLE, &mut read) {
+                let received = with_batch(|batch| {
+                    let mut receive = || batch.receive(&self.upstream, false);
+                    let n = match self.upstream.try_io(Interest::READABLE, &mut receive) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.upstream.try_io(Interest::ERROR, read)
+                            self.upstream.try_io(Interest::ERROR, receive)
                         }
                         result => result,
                     }?;
-                    self.deliver(&buf[..n]);
-                    Ok::<_, io::Error>(())
+                    self.deliver(batch);
+                    Ok::<_, io::Error>(n)
                 });
                 match received {
-                    Ok(()) => handled += 1,
+                    Ok(n) => handled += n.max(1),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if is_unreachable(&e) => {
                         backend_unreachable(&self.listener, &self.backend, self.clock, &e);
@@ -706,27 +687,52 @@ impl ReplyTask {
                     }
                 }
             }
-            if handled == BATCH && self.cancel.is_cancelled() {
+            if handled >= BATCH && self.cancel.is_cancelled() {
                 return;
             }
         }
     }
 
-    fn deliver(&self, data: &[u8]) {
+    /// Sends the batch just received from the backend to the client: one `sendmmsg` when
+    /// the kernel picks the source address, one `sendmsg` each when a wildcard bind sets it.
+    fn deliver(&self, batch: &Batch) {
+        let count = batch.datagrams().count();
+        if count == 0 {
+            return;
+        }
+        let bytes: usize = batch.datagrams().map(|(data, _)| data.len()).sum();
         self.activity.store(self.clock.now(), Ordering::Relaxed);
         self.backend.record_connect_success();
-        self.backend
-            .metrics
-            .bytes_received
-            .increment(data.len() as u64);
+        self.backend.metrics.bytes_received.increment(bytes as u64);
         let stats = stats(&self.listener);
-        match pktinfo::send_to(&self.front, data, &self.to.client, &self.to.control) {
-            Ok(_) => stats.count_to_client(),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                stats.count_drop(DropReason::BufferFull)
+        let (sent, error) = if self.to.control.is_empty() {
+            udp_batch::send_all_to(
+                &self.front,
+                self.to.client_addr,
+                batch.datagrams().map(|(data, _)| data),
+            )
+        } else {
+            let mut sent = 0;
+            let mut error = None;
+            for (data, _) in batch.datagrams() {
+                match pktinfo::send_to(&self.front, data, &self.to.client, &self.to.control) {
+                    Ok(_) => sent += 1,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
             }
-            Err(e) => {
-                stats.count_drop(DropReason::SendError);
+            (sent, error)
+        };
+        stats.count_to_client(sent as u64);
+        if let Some(e) = error {
+            // The datagram that failed and those after it in this batch are dropped.
+            let dropped = (count - sent) as u64;
+            if e.kind() == io::ErrorKind::WouldBlock {
+                stats.count_drops(DropReason::BufferFull, dropped);
+            } else {
+                stats.count_drops(DropReason::SendError, dropped);
                 tracing::debug!(listener = %self.listener.name, "udp send to client: {e}");
             }
         }
@@ -735,18 +741,14 @@ impl ReplyTask {
 
 /// Destination addresses of received datagrams, and reply source addresses, on Linux.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-mod pktinfo {
-    use std::io::{self, IoSlice, IoSliceMut};
+pub(super) mod pktinfo {
+    use nix::libc;
+    use nix::sys::socket::{self, ControlMessageOwned, RecvMsg, SockaddrStorage, sockopt};
+    use socket2::{MsgHdr, SockAddr, SockRef, Socket};
+    use std::io::{self, IoSlice};
     use std::mem::{offset_of, size_of};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-    use std::os::fd::AsRawFd;
-
-    use nix::libc;
-    use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
-    use socket2::{MsgHdr, SockAddr, SockRef, Socket};
     use tokio::net::UdpSocket;
-
-    use super::Received;
 
     pub const SUPPORTED: bool = true;
 
@@ -773,22 +775,11 @@ mod pktinfo {
         Ok(())
     }
 
-    pub fn recv(front: &UdpSocket, buf: &mut [u8], control: &mut [u8]) -> io::Result<Received> {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = socket::recvmsg::<SockaddrStorage>(
-            front.as_raw_fd(),
-            &mut iov,
-            Some(control),
-            MsgFlags::empty(),
-        )?;
-        let client = msg
-            .address
-            .as_ref()
-            .and_then(socket_addr)
-            .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+    /// The address a received datagram was sent to, from its IP_PKTINFO/IPV6_PKTINFO.
+    pub fn local_of(message: &RecvMsg<'_, '_, SockaddrStorage>) -> Option<Local> {
         let mut local = None;
-        for message in msg.cmsgs()? {
-            match message {
+        for control in message.cmsgs().ok()? {
+            match control {
                 ControlMessageOwned::Ipv4PacketInfo(info) => {
                     let addr = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
                     // Broadcast and multicast can't be a source: use the interface's address.
@@ -812,11 +803,7 @@ mod pktinfo {
                 _ => {}
             }
         }
-        Ok(Received {
-            len: msg.bytes,
-            client,
-            local,
-        })
+        local
     }
 
     /// Sends without waiting (a full buffer is WouldBlock), from the address in `control`
@@ -839,7 +826,7 @@ mod pktinfo {
         front.sendmsg(&message, 0)
     }
 
-    fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    pub fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
         if let Some(v4) = addr.as_sockaddr_in() {
             return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
         }
@@ -932,17 +919,14 @@ mod pktinfo {
 /// Elsewhere a wildcard bind replies from whatever address routing picks; bind a specific
 /// address for multi-homed hosts.
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-mod pktinfo {
+pub(super) mod pktinfo {
     use std::io;
     use std::net::Ipv4Addr;
 
     use socket2::{SockAddr, SockRef, Socket};
     use tokio::net::UdpSocket;
 
-    use super::Received;
-
     pub const SUPPORTED: bool = false;
-    pub const RECV_CONTROL_SIZE: usize = 0;
 
     #[allow(dead_code)] // never received here
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -955,10 +939,6 @@ mod pktinfo {
             "replies on a wildcard udp bind leave from the address routing picks on this platform; bind a specific address on multi-homed hosts"
         );
         Ok(())
-    }
-
-    pub fn recv(_: &UdpSocket, _: &mut [u8], _: &mut [u8]) -> io::Result<Received> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 
     pub fn send_to(
