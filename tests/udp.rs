@@ -650,3 +650,53 @@ async fn reload_keeps_sessions_applies_idle_timeout_and_moves_the_listener() {
     )
     .await;
 }
+
+/// Bursts from several clients at once: the listener reads them several per call and the
+/// replies go back several per call. Every client gets every answer of its own, in order,
+/// and none of another client's.
+#[tokio::test]
+async fn bursts_from_several_clients_each_get_all_their_own_answers_in_order() {
+    let backend = UdpTestBackend::echo("echo").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("echo", backend.addr, 1)],
+    ))
+    .await;
+    const CLIENTS: usize = 4;
+    const BURST: usize = 40;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(udp_client("127.0.0.1").await);
+    }
+    // All of every burst is sent before any answer is read.
+    for (c, client) in clients.iter().enumerate() {
+        for i in 0..BURST {
+            client
+                .send_to(format!("client {c} datagram {i}").as_bytes(), front)
+                .await
+                .unwrap();
+        }
+    }
+    let mut buf = vec![0u8; 65536];
+    for (c, client) in clients.iter().enumerate() {
+        for i in 0..BURST {
+            let (n, from) = tokio::time::timeout(DEADLINE, client.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("client {c}: answer {i} in time"))
+                .unwrap();
+            assert_eq!(
+                from, front,
+                "answers come from the address the client sent to"
+            );
+            assert_eq!(
+                std::str::from_utf8(&buf[..n]).unwrap(),
+                format!("client {c} datagram {i}")
+            );
+        }
+    }
+    let l = listener(&server);
+    let stats = l.udp.as_ref().unwrap();
+    assert_eq!(stats.datagrams_to_backend(), (CLIENTS * BURST) as u64);
+    assert_eq!(stats.datagrams_to_client(), (CLIENTS * BURST) as u64);
+    assert_eq!(l.active(), CLIENTS as u64);
+}
