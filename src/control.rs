@@ -338,7 +338,8 @@ fn restore_state(config: &Config, tables: &Tables) {
 /// A listener's socket, bound before anything changes (reload binds first, commits after).
 enum BoundSocket {
     Tcp(tokio::net::TcpListener),
-    Udp(tokio::net::UdpSocket),
+    /// One socket per worker thread, all on the listener's address (`proxy::udp::bind`).
+    Udp(Vec<tokio::net::UdpSocket>),
 }
 
 fn bind_listener(config: &ListenerConfig) -> anyhow::Result<BoundSocket> {
@@ -522,16 +523,21 @@ impl ControlTask {
                 ));
                 listener
             }
-            BoundSocket::Udp(socket) => {
-                let bound = socket.local_addr()?;
+            BoundSocket::Udp(sockets) => {
+                let bound = sockets
+                    .first()
+                    .context("a udp listener has at least one socket")?
+                    .local_addr()?;
                 let listener = Listener::new(config, bound, pool);
-                tracing::info!(listener = %listener.name, pool = %config.pool, "receiving on {bound} (udp)");
-                self.shutdown.tracker.spawn(proxy::udp::receive_loop(
-                    socket,
-                    Arc::clone(&listener),
-                    self.shutdown.clone(),
-                    stop.clone(),
-                ));
+                tracing::info!(listener = %listener.name, pool = %config.pool, sockets = sockets.len(), "receiving on {bound} (udp)");
+                for socket in sockets {
+                    self.shutdown.tracker.spawn(proxy::udp::receive_loop(
+                        socket,
+                        Arc::clone(&listener),
+                        self.shutdown.clone(),
+                        stop.clone(),
+                    ));
+                }
                 listener
             }
         };

@@ -1,6 +1,10 @@
 //! The UDP data path over real sockets: session affinity, balancing of sessions, expiry,
 //! the session cap, maximum-size datagrams, drain, ICMP unreachable and re-pick, reply
 //! source addresses on wildcard binds, shutdown.
+//!
+//! Every test runs on a runtime with two worker threads, so each listener receives on two
+//! SO_REUSEPORT sockets (one per worker), as it does in production on a multi-core host:
+//! what is asserted holds whichever socket the kernel hands a client to.
 
 mod common;
 
@@ -19,7 +23,7 @@ fn listener(server: &weir::control::Server) -> Arc<Listener> {
     server.handle.tables().listeners["front"].clone()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_socket_sticks_to_one_backend_for_1000_datagrams() {
     let a = UdpTestBackend::start("a").await;
     let b = UdpTestBackend::start("b").await;
@@ -51,7 +55,7 @@ async fn one_client_socket_sticks_to_one_backend_for_1000_datagrams() {
     assert_eq!(server.backend("pool", &name).unwrap().active(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_client_sockets_over_backends() {
     let a = UdpTestBackend::start("a").await;
     let b = UdpTestBackend::start("b").await;
@@ -83,7 +87,7 @@ async fn round_robin_spreads_client_sockets_over_backends() {
     assert_eq!(listener(&server).active(), 10);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_hash_keeps_each_client_address_on_the_backend_the_pool_picks() {
     let a = UdpTestBackend::start("a").await;
     let b = UdpTestBackend::start("b").await;
@@ -125,7 +129,7 @@ async fn source_hash_keeps_each_client_address_on_the_backend_the_pool_picks() {
     assert_eq!(listener(&server).active(), 40);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_expire_and_release_their_counts() {
     let a = UdpTestBackend::start("a").await;
     let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
@@ -156,7 +160,7 @@ async fn idle_sessions_expire_and_release_their_counts() {
     assert_eq!(backend.total(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_either_way_keeps_a_session_open() {
     // A backend that answers "stream" with five datagrams, 300 ms apart.
     let socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -207,7 +211,7 @@ async fn traffic_either_way_keeps_a_session_open() {
     assert_eq!(l.total(), 2, "the second client's one session");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_cap_drops_and_counts_then_serves_after_expiry() {
     let a = UdpTestBackend::start("a").await;
     let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
@@ -252,7 +256,7 @@ async fn session_cap_drops_and_counts_then_serves_after_expiry() {
     assert_eq!(l.active(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn largest_datagram_passes_whole_each_way() {
     let echo = UdpTestBackend::echo("echo").await;
     let (_server, front) = start(udp_config(
@@ -276,7 +280,7 @@ async fn largest_datagram_passes_whole_each_way() {
     assert_eq!(echo.sizes(), vec![65_507, 0, 1, 1500, 9000, 65_507, 3]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_keeps_live_sessions_and_sends_new_ones_elsewhere() {
     let a = UdpTestBackend::start("a").await;
     let b = UdpTestBackend::start("b").await;
@@ -324,7 +328,7 @@ async fn dead_udp_address() -> SocketAddr {
     socket.local_addr().unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn icmp_unreachable_counts_a_connect_error_and_a_down_backend_loses_its_sessions() {
     let dead = dead_udp_address().await;
     let live = UdpTestBackend::start("live").await;
@@ -380,7 +384,7 @@ async fn icmp_unreachable_counts_a_connect_error_and_a_down_backend_loses_its_se
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_backend_that_goes_down_loses_its_sessions_too() {
     let a = UdpTestBackend::start("a").await;
     let b = UdpTestBackend::start("b").await;
@@ -408,7 +412,7 @@ async fn a_draining_backend_that_goes_down_loses_its_sessions_too() {
     assert_eq!(backend.state(), State::Drained);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_ipv4_bind_replies_from_the_address_the_client_sent_to() {
     let a = UdpTestBackend::start("a").await;
     let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
@@ -429,7 +433,7 @@ async fn wildcard_ipv4_bind_replies_from_the_address_the_client_sent_to() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_ipv6_bind_replies_from_the_address_the_client_sent_to() {
     if std::net::UdpSocket::bind("[::1]:0").is_err() {
         eprintln!("SKIPPED: no IPv6 loopback here");
@@ -454,7 +458,7 @@ async fn wildcard_ipv6_bind_replies_from_the_address_the_client_sent_to() {
     assert_eq!(from, to);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_listener_and_backend() {
     if std::net::UdpSocket::bind("[::1]:0").is_err() {
         eprintln!("SKIPPED: no IPv6 loopback here");
@@ -480,7 +484,7 @@ async fn ipv6_listener_and_backend() {
     assert_eq!(from, front);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_backend_drops_and_counts() {
     let a = UdpTestBackend::start("a").await;
     let (server, front) = start(udp_config(
@@ -504,7 +508,7 @@ async fn no_backend_drops_and_counts() {
     assert_eq!(a.received(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_stops_receiving_and_ends_sessions() {
     let a = UdpTestBackend::start("a").await;
     let (server, front) = start(udp_config(
@@ -540,7 +544,7 @@ async fn graceful_stop_stops_receiving_and_ends_sessions() {
     assert_eq!(a.received(), received);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagram_and_drop_counters_are_exported() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let a = UdpTestBackend::start("a").await;
@@ -591,7 +595,7 @@ async fn datagram_and_drop_counters_are_exported() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_sessions_applies_idle_timeout_and_moves_the_listener() {
     let a = UdpTestBackend::start("a").await;
     let dir = TempDir::new("udp-reload");
@@ -654,7 +658,7 @@ async fn reload_keeps_sessions_applies_idle_timeout_and_moves_the_listener() {
 /// Bursts from several clients at once: the listener reads them several per call and the
 /// replies go back several per call. Every client gets every answer of its own, in order,
 /// and none of another client's.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bursts_from_several_clients_each_get_all_their_own_answers_in_order() {
     let backend = UdpTestBackend::echo("echo").await;
     let (server, front) = start(udp_config(
@@ -699,4 +703,86 @@ async fn bursts_from_several_clients_each_get_all_their_own_answers_in_order() {
     assert_eq!(stats.datagrams_to_backend(), (CLIENTS * BURST) as u64);
     assert_eq!(stats.datagrams_to_client(), (CLIENTS * BURST) as u64);
     assert_eq!(l.active(), CLIENTS as u64);
+}
+
+/// 64 clients over a listener's two sockets: each client keeps one session (one backend
+/// for all its datagrams), and each session is counted once, whichever socket holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_spread_over_the_listeners_sockets_keep_one_session_each() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    ))
+    .await;
+    #[cfg(target_os = "linux")]
+    assert_eq!(
+        sockets_bound_to(front),
+        2,
+        "one socket per worker thread on {front}"
+    );
+    const CLIENTS: usize = 64;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(udp_client("127.0.0.1").await);
+    }
+    let mut backend_of: Vec<String> = Vec::new();
+    for round in 0..5 {
+        for (c, client) in clients.iter().enumerate() {
+            let payload = format!("{c}/{round}");
+            let answer = udp_exchange(client, front, payload.as_bytes()).await;
+            assert_eq!(
+                answer.split_once(':').unwrap().1,
+                payload,
+                "client {c}'s own answer"
+            );
+            let name = answered_by(&answer).to_string();
+            if round == 0 {
+                backend_of.push(name);
+            } else {
+                assert_eq!(name, backend_of[c], "client {c} stays on one backend");
+            }
+        }
+    }
+    let mut per_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    for name in &backend_of {
+        *per_backend.entry(name).or_default() += 1;
+    }
+    assert_eq!(
+        per_backend.len(),
+        2,
+        "round-robin over both: {per_backend:?}"
+    );
+    let l = listener(&server);
+    assert_eq!(l.total(), CLIENTS as u64, "one session per client");
+    assert_eq!(l.active(), CLIENTS as u64);
+    assert_eq!(
+        server.backend("pool", "a").unwrap().active()
+            + server.backend("pool", "b").unwrap().active(),
+        CLIENTS as u64
+    );
+}
+
+/// How many UDP sockets of this machine are bound to `addr` (an IPv4 address), from
+/// /proc/net/udp, whose local addresses read `0100007F:1F90` for 127.0.0.1:8080.
+#[cfg(target_os = "linux")]
+fn sockets_bound_to(addr: SocketAddr) -> usize {
+    let IpAddr::V4(ip) = addr.ip() else {
+        panic!("an IPv4 address")
+    };
+    let wanted = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        addr.port()
+    );
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|line| line.split_whitespace().nth(1) == Some(wanted.as_str()))
+        .count()
 }

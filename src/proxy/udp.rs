@@ -1,7 +1,9 @@
 //! UDP listeners: sessions keyed by client address.
 //!
-//! One receive loop per listener owns the session table, a plain `HashMap` no other task
-//! touches, so the datagram path takes no lock. A datagram from an unknown client is
+//! A listener receives on one socket per worker thread, all bound to its address with
+//! SO_REUSEPORT (`bind`); the kernel sends each client's datagrams to always the same one.
+//! Each socket has its own receive loop, which owns that socket's session table: a plain
+//! `HashMap` no other task touches, so the datagram path takes no lock. A datagram from an unknown client is
 //! admitted against `max_connections` (`Listener::admit`), picks a backend with the pool's
 //! strategy, and opens a session: a `ConnGuard` (so least-connections counts sessions), and
 //! an upstream UDP socket bound to an ephemeral port and connected to the backend, with its
@@ -181,9 +183,46 @@ impl Clock {
     }
 }
 
-/// Binds a UDP listener. On a wildcard address it also asks for each datagram's destination
-/// address, so replies can leave from it.
-pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// Binds a UDP listener: one socket per runtime worker thread, all on `addr`
+/// (SO_REUSEPORT), each to be read by its own receive loop with its own session table.
+/// The kernel sends all of a client's datagrams to the same socket (it picks by a hash of
+/// the client's address and port), so a session lives in exactly one table, and the
+/// client→backend direction of a busy listener spreads over every core instead of one.
+/// On a wildcard address each socket also asks for every datagram's destination address,
+/// so replies can leave from it.
+pub fn bind(addr: SocketAddr) -> io::Result<Vec<UdpSocket>> {
+    let workers = tokio::runtime::Handle::try_current().map_or(1, |rt| rt.metrics().num_workers());
+    bind_sockets(addr, workers)
+}
+
+/// Binds `count` sockets on `addr` (one without SO_REUSEPORT where the platform lacks it).
+pub fn bind_sockets(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    // A plain bind first. It fails when anything holds the address, another weir included:
+    // SO_REUSEPORT alone would let a second instance join and silently take part of the
+    // traffic. It also turns port 0 into the port every socket then binds.
+    let first = new_listener_socket(addr)?;
+    first.bind(&addr.into())?;
+    let count = if cfg!(unix) { count.max(1) } else { 1 };
+    if count == 1 {
+        return Ok(vec![UdpSocket::from_std(first.into())?]);
+    }
+    let addr = first
+        .local_addr()?
+        .as_socket()
+        .expect("a UDP socket has an IP address");
+    drop(first);
+    (0..count)
+        .map(|_| {
+            let socket = new_listener_socket(addr)?;
+            #[cfg(unix)]
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            UdpSocket::from_std(socket.into())
+        })
+        .collect()
+}
+
+fn new_listener_socket(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::DGRAM,
@@ -194,8 +233,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
         pktinfo::enable(&socket, addr.is_ipv6())?;
     }
     socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket)
 }
 
 /// Best effort: the kernel may cap or refuse the size; the defaults still work.
@@ -957,5 +995,73 @@ pub(super) mod pktinfo {
         pub fn new(_: Local) -> Control {
             Control
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sockets_share_one_address_and_the_kernel_keeps_each_client_on_one() {
+        // Plain non-blocking std sockets, so a read is a read (tokio would answer
+        // WouldBlock until its reactor has seen the socket become readable).
+        let sockets: Vec<std::net::UdpSocket> = bind_sockets("127.0.0.1:0".parse().unwrap(), 3)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_std().unwrap())
+            .collect();
+        assert_eq!(sockets.len(), 3);
+        let addr = sockets[0].local_addr().unwrap();
+        assert_ne!(addr.port(), 0);
+        assert!(sockets.iter().all(|s| s.local_addr().unwrap() == addr));
+
+        // Two rounds from 64 client sockets: every datagram arrives once, and each client
+        // arrives at the same socket both times.
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        }
+        let mut first_round = HashMap::new();
+        for round in 0..2 {
+            for client in &clients {
+                client.send_to(&[round], addr).unwrap();
+            }
+            let mut got = 0;
+            let mut buf = [0u8; 16];
+            for (index, socket) in sockets.iter().enumerate() {
+                while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    got += 1;
+                    assert_eq!(buf[0], round);
+                    let at = *first_round.entry(from).or_insert(index);
+                    assert_eq!(at, index, "{from} moved between sockets");
+                }
+            }
+            assert_eq!(got, clients.len());
+        }
+        assert!(
+            (0..3)
+                .filter(|i| first_round.values().any(|v| v == i))
+                .count()
+                > 1,
+            "64 clients all hashed to one socket: {first_round:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_taken_address_is_refused_even_to_reuseport_sockets() {
+        let sockets = bind_sockets("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = sockets[0].local_addr().unwrap();
+        // A second weir on the same address: refused, not let in to share the traffic.
+        let error = bind_sockets(addr, 2).expect_err("the address is taken");
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        let error = std::net::UdpSocket::bind(addr).expect_err("the address is taken");
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        drop(sockets);
+        assert_eq!(
+            bind_sockets(addr, 2).unwrap().len(),
+            2,
+            "free again once closed"
+        );
     }
 }
