@@ -389,7 +389,9 @@ for figure, _, _ in rows:
     cells += [ratio(median(figure, p), median(figure, "haproxy")) for p in proxies if p != "haproxy"]
     print(f"| {figure} | " + " | ".join(cells) + " |")
 print("\nudp_qps: DNS queries/s to one unbound, the median of benches/udp_qps.sh's own runs;"
-      " HAProxy 2.6 has no UDP proxying.")
+      " HAProxy 2.6 has no UDP proxying, so weir is compared with NGINX:")
+print(f"udp_qps weir ÷ nginx: {ratio(median('udp_qps', 'weir'), median('udp_qps', 'nginx'))} (queries/s),"
+      f" {ratio(median('udp_qps_cpu', 'weir'), median('udp_qps_cpu', 'nginx'))} (proxy CPU per query)")
 EOF
 }
 
