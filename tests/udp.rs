@@ -23,8 +23,14 @@ fn listener(server: &weir::control::Server) -> Arc<Listener> {
     server.handle.tables().listeners["front"].clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_client_socket_sticks_to_one_backend_for_1000_datagrams() {
+/// Backends `a` and `b` (their answers start with their name) behind a round-robin udp
+/// listener: the backends, the server, and the listener's address.
+async fn round_robin_over_a_and_b() -> (
+    UdpTestBackend,
+    UdpTestBackend,
+    weir::control::Server,
+    SocketAddr,
+) {
     let a = UdpTestBackend::start("a").await;
     let b = UdpTestBackend::start("b").await;
     let (server, front) = start(udp_config(
@@ -35,6 +41,12 @@ async fn one_client_socket_sticks_to_one_backend_for_1000_datagrams() {
         ],
     ))
     .await;
+    (a, b, server, front)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_socket_sticks_to_one_backend_for_1000_datagrams() {
+    let (a, b, server, front) = round_robin_over_a_and_b().await;
     let client = udp_client("127.0.0.1").await;
     let mut names = HashSet::new();
     for i in 0..1000 {
@@ -57,16 +69,7 @@ async fn one_client_socket_sticks_to_one_backend_for_1000_datagrams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_spreads_client_sockets_over_backends() {
-    let a = UdpTestBackend::start("a").await;
-    let b = UdpTestBackend::start("b").await;
-    let (server, front) = start(udp_config(
-        Strategy::RoundRobin,
-        vec![
-            backend_config("a", a.addr, 1),
-            backend_config("b", b.addr, 1),
-        ],
-    ))
-    .await;
+    let (_a, _b, server, front) = round_robin_over_a_and_b().await;
     let mut clients = Vec::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..10 {
@@ -386,16 +389,7 @@ async fn icmp_unreachable_counts_a_connect_error_and_a_down_backend_loses_its_se
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_backend_that_goes_down_loses_its_sessions_too() {
-    let a = UdpTestBackend::start("a").await;
-    let b = UdpTestBackend::start("b").await;
-    let (server, front) = start(udp_config(
-        Strategy::RoundRobin,
-        vec![
-            backend_config("a", a.addr, 1),
-            backend_config("b", b.addr, 1),
-        ],
-    ))
-    .await;
+    let (_a, _b, server, front) = round_robin_over_a_and_b().await;
     let client = udp_client("127.0.0.1").await;
     let first = answered_by(&udp_exchange(&client, front, b"x").await).to_string();
     let backend = server.backend("pool", &first).unwrap();
@@ -709,16 +703,7 @@ async fn bursts_from_several_clients_each_get_all_their_own_answers_in_order() {
 /// for all its datagrams), and each session is counted once, whichever socket holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_spread_over_the_listeners_sockets_keep_one_session_each() {
-    let a = UdpTestBackend::start("a").await;
-    let b = UdpTestBackend::start("b").await;
-    let (server, front) = start(udp_config(
-        Strategy::RoundRobin,
-        vec![
-            backend_config("a", a.addr, 1),
-            backend_config("b", b.addr, 1),
-        ],
-    ))
-    .await;
+    let (_a, _b, server, front) = round_robin_over_a_and_b().await;
     #[cfg(target_os = "linux")]
     assert_eq!(
         sockets_bound_to(front),
