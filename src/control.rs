@@ -529,6 +529,9 @@ impl ControlTask {
                     .context("a udp listener has at least one socket")?
                     .local_addr()?;
                 let listener = Listener::new(config, bound, pool);
+                if let Some(stats) = &listener.udp {
+                    stats.set_sockets(sockets.len());
+                }
                 tracing::info!(listener = %listener.name, pool = %config.pool, sockets = sockets.len(), "receiving on {bound} (udp)");
                 for socket in sockets {
                     self.shutdown.tracker.spawn(proxy::udp::receive_loop(

@@ -329,9 +329,11 @@ async fn drained_stays_drained_across_reload_and_restart_with_the_state_file() {
         assert_eq!(name, "b");
     }
 
-    // Restart: the state file brings both back.
+    // Restart: the state file brings both back. (On a fresh port: the one given up could be
+    // taken meanwhile as the local port of some other test's outgoing connection.)
     server.stop().await;
     drop(server);
+    std::fs::write(&path, &text).unwrap();
     let config = weir::config::load(&path).unwrap();
     let restarted = Server::start(config, Some(path.clone())).await.unwrap();
     assert_eq!(state_of(&restarted, "a"), State::Drained);

@@ -37,7 +37,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
@@ -119,6 +119,8 @@ pub struct UdpStats {
     metrics: UdpListenerMetrics,
     /// When the next "backend unreachable" warning may be logged (ms on `CLOCK`).
     next_unreachable_warning: AtomicU64,
+    /// Sockets the listener receives on (one per worker thread).
+    sockets: AtomicUsize,
 }
 
 impl UdpStats {
@@ -129,7 +131,17 @@ impl UdpStats {
             dropped: Default::default(),
             metrics: UdpListenerMetrics::new(listener, &DropReason::ALL.map(DropReason::as_str)),
             next_unreachable_warning: AtomicU64::new(0),
+            sockets: AtomicUsize::new(0),
         }
+    }
+
+    /// How many sockets (and receive loops) the listener receives on.
+    pub fn sockets(&self) -> usize {
+        self.sockets.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_sockets(&self, count: usize) {
+        self.sockets.store(count, Ordering::Relaxed);
     }
 
     /// Client datagrams sent to backends.
@@ -1027,15 +1039,26 @@ mod tests {
             for client in &clients {
                 client.send_to(&[round], addr).unwrap();
             }
+            // Loopback usually delivers inside send_to, but a busy machine may leave it to
+            // ksoftirqd: read until all have arrived, within a deadline.
+            let deadline = Instant::now() + Duration::from_secs(10);
             let mut got = 0;
             let mut buf = [0u8; 16];
-            for (index, socket) in sockets.iter().enumerate() {
-                while let Ok((_, from)) = socket.recv_from(&mut buf) {
-                    got += 1;
-                    assert_eq!(buf[0], round);
-                    let at = *first_round.entry(from).or_insert(index);
-                    assert_eq!(at, index, "{from} moved between sockets");
+            while got < clients.len() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{got} of {} arrived",
+                    clients.len()
+                );
+                for (index, socket) in sockets.iter().enumerate() {
+                    while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                        got += 1;
+                        assert_eq!(buf[0], round);
+                        let at = *first_round.entry(from).or_insert(index);
+                        assert_eq!(at, index, "{from} moved between sockets");
+                    }
                 }
+                std::thread::yield_now();
             }
             assert_eq!(got, clients.len());
         }

@@ -205,26 +205,51 @@ mod tests {
         UdpSocket::bind("127.0.0.1:0").await.unwrap()
     }
 
+    /// Receives batches from `socket` and hands each to `take`, which returns how many
+    /// datagrams it holds so far, until that is `count` (10 s at most).
+    async fn read_until(socket: &UdpSocket, count: usize, mut take: impl FnMut(&Batch) -> usize) {
+        let reading = async {
+            let mut held = 0;
+            while held < count {
+                socket.readable().await.unwrap();
+                let received = with_batch(|batch| {
+                    socket
+                        .try_io(tokio::io::Interest::READABLE, || {
+                            batch.receive(socket, false)
+                        })
+                        .map(|_| take(batch))
+                });
+                match received {
+                    Ok(now) => held = now,
+                    Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}"),
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), reading)
+            .await
+            .expect("every datagram within 10 s");
+    }
+
     #[tokio::test]
     async fn receives_what_is_queued_in_order_with_senders_and_whole_sizes() {
         let receiver = socket().await;
         let to = receiver.local_addr().unwrap();
         let (a, b) = (socket().await, socket().await);
-        // Loopback delivers inside send_to: all of these are queued before `receive`.
         let sizes = [1usize, 512, 65_507, 3, 1400];
         for (i, size) in sizes.iter().enumerate() {
             let from = if i % 2 == 0 { &a } else { &b };
             from.send_to(&vec![i as u8; *size], to).await.unwrap();
         }
-        receiver.readable().await.unwrap();
-        let got: Vec<(Vec<u8>, SocketAddr)> = with_batch(|batch| {
-            let n = batch.receive(&receiver, false).unwrap();
-            assert_eq!(n, sizes.len());
-            batch
-                .datagrams()
-                .map(|(data, meta)| (data.to_vec(), meta.from))
-                .collect()
-        });
+        let mut got: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+        read_until(&receiver, sizes.len(), |batch| {
+            got.extend(
+                batch
+                    .datagrams()
+                    .map(|(data, meta)| (data.to_vec(), meta.from)),
+            );
+            got.len()
+        })
+        .await;
         for (i, (data, from)) in got.iter().enumerate() {
             assert_eq!(data.len(), sizes[i], "datagram {i} whole");
             assert!(
@@ -252,18 +277,16 @@ mod tests {
             sender.send_to(&(i as u32).to_be_bytes(), to).await.unwrap();
         }
         let mut seen = Vec::new();
-        while seen.len() < total {
-            receiver.readable().await.unwrap();
-            with_batch(|batch| {
-                let n = batch.receive(&receiver, false).unwrap();
-                assert!(n <= SLOTS);
-                seen.extend(
-                    batch
-                        .datagrams()
-                        .map(|(data, _)| u32::from_be_bytes(data.try_into().unwrap())),
-                );
-            });
-        }
+        read_until(&receiver, total, |batch| {
+            assert!(batch.datagrams().count() <= SLOTS);
+            seen.extend(
+                batch
+                    .datagrams()
+                    .map(|(data, _)| u32::from_be_bytes(data.try_into().unwrap())),
+            );
+            seen.len()
+        })
+        .await;
         assert_eq!(seen, (0..total as u32).collect::<Vec<_>>());
     }
 
