@@ -26,10 +26,13 @@ use super::udp::pktinfo::Local;
 /// Datagrams one call reads or sends at most.
 pub const SLOTS: usize = 16;
 
-/// What one received datagram was: its length in its slot, its sender, and (wildcard
-/// binds on Linux) the address it was sent to.
+/// What one received datagram was: its slot and length, its sender, and (wildcard binds
+/// on Linux) the address it was sent to.
 #[derive(Clone, Copy)]
 pub struct Meta {
+    /// Which of the `SLOTS` buffers holds it (a message without a sender is skipped, so
+    /// this is not always its position among the datagrams).
+    slot: usize,
     pub len: usize,
     pub from: SocketAddr,
     pub local: Option<Local>,
@@ -61,8 +64,8 @@ impl Batch {
 
     /// The datagrams of the last `receive`, in the order they arrived.
     pub fn datagrams(&self) -> impl Iterator<Item = (&[u8], Meta)> {
-        self.received.iter().enumerate().map(|(slot, meta)| {
-            let start = slot * BUFFER_SIZE;
+        self.received.iter().map(|meta| {
+            let start = meta.slot * BUFFER_SIZE;
             (&self.buffers[start..start + meta.len], *meta)
         })
     }
@@ -101,7 +104,7 @@ impl Batch {
             MsgFlags::MSG_DONTWAIT,
             None,
         )?;
-        for message in messages {
+        for (slot, message) in messages.enumerate() {
             let Some(from) = message
                 .address
                 .as_ref()
@@ -115,6 +118,7 @@ impl Batch {
                 None
             };
             received.push(Meta {
+                slot,
                 len: message.bytes,
                 from,
                 local,
@@ -127,6 +131,7 @@ impl Batch {
     fn receive_into(&mut self, socket: &UdpSocket, _with_pktinfo: bool) -> io::Result<()> {
         let (len, from) = socket.try_recv_from(&mut self.buffers[..BUFFER_SIZE])?;
         self.received.push(Meta {
+            slot: 0,
             len,
             from,
             local: None,
