@@ -3,15 +3,15 @@
 //! A listener receives on one socket per worker thread, all bound to its address with
 //! SO_REUSEPORT (`bind`); the kernel sends each client's datagrams to always the same one.
 //! Each socket has its own receive loop, which owns that socket's session table: a plain
-//! `HashMap` no other task touches, so the datagram path takes no lock. A datagram from an unknown client is
-//! admitted against `max_connections` (`Listener::admit`), picks a backend with the pool's
-//! strategy, and opens a session: a `ConnGuard` (so least-connections counts sessions), and
-//! an upstream UDP socket bound to an ephemeral port and connected to the backend, with its
-//! own reply task. Later datagrams of the session go out on that socket; the reply task
-//! sends what comes back to the client through the listener's socket, so the client sees
-//! replies from the address it sent to. A sweep on the loop's timer ends sessions that saw
-//! no datagram either way for `idle_timeout`; ending a session drops its guards and cancels
-//! its reply task.
+//! `HashMap` no other task touches, so the datagram path takes no lock. A datagram from an
+//! unknown client is admitted against `max_connections` (`Listener::admit`), picks a
+//! backend with the pool's strategy, and opens a session: a `ConnGuard` (so least-
+//! connections counts sessions), and an upstream UDP socket bound to an ephemeral port and
+//! connected to the backend, with its own reply task. Later datagrams of the session go out
+//! on that socket; the reply task sends what comes back to the client through the
+//! listener's socket, so the client sees replies from the address it sent to. A sweep on
+//! the loop's timer ends sessions that saw no datagram either way for `idle_timeout`;
+//! ending a session drops its guards and cancels its reply task.
 //!
 //! Re-pick rule: a session whose backend's health is *down* (health check or passive
 //! checking) moves to a newly picked backend on its next client datagram. A backend that
