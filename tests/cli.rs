@@ -98,6 +98,19 @@ fn spawn_weir_with(
     SocketAddr,
     std::sync::mpsc::Receiver<String>,
 ) {
+    let (child, front, logs, _) = spawn_weir_keeping_start_log(command);
+    (child, front, logs)
+}
+
+/// Like `spawn_weir_with`, also returning the lines weir logged before it accepted.
+fn spawn_weir_keeping_start_log(
+    command: &mut Command,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+    Vec<String>,
+) {
     let mut child = command
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
@@ -114,16 +127,21 @@ fn spawn_weir_with(
         }
     });
     let deadline = Instant::now() + common::DEADLINE;
+    let mut before = Vec::new();
     loop {
         let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("weir did not log its listener address in time");
+            panic!(
+                "weir did not log its listener address in time; it said:\n{}",
+                before.join("\n")
+            );
         };
         if let Some(rest) = line.split("accepting on ").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-            return (child, addr, rx);
+            return (child, addr, rx, before);
         }
+        before.push(line);
     }
 }
 
@@ -513,38 +531,8 @@ fn starting_with_no_backend_up_warns_and_closes_clients_at_once() {
             "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: db\npools:\n  db:\n    health_check:\n      interval: 1s\n      timeout: 500ms\n    backends:\n      - address: {dead_addr}\n"
         ),
     );
-    let mut child = weir()
-        .args(["run", "-c"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.by_ref() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + common::DEADLINE;
-    let mut before_accepting = Vec::new();
-    let front: SocketAddr = loop {
-        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
-            let _ = child.kill();
-            panic!(
-                "weir did not start in time; it said:\n{}",
-                before_accepting.join("\n")
-            );
-        };
-        if let Some(rest) = line.split("accepting on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-        before_accepting.push(line);
-    };
+    let (mut child, front, _logs, before_accepting) =
+        spawn_weir_keeping_start_log(weir().args(["run", "-c"]).arg(&config));
     let warnings: Vec<_> = before_accepting
         .iter()
         .filter(|l| l.contains("no backend is up"))
