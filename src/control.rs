@@ -12,7 +12,7 @@
 //! admin state, counters and open connections carry over. A removed backend is drained
 //! and stays visible until its last connection closes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -198,7 +198,7 @@ impl Server {
             shutdown: shutdown.clone(),
             pool_checks: BTreeMap::new(),
             listener_stops: BTreeMap::new(),
-            retiring: BTreeSet::new(),
+            retiring: Vec::new(),
             metrics: ReloadMetrics::new(),
         };
 
@@ -390,8 +390,9 @@ struct ControlTask {
     pool_checks: BTreeMap<String, CancellationToken>,
     /// Per listener: the token its accept or receive loop stops on.
     listener_stops: BTreeMap<String, CancellationToken>,
-    /// Backends a reload removed that still have open connections: (pool, name).
-    retiring: BTreeSet<(String, String)>,
+    /// Backends a reload removed that still have open connections. Held by identity, not
+    /// by name: a reload may bring a backend of the same name at another address.
+    retiring: Vec<Arc<Backend>>,
     metrics: ReloadMetrics,
 }
 
@@ -488,7 +489,7 @@ impl ControlTask {
             .load_full()
             .backends
             .iter()
-            .filter(|b| !self.retiring.contains(&(b.pool.clone(), b.name.clone())))
+            .filter(|b| !self.is_retiring(b))
             .map(|backend| {
                 health::spawn_checker(
                     Arc::clone(backend),
@@ -629,7 +630,7 @@ impl ControlTask {
                 if let Some(stop) = self.pool_checks.remove(name) {
                     stop.cancel();
                 }
-                self.retiring.retain(|(p, _)| p != name);
+                self.retiring.retain(|b| b.pool != *name);
             }
         }
 
@@ -705,13 +706,13 @@ impl ControlTask {
         let mut set_changed = false;
         for backend_config in &config.backends {
             let kept = current
-                .find(&backend_config.name)
-                .filter(|b| b.addr == backend_config.addr)
+                .backends
+                .iter()
+                .find(|b| b.name == backend_config.name && b.addr == backend_config.addr)
                 .cloned();
             match kept {
                 Some(backend) => {
-                    let key = (backend.pool.clone(), backend.name.clone());
-                    if self.retiring.remove(&key) {
+                    if self.stop_retiring(&backend) {
                         // Removed by an earlier reload, back before its last connection closed.
                         backend.set_admin(Admin::Enabled);
                         set_changed = true;
@@ -738,16 +739,13 @@ impl ControlTask {
             if !stays {
                 set_changed = true;
                 if backend.active() > 0 {
-                    let key = (backend.pool.clone(), backend.name.clone());
-                    if self.retiring.insert(key) {
+                    if !self.is_retiring(backend) {
+                        self.retiring.push(Arc::clone(backend));
                         changes.backends_removed += 1;
                         backend.set_admin(Admin::Drain);
                     }
                     backends.push(Arc::clone(backend));
-                } else if !self
-                    .retiring
-                    .remove(&(backend.pool.clone(), backend.name.clone()))
-                {
+                } else if !self.stop_retiring(backend) {
                     changes.backends_removed += 1;
                 }
             }
@@ -771,26 +769,34 @@ impl ControlTask {
         }
     }
 
+    fn is_retiring(&self, backend: &Arc<Backend>) -> bool {
+        self.retiring.iter().any(|b| Arc::ptr_eq(b, backend))
+    }
+
+    /// Takes `backend` off the retiring list; false when it was not on it.
+    fn stop_retiring(&mut self, backend: &Arc<Backend>) -> bool {
+        let before = self.retiring.len();
+        self.retiring.retain(|b| !Arc::ptr_eq(b, backend));
+        self.retiring.len() != before
+    }
+
     /// Drops removed backends whose last connection has closed from their pool.
     fn retire_idle_backends(&mut self) {
         let tables = self.tables.load_full();
         let config = self.config.load_full();
-        let mut done = Vec::new();
-        for (pool_name, backend_name) in &self.retiring {
-            let Some(pool) = tables.pools.get(pool_name) else {
-                done.push((pool_name.clone(), backend_name.clone()));
-                continue;
+        self.retiring.retain(|backend| {
+            let Some(pool) = tables.pools.get(&backend.pool) else {
+                return false;
             };
             let snapshot = pool.load_full();
-            let Some(backend) = snapshot.find(backend_name) else {
-                done.push((pool_name.clone(), backend_name.clone()));
-                continue;
-            };
-            if backend.active() > 0 {
-                continue;
+            if !snapshot.backends.iter().any(|b| Arc::ptr_eq(b, backend)) {
+                return false;
             }
-            let Some(pool_config) = config.pools.iter().find(|p| &p.name == pool_name) else {
-                continue;
+            if backend.active() > 0 {
+                return true;
+            }
+            let Some(pool_config) = config.pools.iter().find(|p| p.name == backend.pool) else {
+                return true;
             };
             let backends = snapshot
                 .backends
@@ -799,12 +805,13 @@ impl ControlTask {
                 .cloned()
                 .collect();
             pool.publish(PoolSnapshot::new(pool_config, backends));
-            tracing::info!("{pool_name}/{backend_name}: removed by reload, last connection closed");
-            done.push((pool_name.clone(), backend_name.clone()));
-        }
-        for key in done {
-            self.retiring.remove(&key);
-        }
+            tracing::info!(
+                "{}/{}: removed by reload, last connection closed",
+                backend.pool,
+                backend.name
+            );
+            false
+        });
     }
 }
 

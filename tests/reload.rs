@@ -423,3 +423,48 @@ async fn reload_says_metrics_and_admin_socket_changes_wait_for_a_restart() {
     let (_s, name) = connect_named(front).await;
     assert_eq!(name, "a");
 }
+
+/// A backend that keeps its name but moves to another address: the old one drains until
+/// its last connection closes and then goes; the new one serves from the reload on, and
+/// stays when the old one goes.
+#[tokio::test]
+async fn a_backend_moved_to_another_address_under_the_same_name() {
+    let dir = TempDir::new("reload-moved");
+    let old = TestBackend::start("old").await;
+    let new = TestBackend::start("new").await;
+    let (server, front, path) = start_file(
+        &dir,
+        &yaml("127.0.0.1:0", "round-robin", &[("a", old.addr, 1)], ""),
+    )
+    .await;
+    let (open, name) = connect_named(front).await;
+    assert_eq!(name, "old");
+
+    std::fs::write(
+        &path,
+        yaml(&front.to_string(), "round-robin", &[("a", new.addr, 1)], ""),
+    )
+    .unwrap();
+    server.handle.reload().await.expect("the reload applies");
+    for _ in 0..3 {
+        let (_s, name) = connect_named(front).await;
+        assert_eq!(name, "new", "new connections go to the new address");
+    }
+
+    // The old connection closes: the old backend leaves, the new one stays and serves.
+    drop(open);
+    let addrs = |server: &Server| -> Vec<SocketAddr> {
+        let tables = server.handle.tables();
+        let snapshot = tables.pools["pool"].load_full();
+        snapshot.backends.iter().map(|b| b.addr).collect()
+    };
+    wait_until(DEADLINE, "the old backend to leave the pool", || {
+        let left = addrs(&server);
+        async move { left.len() == 1 }
+    })
+    .await;
+    assert_eq!(addrs(&server), vec![new.addr]);
+    assert_eq!(state_of(&server, "a"), State::Up);
+    let (_s, name) = connect_named(front).await;
+    assert_eq!(name, "new");
+}
