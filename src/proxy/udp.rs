@@ -617,6 +617,7 @@ pub async fn receive_loop(
     });
     let mut next_receive_error = started;
 
+    let mut unchecked = 0;
     'receiving: loop {
         // Biased: while datagrams are queued, readiness is ready at once and neither the
         // timer nor the stop tokens (a mutex each) are polled; they are checked by hand
@@ -663,8 +664,15 @@ pub async fn receive_loop(
             next_sweep = now + sweep_every;
             sweep.as_mut().reset(next_sweep);
         }
-        if handled >= BATCH && (shutdown.stop_accepting.is_cancelled() || stop.is_cancelled()) {
-            break 'receiving;
+        // Counted across wakeups: under steady traffic a wakeup may find fewer than BATCH
+        // datagrams while the socket never stops being readable, so the stop branch of the
+        // biased select above is never reached.
+        unchecked += handled;
+        if unchecked >= BATCH {
+            unchecked = 0;
+            if shutdown.stop_accepting.is_cancelled() || stop.is_cancelled() {
+                break 'receiving;
+            }
         }
     }
     tracing::info!(listener = %listener.name, bind = %listener.bind, sessions = table.sessions.len(), "stopped receiving");
@@ -699,6 +707,7 @@ impl ReplyTask {
         // comes with it.
         let interest = Interest::READABLE | Interest::ERROR;
         let mut cancelled = pin!(self.cancel.cancelled());
+        let mut unchecked = 0;
         loop {
             tokio::select! {
                 biased;
@@ -737,8 +746,13 @@ impl ReplyTask {
                     }
                 }
             }
-            if handled >= BATCH && self.cancel.is_cancelled() {
-                return;
+            // Counted across wakeups, as in the receive loop.
+            unchecked += handled;
+            if unchecked >= BATCH {
+                unchecked = 0;
+                if self.cancel.is_cancelled() {
+                    return;
+                }
             }
         }
     }
@@ -1006,6 +1020,11 @@ pub(super) mod pktinfo {
     impl Control {
         pub fn new(_: Local) -> Control {
             Control
+        }
+
+        /// Always: replies never carry a source address here.
+        pub fn is_empty(&self) -> bool {
+            true
         }
     }
 }
