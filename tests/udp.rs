@@ -499,6 +499,11 @@ async fn no_backend_drops_and_counts() {
     })
     .await;
     assert_eq!(l.active(), 0, "no session held");
+    assert_eq!(
+        l.total(),
+        0,
+        "a dropped datagram is not counted as a session"
+    );
     assert_eq!(a.received(), 0);
 }
 

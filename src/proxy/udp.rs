@@ -466,16 +466,8 @@ impl Table {
         local: Option<pktinfo::Local>,
         now: u64,
     ) -> Option<Session> {
-        let Some(admitted) = self.opener.listener.admit() else {
-            // admit() counted it in weir_listener_rejected_total{reason="max_connections"}.
-            let max = self.opener.listener.max_connections().unwrap_or(0);
-            self.opener.drop_datagram(
-                DropReason::MaxConnections,
-                client,
-                &format_args!("{max} sessions open (max_connections)"),
-            );
-            return None;
-        };
+        // Picked before admitted: a datagram dropped for want of a backend is not a session
+        // (weir_listener_connections_total).
         let Some(backend) = self.opener.pick(client) else {
             self.opener
                 .listener
@@ -484,6 +476,16 @@ impl Table {
                 .increment(1);
             self.opener
                 .drop_datagram(DropReason::NoBackend, client, &"no backend available");
+            return None;
+        };
+        let Some(admitted) = self.opener.listener.admit() else {
+            // admit() counted it in weir_listener_rejected_total{reason="max_connections"}.
+            let max = self.opener.listener.max_connections().unwrap_or(0);
+            self.opener.drop_datagram(
+                DropReason::MaxConnections,
+                client,
+                &format_args!("{max} sessions open (max_connections)"),
+            );
             return None;
         };
         let activity = Arc::new(AtomicU64::new(now));
