@@ -97,7 +97,13 @@ async fn check_loop(
 ) {
     let handles = &backend.metrics;
     let addr = probe_addr(backend.addr, &config);
-    let mut counters = Counters::new(backend.health());
+    // A backend checked before (its pool's checkers restarted by a reload) goes on by
+    // rise/fall: only a backend never checked lets its first probe decide at once.
+    let mut counters = if backend.last_check().is_empty() {
+        Counters::new(backend.health())
+    } else {
+        Counters::resuming(backend.health())
+    };
     let mut first_round = Some(first_round);
     loop {
         if backend.admin() != Admin::Disabled {
@@ -208,6 +214,14 @@ impl Counters {
             passes: 0,
             failures: 0,
             believed: current,
+        }
+    }
+
+    /// For a backend that was checked before: no first-probe shortcut.
+    fn resuming(current: Health) -> Self {
+        Counters {
+            first: false,
+            ..Counters::new(current)
         }
     }
 
@@ -398,6 +412,25 @@ mod tests {
         assert_eq!(c.record(true, Health::Down, 3, 3), Some(Change::FirstPass));
         let mut c = Counters::new(Health::Down);
         assert_eq!(c.record(false, Health::Down, 3, 3), Some(Change::FirstFail));
+    }
+
+    #[test]
+    fn a_resumed_checker_goes_by_rise_and_fall() {
+        // After a reload restarted the pool's checkers: one failed probe does not take an
+        // up backend down, one pass does not bring a down one up.
+        let mut c = Counters::resuming(Health::Up);
+        assert_eq!(c.record(false, Health::Up, 2, 3), None);
+        assert_eq!(c.record(false, Health::Up, 2, 3), None);
+        assert_eq!(
+            c.record(false, Health::Up, 2, 3),
+            Some(Change::Down { failures: 3 })
+        );
+        let mut c = Counters::resuming(Health::Down);
+        assert_eq!(c.record(true, Health::Down, 2, 3), None);
+        assert_eq!(
+            c.record(true, Health::Down, 2, 3),
+            Some(Change::Up { passes: 2 })
+        );
     }
 
     #[test]
