@@ -165,6 +165,43 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     parse(&text, &file)
 }
 
+/// Only `admin.socket` of the file at `path`, for `weir ctl -c`: nothing else is checked
+/// and no backend name is resolved, so an operator can still drain a backend when another
+/// one's name doesn't resolve or the file has a mistake elsewhere.
+pub fn admin_socket(path: &Path) -> Result<Option<PathBuf>, ConfigErrors> {
+    #[derive(Deserialize)]
+    struct Only {
+        admin: Option<Admin>,
+    }
+    #[derive(Deserialize)]
+    struct Admin {
+        socket: Option<String>,
+    }
+    let file = path.display().to_string();
+    let mut cx = Cx {
+        file: &file,
+        diags: Vec::new(),
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            cx.error(None, "", &format!("cannot read: {e}"));
+            return Err(cx.finish());
+        }
+    };
+    match serde_saphyr::from_str::<Option<Only>>(&text) {
+        Ok(only) => Ok(only
+            .and_then(|o| o.admin)
+            .and_then(|a| a.socket)
+            .filter(|s| !s.trim().is_empty())
+            .map(PathBuf::from)),
+        Err(e) => {
+            cx.yaml_error(&e);
+            Err(cx.finish())
+        }
+    }
+}
+
 /// Parses and validates config text; `file` is used in messages only.
 ///
 /// Every problem found is reported. YAML syntax errors, unknown keys and values of the

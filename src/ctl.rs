@@ -36,8 +36,8 @@ pub async fn run(
         Some(path) => path,
         None => {
             let config_path = config.unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
-            match crate::config::load(&config_path) {
-                Ok(c) => match c.admin_socket {
+            match crate::config::admin_socket(&config_path) {
+                Ok(socket) => match socket {
                     Some(path) => path,
                     None => {
                         eprintln!(

@@ -654,6 +654,34 @@ async fn ctl_reads_the_socket_from_the_config_file() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.starts_with("LISTENER "), "{stdout}");
 
+    // Only admin.socket is read: a backend whose name doesn't resolve (an outage) or a
+    // mistake elsewhere in the file doesn't keep an operator from the admin socket.
+    let broken = dir.join("broken.yaml");
+    std::fs::write(
+        &broken,
+        format!(
+            "admin:\n  socket: {}\nlisteners:\n  front:\n    bind: 127.0.0.1:0\n    pool: pool\npools:\n  pool:\n    strategy: fastest\n    backends:\n      - address: no-such-host.invalid:5432\n",
+            s.socket.display()
+        ),
+    )
+    .unwrap();
+    let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "-c"])
+        .arg(&broken)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(check.status.code(), Some(2), "the file itself is invalid");
+    let (code, stdout, stderr) = run(vec![
+        "-c".into(),
+        broken.clone().into(),
+        "show".into(),
+        "backends".into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("POOL "), "{stdout}");
+
     let without = dir.join("no-admin.yaml");
     std::fs::write(
         &without,
