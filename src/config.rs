@@ -185,7 +185,7 @@ pub fn admin_socket(path: &Path) -> Result<Option<PathBuf>, ConfigErrors> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) => {
-            cx.error(None, "", &format!("cannot read: {e}"));
+            cx.error(None, "", format!("cannot read: {e}"));
             return Err(cx.finish());
         }
     };
