@@ -34,7 +34,12 @@ pub async fn run(config_path: &Path) -> ExitCode {
     let signal = loop {
         match signals.next().await {
             Signal::Terminate(name) => break name,
-            Signal::Reload => reload(&server).await,
+            // A reload resolves every backend name, which can take long: a SIGTERM
+            // meanwhile stops weir instead of waiting for it.
+            Signal::Reload => tokio::select! {
+                () = reload(&server) => {}
+                name = signals.terminate() => break name,
+            },
         }
     };
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
