@@ -532,6 +532,28 @@ fn duration(
     }
 }
 
+/// A `\r`, `\n`, `\t`, `\0` or `\x` left as two characters: YAML applies escapes only
+/// inside double quotes, so `send: PING\r\n` (plain or single-quoted) would send a
+/// backslash and an `r`, and a Redis check would time out with nothing said at load.
+fn literal_escapes(cx: &mut Cx, v: &Pos<String>, path: &str, key: &str) {
+    let found = v
+        .value
+        .as_bytes()
+        .windows(2)
+        .find(|w| w[0] == b'\\' && matches!(w[1], b'r' | b'n' | b't' | b'0' | b'x'));
+    if let Some(pair) = found {
+        cx.error(
+            Some(&v.referenced),
+            path,
+            format!(
+                "{key} contains \"\\{}\" as two characters: YAML applies escapes only inside double quotes, so write {key}: \"{}\"",
+                pair[1] as char,
+                v.value
+            ),
+        );
+    }
+}
+
 /// A whole number in `min..=max`.
 fn number(cx: &mut Cx, v: &Pos<String>, path: &str, key: &str, min: u64, max: u64) -> Option<u64> {
     let text = v.value.trim();
@@ -543,6 +565,14 @@ fn number(cx: &mut Cx, v: &Pos<String>, path: &str, key: &str, min: u64, max: u6
     };
     match parsed {
         Some(n) if (min..=max).contains(&n) => Some(n),
+        Some(n) if n >= min && max >= u64::from(u32::MAX) => {
+            cx.error(
+                Some(&v.referenced),
+                path,
+                format!("{key} {text} is out of range: it must be at most {max}"),
+            );
+            None
+        }
         Some(_) if max >= u64::from(u32::MAX) => {
             cx.error(
                 Some(&v.referenced),
@@ -1169,6 +1199,7 @@ fn validate_check(
                     "send is empty (leave it out for a plain connect check)",
                 );
             }
+            literal_escapes(cx, s, &key("send"), "send");
             check.send = Some(s.value.clone().into_bytes());
         }
         (None, Some(h)) => match hex_bytes(&h.value) {
@@ -1203,6 +1234,7 @@ fn validate_check(
                 ),
             );
         }
+        literal_escapes(cx, e, &key("expect"), "expect");
         check.expect = Some(e.value.clone().into_bytes());
     }
     let without_send = (raw.send.is_none() && raw.send_hex.is_none()).then_some(hc.referenced);

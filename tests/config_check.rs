@@ -935,3 +935,64 @@ fn unreadable_file() {
         "{err}"
     );
 }
+
+#[test]
+fn escapes_outside_double_quotes_are_named_with_the_fix() {
+    let text = "listeners:
+  front:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    health_check:
+      send: PING\\r\\n
+      expect: '+PONG\\r\\n'
+    backends:
+      - address: 127.0.0.1:6379
+";
+    assert_problem(
+        text,
+        8,
+        13,
+        &[
+            "send contains \"\\r\" as two characters",
+            "write send: \"PING\\r\\n\"",
+        ],
+    );
+    assert_problem(text, 9, 15, &["expect contains \"\\r\" as two characters"]);
+    // Double-quoted, YAML turns them into the bytes: valid.
+    let quoted = text
+        .replace("send: PING\\r\\n", "send: \"PING\\r\\n\"")
+        .replace("expect: '+PONG\\r\\n'", "expect: \"+PONG\"");
+    let config = valid(&quoted);
+    assert_eq!(
+        config.pools[0]
+            .health_check
+            .as_ref()
+            .unwrap()
+            .send
+            .as_deref(),
+        Some(&b"PING\r\n"[..])
+    );
+}
+
+#[test]
+fn a_number_above_its_range_names_the_upper_bound() {
+    let text = "listeners:
+  front:
+    bind: 127.0.0.1:7379
+    pool: p
+pools:
+  p:
+    health_check:
+      rise: 99999999999
+    backends:
+      - address: 127.0.0.1:6379
+";
+    assert_problem(
+        text,
+        8,
+        13,
+        &["rise 99999999999 is out of range: it must be at most"],
+    );
+}
