@@ -627,12 +627,14 @@ fn bind_addr(text: &str) -> Result<SocketAddr, String> {
 }
 
 /// Whether two sockets of one protocol can't both be bound: the same port (not 0, which
-/// picks a free one) and the same address, or a wildcard (0.0.0.0, [::]) of the same family.
+/// picks a free one) and the same address, or a wildcard (0.0.0.0, [::]) of the same
+/// family. `[::]` also takes every IPv4 address (weir leaves IPV6_V6ONLY off, as Linux
+/// does by default), so it clashes with IPv4 binds on its port too.
 fn binds_clash(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && (a.ip() == b.ip()
-            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+    let takes = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv4() == other.is_ipv4() || wide.is_ipv6())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || takes(a, b) || takes(b, a))
 }
 
 /// Splits `HOST:PORT` / `[V6]:PORT`; the host is returned without brackets.
@@ -1336,7 +1338,10 @@ mod tests {
         assert!(binds_clash(a("[::]:80"), a("[::1]:80")));
         assert!(!binds_clash(a("127.0.0.1:80"), a("127.0.0.2:80")));
         assert!(!binds_clash(a("127.0.0.1:80"), a("127.0.0.1:81")));
-        assert!(!binds_clash(a("[::]:80"), a("127.0.0.1:80")));
+        // [::] is dual-stack: it takes IPv4 addresses too; 0.0.0.0 doesn't take IPv6 ones.
+        assert!(binds_clash(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(binds_clash(a("0.0.0.0:80"), a("[::]:80")));
+        assert!(!binds_clash(a("0.0.0.0:80"), a("[::1]:80")));
         // Port 0 picks a free port each time.
         assert!(!binds_clash(a("127.0.0.1:0"), a("127.0.0.1:0")));
     }
