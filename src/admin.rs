@@ -145,6 +145,14 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         }
         Request::Enable(target) => {
             let backend = find(&tables, &target)?;
+            let in_config = control.config().pools.iter().any(|p| {
+                p.name == target.pool && p.backends.iter().any(|b| b.name == target.backend)
+            });
+            if !in_config {
+                return Err(format!(
+                    "{target} was removed by a reload and is draining its last connections; add it back to the config to use it again"
+                ));
+            }
             backend.set_admin(Admin::Enabled);
             control.admin_changed().await;
             tracing::info!("{target}: enabled (admin)");

@@ -117,6 +117,14 @@ async fn reload_adds_removes_reweighs_and_keeps_open_connections() {
         "removed but still carrying a connection"
     );
 
+    // An operator can't put the removed backend back into rotation by hand.
+    let refused = admin(&socket, "enable pool/b").await;
+    assert!(
+        refused.starts_with("error:") && refused.contains("removed by a reload"),
+        "{refused}"
+    );
+    assert_eq!(backend_b.state(), State::Draining);
+
     // Open connections are untouched, on the kept and on the removed backend.
     echo(&mut on_a, b"after reload").await;
     echo(&mut on_b, b"still on b").await;
