@@ -22,36 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Admin, Backend, Health};
 use crate::config::{HealthCheckConfig, Protocol};
-use crate::pool::Pool;
 use crate::proxy::connect::describe;
 use crate::shutdown::Shutdown;
 
 /// A TCP reply is searched for `expect` within this many bytes at most: a probe never
 /// buffers without bound.
 pub const MAX_REPLY: usize = 64 * 1024;
-
-/// Starts one checker per backend of `pool` (which must have a health check). The
-/// returned receivers each fire once that backend's first probe has finished.
-pub fn spawn_pool(
-    pool: &Pool,
-    config: &HealthCheckConfig,
-    shutdown: &Shutdown,
-    stop: &CancellationToken,
-) -> Vec<oneshot::Receiver<()>> {
-    pool.load_full()
-        .backends
-        .iter()
-        .map(|backend| {
-            spawn_checker(
-                Arc::clone(backend),
-                config.clone(),
-                pool.protocol,
-                shutdown,
-                stop.clone(),
-            )
-        })
-        .collect()
-}
 
 /// Starts the checker task of one backend on the shutdown tracker. It stops when
 /// accepting stops or when `stop` fires (a reload that removes the backend can use that).

@@ -180,11 +180,6 @@ fn recorder() -> Option<&'static Recorder> {
         .as_ref()
 }
 
-/// Installs the recorder (idempotent). Call before building anything that holds handles.
-pub fn install() -> bool {
-    recorder().is_some()
-}
-
 /// The HELP lines. Metrics the health checker registers are described here too, so the
 /// text is complete whichever module creates a series first.
 fn describe() {

@@ -268,11 +268,7 @@ fn upstream_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
     )?;
     set_buffers(&socket, UPSTREAM_SOCKET_BUFFER);
     socket.set_nonblocking(true)?;
-    let any: SocketAddr = match backend {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    socket.bind(&any.into())?;
+    // connect() binds an ephemeral port itself: no bind call of our own.
     socket.connect(&backend.into())?;
     UdpSocket::from_std(socket.into())
 }
