@@ -17,13 +17,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use crate::backend::{Admin, Backend, Health};
-use crate::control::{ControlHandle, Tables};
+use crate::control::{ControlError, ControlHandle};
+use crate::net;
 use crate::shutdown::Shutdown;
+use crate::tables::Tables;
 
 /// A client must send its complete command line within this long.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +33,37 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_LINE: usize = 4096;
 /// Admin clients served at once; more are told so and closed at once.
 pub const MAX_CLIENTS: usize = 64;
+
+/// Why a command failed; the socket writes it as `error: …` (and only there).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("empty command; try \"help\"")]
+    Empty,
+    #[error("unknown command {0:?}; try \"help\"")]
+    UnknownCommand(String),
+    #[error("unknown command {0:?}; usage: show backends [--json] | show listeners [--json]")]
+    UnknownShow(String),
+    #[error("usage: {0}")]
+    Usage(String),
+    #[error("{0:?} is not POOL/BACKEND")]
+    NotATarget(String),
+    #[error("weight {0:?} is not a number from 1 to 1000")]
+    BadWeight(String),
+    #[error("no backend {target:?} (known: {known})")]
+    NoBackend { target: String, known: String },
+    #[error(
+        "{0} was removed by a reload and is draining its last connections; add it back to the config to use it again"
+    )]
+    Removed(Target),
+    #[error("no complete command line within {0}; closing")]
+    ReadTimeout(String),
+    #[error("command line longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("command is not valid UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
 
 /// One parsed admin command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,50 +105,49 @@ states: up, down, draining, drained, disabled
 ";
 
 /// Parses one command line. `Err` is the reason, without the `error: ` prefix.
-pub fn parse(line: &str) -> Result<Request, String> {
+pub fn parse(line: &str) -> Result<Request, AdminError> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        [] => Err("empty command; try \"help\"".into()),
+        [] => Err(AdminError::Empty),
         ["help"] => Ok(Request::Help),
         ["show", "backends"] => Ok(Request::ShowBackends { json: false }),
         ["show", "backends", "--json"] => Ok(Request::ShowBackends { json: true }),
         ["show", "listeners"] => Ok(Request::ShowListeners { json: false }),
         ["show", "listeners", "--json"] => Ok(Request::ShowListeners { json: true }),
-        ["show", ..] => Err(format!(
-            "unknown command {:?}; usage: show backends [--json] | show listeners [--json]",
-            words.join(" ")
-        )),
+        ["show", ..] => Err(AdminError::UnknownShow(words.join(" "))),
         ["drain", target] => Ok(Request::Drain(target_of(target)?)),
         ["disable", target] => Ok(Request::Disable(target_of(target)?)),
         ["enable", target] => Ok(Request::Enable(target_of(target)?)),
-        [verb @ ("drain" | "disable" | "enable"), ..] => Err(format!("usage: {verb} POOL/BACKEND")),
+        [verb @ ("drain" | "disable" | "enable"), ..] => {
+            Err(AdminError::Usage(format!("{verb} POOL/BACKEND")))
+        }
         ["set", "weight", target, weight] => {
             let target = target_of(target)?;
             let weight = weight
                 .parse::<u32>()
                 .ok()
                 .filter(|w| (1..=1000).contains(w))
-                .ok_or_else(|| format!("weight {weight:?} is not a number from 1 to 1000"))?;
+                .ok_or_else(|| AdminError::BadWeight(weight.to_string()))?;
             Ok(Request::SetWeight(target, weight))
         }
-        ["set", ..] => Err("usage: set weight POOL/BACKEND N".into()),
+        ["set", ..] => Err(AdminError::Usage("set weight POOL/BACKEND N".into())),
         ["reload"] => Ok(Request::Reload),
-        [command, ..] => Err(format!("unknown command {command:?}; try \"help\"")),
+        [command, ..] => Err(AdminError::UnknownCommand(command.to_string())),
     }
 }
 
-fn target_of(word: &str) -> Result<Target, String> {
+fn target_of(word: &str) -> Result<Target, AdminError> {
     match word.split_once('/') {
         Some((pool, backend)) if !pool.is_empty() && !backend.is_empty() => Ok(Target {
             pool: pool.into(),
             backend: backend.into(),
         }),
-        _ => Err(format!("{word:?} is not POOL/BACKEND")),
+        _ => Err(AdminError::NotATarget(word.to_string())),
     }
 }
 
 /// Acts on a request. `Err` is the reason, without the `error: ` prefix.
-pub async fn execute(request: Request, control: &ControlHandle) -> Result<String, String> {
+pub async fn execute(request: Request, control: &ControlHandle) -> Result<String, AdminError> {
     let tables = control.tables();
     match request {
         Request::Help => Ok(HELP.to_string()),
@@ -149,9 +181,7 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
                 p.name == target.pool && p.backends.iter().any(|b| b.name == target.backend)
             });
             if !in_config {
-                return Err(format!(
-                    "{target} was removed by a reload and is draining its last connections; add it back to the config to use it again"
-                ));
+                return Err(AdminError::Removed(target));
             }
             backend.set_admin(Admin::Enabled);
             control.admin_changed().await;
@@ -166,7 +196,7 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
                 .await?;
             Ok(format!("{target}: weight {weight} (was {was})\n"))
         }
-        Request::Reload => control.reload().await.map(|summary| summary + "\n"),
+        Request::Reload => Ok(control.reload().await? + "\n"),
     }
 }
 
@@ -177,21 +207,15 @@ fn connections(n: u64) -> String {
     }
 }
 
-fn find(tables: &Tables, target: &Target) -> Result<Arc<Backend>, String> {
+fn find(tables: &Tables, target: &Target) -> Result<Arc<Backend>, AdminError> {
     if let Some(backend) = tables.backend(&target.pool, &target.backend) {
         return Ok(backend);
     }
     const SHOWN: usize = 20;
     let known: Vec<String> = tables
-        .pools
-        .values()
-        .flat_map(|pool| {
-            pool.load_full()
-                .backends
-                .iter()
-                .map(|b| format!("{}/{}", b.pool, b.name))
-                .collect::<Vec<_>>()
-        })
+        .backends()
+        .iter()
+        .map(|b| format!("{}/{}", b.pool, b.name))
         .collect();
     let mut list = known
         .iter()
@@ -205,22 +229,14 @@ fn find(tables: &Tables, target: &Target) -> Result<Arc<Backend>, String> {
     if known.is_empty() {
         list = "none".into();
     }
-    Err(format!(
-        "no backend {:?} (known: {list})",
-        target.to_string()
-    ))
-}
-
-fn backends(tables: &Tables) -> Vec<Arc<Backend>> {
-    tables
-        .pools
-        .values()
-        .flat_map(|pool| pool.load_full().backends.clone())
-        .collect()
+    Err(AdminError::NoBackend {
+        target: target.to_string(),
+        known: list,
+    })
 }
 
 fn show_backends(tables: &Tables, json: bool) -> String {
-    let backends = backends(tables);
+    let backends = tables.backends();
     if json {
         let rows: Vec<BackendRow> = backends.iter().map(|b| BackendRow::of(b)).collect();
         return json_lines(&rows);
@@ -477,57 +493,43 @@ pub async fn serve(
     read_timeout: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let what = format!("admin socket {}", socket.path().display());
     tracing::info!("admin socket listening on {}", socket.path().display());
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.stop_accepting.cancelled() => break,
-            r = socket.listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                    // Never waits: a full socket buffer just loses the message.
-                    let _ = stream.try_write(b"error: too many admin clients at once; try again\n");
-                    continue;
-                };
-                let control = control.clone();
-                let stop = shutdown.stop_accepting.clone();
-                shutdown.tracker.spawn(async move {
-                    tokio::select! {
-                        () = client(stream, &control, read_timeout) => {}
-                        () = stop.cancelled() => {}
-                    }
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: pause instead of spinning.
-                tracing::warn!("admin socket: accept failed: {e}");
+    let stop = shutdown.stop_accepting.clone();
+    net::accept_loop(
+        &what,
+        &stop,
+        || socket.listener.accept(),
+        |(stream, _): (UnixStream, tokio::net::unix::SocketAddr)| {
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                // Never waits: a full socket buffer just loses the message.
+                let _ = stream.try_write(b"error: too many admin clients at once; try again\n");
+                return;
+            };
+            let control = control.clone();
+            let stop = stop.clone();
+            shutdown.tracker.spawn(async move {
                 tokio::select! {
-                    () = shutdown.stop_accepting.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = client(stream, &control, read_timeout) => {}
+                    () = stop.cancelled() => {}
                 }
-            }
-        }
-    }
+                drop(slot);
+            });
+        },
+    )
+    .await;
     tracing::debug!("admin socket {}: closed", socket.path().display());
-}
-
-enum LineError {
-    TooLong,
-    Io,
 }
 
 async fn client(mut stream: UnixStream, control: &ControlHandle, read_timeout: Duration) {
     let reply = match tokio::time::timeout(read_timeout, read_line(&mut stream)).await {
-        Err(_) => Err(format!(
-            "no complete command line within {}; closing",
-            humantime::format_duration(read_timeout)
+        Err(_) => Err(AdminError::ReadTimeout(
+            humantime::format_duration(read_timeout).to_string(),
         )),
         Ok(Err(LineError::Io)) => return,
-        Ok(Err(LineError::TooLong)) => Err(format!("command line longer than {MAX_LINE} bytes")),
+        Ok(Err(LineError::TooLong)) => Err(AdminError::TooLong),
         Ok(Ok(line)) => match std::str::from_utf8(&line) {
-            Err(_) => Err("command is not valid UTF-8".to_string()),
+            Err(_) => Err(AdminError::NotUtf8),
             Ok(text) => match parse(text) {
                 Ok(request) => execute(request, control).await,
                 Err(e) => Err(e),
@@ -546,31 +548,27 @@ async fn client(mut stream: UnixStream, control: &ControlHandle, read_timeout: D
     .await;
 }
 
-/// Reads one line (up to `\n`, or EOF), without the line ending; never buffers more than
+enum LineError {
+    TooLong,
+    Io,
+}
+
+/// Reads one line (up to `\n`, or EOF), without the line ending; never reads more than
 /// `MAX_LINE` + 1 bytes.
 async fn read_line(stream: &mut UnixStream) -> Result<Vec<u8>, LineError> {
     let mut line = Vec::with_capacity(256);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let room = (MAX_LINE + 1 - line.len()).min(chunk.len());
-        let n = stream
-            .read(&mut chunk[..room])
-            .await
-            .map_err(|_| LineError::Io)?;
-        if n == 0 {
-            if line.is_empty() {
-                return Err(LineError::Io);
-            }
-            break;
-        }
-        if let Some(end) = chunk[..n].iter().position(|&b| b == b'\n') {
-            line.extend_from_slice(&chunk[..end]);
-            break;
-        }
-        line.extend_from_slice(&chunk[..n]);
-        if line.len() > MAX_LINE {
-            return Err(LineError::TooLong);
-        }
+    let mut reader = BufReader::new(stream.take(MAX_LINE as u64 + 1));
+    let n = reader
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|_| LineError::Io)?;
+    if n == 0 {
+        return Err(LineError::Io);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_LINE {
+        return Err(LineError::TooLong);
     }
     if line.last() == Some(&b'\r') {
         line.pop();
@@ -589,56 +587,60 @@ mod tests {
         target_of(s).unwrap()
     }
 
+    /// The reason as the socket writes it after `error: `.
+    fn error(line: &str) -> String {
+        parse(line).unwrap_err().to_string()
+    }
+
     #[test]
     fn parses_every_command() {
-        assert_eq!(parse("help"), Ok(Request::Help));
+        assert_eq!(parse("help").ok(), Some(Request::Help));
         assert_eq!(
-            parse("  show   backends "),
-            Ok(Request::ShowBackends { json: false })
+            parse("  show   backends ").ok(),
+            Some(Request::ShowBackends { json: false })
         );
         assert_eq!(
-            parse("show backends --json"),
-            Ok(Request::ShowBackends { json: true })
+            parse("show backends --json").ok(),
+            Some(Request::ShowBackends { json: true })
         );
         assert_eq!(
-            parse("show listeners --json"),
-            Ok(Request::ShowListeners { json: true })
+            parse("show listeners --json").ok(),
+            Some(Request::ShowListeners { json: true })
         );
-        assert_eq!(parse("drain p/b"), Ok(Request::Drain(target("p/b"))));
-        assert_eq!(parse("disable p/b"), Ok(Request::Disable(target("p/b"))));
-        assert_eq!(parse("enable p/b"), Ok(Request::Enable(target("p/b"))));
+        assert_eq!(parse("drain p/b").ok(), Some(Request::Drain(target("p/b"))));
         assert_eq!(
-            parse("set weight p/127.0.0.1:80 7"),
-            Ok(Request::SetWeight(target("p/127.0.0.1:80"), 7))
+            parse("disable p/b").ok(),
+            Some(Request::Disable(target("p/b")))
         );
-        assert_eq!(parse("reload"), Ok(Request::Reload));
+        assert_eq!(
+            parse("enable p/b").ok(),
+            Some(Request::Enable(target("p/b")))
+        );
+        assert_eq!(
+            parse("set weight p/127.0.0.1:80 7").ok(),
+            Some(Request::SetWeight(target("p/127.0.0.1:80"), 7))
+        );
+        assert_eq!(parse("reload").ok(), Some(Request::Reload));
     }
 
     #[test]
     fn errors_name_what_was_typed() {
-        assert_eq!(parse(""), Err("empty command; try \"help\"".into()));
+        assert_eq!(error(""), "empty command; try \"help\"");
         assert_eq!(
-            parse("frobnicate now"),
-            Err("unknown command \"frobnicate\"; try \"help\"".into())
+            error("frobnicate now"),
+            "unknown command \"frobnicate\"; try \"help\""
         );
+        assert_eq!(error("drain pool"), "\"pool\" is not POOL/BACKEND");
+        assert_eq!(error("drain"), "usage: drain POOL/BACKEND");
         assert_eq!(
-            parse("drain pool"),
-            Err("\"pool\" is not POOL/BACKEND".into())
-        );
-        assert_eq!(parse("drain"), Err("usage: drain POOL/BACKEND".into()));
-        assert_eq!(
-            parse("set weight p/b 0"),
-            Err("weight \"0\" is not a number from 1 to 1000".into())
+            error("set weight p/b 0"),
+            "weight \"0\" is not a number from 1 to 1000"
         );
         assert_eq!(
-            parse("set weight p/b lots"),
-            Err("weight \"lots\" is not a number from 1 to 1000".into())
+            error("set weight p/b lots"),
+            "weight \"lots\" is not a number from 1 to 1000"
         );
-        assert!(
-            parse("show everything")
-                .unwrap_err()
-                .contains("show everything")
-        );
+        assert!(error("show everything").contains("show everything"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::metrics::BackendMetrics;
+use crate::metrics::{BackendMetrics, names};
 
 /// What the health checker (or passive checking) last concluded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,7 @@ pub enum Admin {
 }
 
 /// The state shown to users and in metrics, derived from health, admin and active count.
+/// The order is that of `metrics::names::BACKEND_STATES`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     Up,
@@ -52,14 +53,9 @@ impl State {
         State::Disabled,
     ];
 
+    /// Its name as shown and as the `state` label of `weir_backend_state`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            State::Up => "up",
-            State::Down => "down",
-            State::Draining => "draining",
-            State::Drained => "drained",
-            State::Disabled => "disabled",
-        }
+        names::BACKEND_STATES[self as usize]
     }
 }
 
@@ -210,6 +206,26 @@ impl Backend {
         self.metrics.connect_errors.increment(1);
         self.connect_errors.fetch_add(1, Ordering::Relaxed);
         self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Passive checking, the one rule for TCP connects and UDP sends: a failure from real
+    /// traffic is counted, and with `passive_fall` set that many in a row mark the backend
+    /// down at once (probes bring it back). `what` names the failures in the log line
+    /// ("failed connects from traffic"). Returns true when this call marked it down.
+    pub fn connect_failed(&self, passive_fall: Option<u32>, what: &str, reason: &str) -> bool {
+        let failures = self.record_connect_failure();
+        let marked_down = passive_fall.is_some_and(|fall| failures >= fall)
+            && self.set_health(Health::Down) == Health::Up;
+        if marked_down {
+            tracing::warn!(
+                pool = %self.pool,
+                backend = %self.name,
+                "{}/{} down: {failures} consecutive {what}, last: {reason}",
+                self.pool,
+                self.name
+            );
+        }
+        marked_down
     }
 
     pub fn record_connect_success(&self) {

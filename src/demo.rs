@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig, Protocol, Strategy};
-use crate::control::Server;
+use crate::server::Server;
 
 /// A demo backend: greets each connection with its name, then echoes.
 struct DemoBackend {

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Admin, Backend, Health};
 use crate::config::{HealthCheckConfig, Protocol};
-use crate::proxy::connect::describe;
+use crate::net::describe;
 use crate::shutdown::Shutdown;
 
 /// A TCP reply is searched for `expect` within this many bytes at most: a probe never

@@ -1,37 +1,44 @@
 //! weir: a Layer-4 TCP/UDP load balancer.
 //!
-//! # Layout
+//! # Layers (bottom up; a module uses only those below it, `../shared/tools/shape` checks
+//! that there is no circle)
 //!
-//! - `main.rs` (binary): clap → tracing → the command; exit codes live there only.
-//! - [`cli`]: the commands of the contract (`run`, `check`, `ctl`, `demo`).
-//! - [`config`]: YAML → serde types (unknown keys rejected, positions kept) → validation
-//!   reporting every problem as `FILE:LINE:COLUMN` → the runtime [`config::Config`].
-//! - [`run`]: `weir run`: start, signals (SIGTERM/SIGINT stop, SIGHUP reloads), systemd notify.
-//! - [`control`]: the one writer of the routing tables: builds pools, backends and listeners,
-//!   applies `set weight` and reload (a typed diff), persists admin state ([`state_file`]).
-//! - [`backend`]: a backend's live state; health and admin state are separate atomics, so a
-//!   probe can never undo an operator's drain. [`backend::ConnGuard`] counts connections.
-//! - [`pool`]: a pool's backends and balancer, published as one immutable snapshot (`ArcSwap`).
-//! - [`balance`]: the four strategies, one file each, dispatched by a plain enum.
-//! - [`proxy`]: the data path: [`proxy::tcp`] accept loops, [`proxy::connect`] (timeouts,
-//!   retries, passive checks), [`proxy::splice`] (both directions, half-close, resets, idle),
-//!   [`proxy::udp`] (sessions per client address).
-//! - [`health`]: active probes (tcp connect, send/expect over tcp or udp), rise/fall, jitter.
-//! - [`admin`] and [`ctl`]: the Unix-socket admin protocol, server and client side.
-//! - [`metrics`]: the Prometheus exporter, `/metrics` and `/ready`, handles registered once.
-//! - [`shutdown`]: one `TaskTracker` and two tokens: stop accepting, then close what's left.
-//! - [`demo`]: `weir demo`, kept apart from the core.
+//! 1. Leaf types: [`config`] (YAML → serde types → validation → the runtime `Config`),
+//!    [`backend`] (live state; health and admin state as separate atomics, so a probe can
+//!    never undo an operator's drain), [`metrics`] (every name once, handles registered
+//!    once, the recorder), [`net`] (bind, keepalive, accept with backoff, socket-error
+//!    classes), [`shutdown`].
+//! 2. Picking: [`balance`] (one file per strategy; `Strategy` owns its names), [`pool`]
+//!    (backends and balancer as one immutable snapshot).
+//! 3. Data path: [`proxy`] (tcp accept, connect + retries, splice, udp sessions), [`health`]
+//!    (probes, rise/fall).
+//! 4. The one writer: [`control`] (the task and its handle; reload as a plan computed by a
+//!    pure function, then applied), [`tables`] (the read side everyone else looks at).
+//! 5. Edges: [`server`] (startup wiring), [`admin`] (the Unix-socket protocol), [`http`]
+//!    (`/metrics`, `/ready`), [`state_file`].
+//! 6. Commands: [`run`], [`ctl`], [`demo`], [`cli`]; `main.rs` holds the exit codes.
 //!
 //! # Flows
 //!
-//! TCP: accept (backs off on EMFILE, never exits on a transient error) → `max_connections`
-//! check → the pool's snapshot picks an eligible backend (up and enabled) → connect with the
-//! pool's timeout, retrying other backends → splice both ways until both sides are done, an
-//! idle timeout, a half-close linger or shutdown's hard token → bytes and durations to metrics.
+//! TCP: `net::accept_loop` (backs off on EMFILE, never exits on a transient error) →
+//! `Listener::admit` checks `max_connections` and takes the **listener guard** (listener
+//! active/total) → the pool's snapshot picks an eligible backend (up and enabled) →
+//! `Backend::connect_guard` takes the **`ConnGuard`** (backend active/total) →
+//! `proxy::connect` connects with the pool's timeout, retrying other backends, and records
+//! the **connect duration** (or a connect error, which feeds passive checking) →
+//! `proxy::splice` moves bytes both ways, bumping the **splice byte counters**
+//! (`weir_backend_bytes_sent_total`/`_received_total`) as they pass, until both sides are
+//! done, an idle timeout, a half-close linger or shutdown's hard token → `proxy::tcp`
+//! records the **connection duration**; dropping the guards releases the active counts.
 //!
-//! UDP: one receive loop per listener owns the session table; a new client address picks a
-//! backend and gets a connected upstream socket with its own reply task; a sweep expires idle
-//! sessions.
+//! UDP: one receive loop per socket (one per worker thread) owns its session table; a new
+//! client address is admitted (listener guard), picks a backend (`ConnGuard`) and gets a
+//! connected upstream socket with its own reply task; datagram counters are bumped per
+//! datagram; a sweep expires idle sessions.
+//!
+//! Control: the admin socket, reload (SIGHUP or admin) and the health checker either flip
+//! one atomic of a backend or send the control task a message; only the control task
+//! publishes new tables and pool snapshots.
 //!
 //! The per-connection and per-datagram path takes no lock: it loads a snapshot, reads and
 //! bumps atomics, and uses metric handles registered once.
@@ -45,9 +52,13 @@ pub mod control;
 pub mod ctl;
 pub mod demo;
 pub mod health;
+pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod pool;
 pub mod proxy;
 pub mod run;
+pub mod server;
 pub mod shutdown;
 pub mod state_file;
+pub mod tables;

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::control::Server;
+use crate::server::Server;
 use crate::shutdown::{Signal, Signals};
 
 pub async fn run(config_path: &Path) -> ExitCode {

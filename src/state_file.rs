@@ -3,7 +3,8 @@
 //! back into rotation because weir restarted.
 //!
 //! Only the control task writes it (after every admin change and reload), atomically:
-//! a temporary file in the same folder, then a rename.
+//! a uniquely named temporary file in the same folder (created with O_EXCL, so a symlink
+//! planted there is never followed), then a rename (`tempfile`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +13,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Admin, Backend};
 use crate::config::Config;
-use crate::control::Tables;
+use crate::tables::Tables;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
+}
 
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -63,19 +78,33 @@ pub fn capture(tables: &Tables, config: &Config) -> StateFile {
 }
 
 pub fn write(path: &Path, state: &StateFile) -> std::io::Result<()> {
+    use std::io::Write as _;
     let text = serde_json::to_string_pretty(state).map_err(std::io::Error::other)? + "\n";
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    std::fs::write(&temporary, text)?;
-    std::fs::rename(&temporary, path)
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut temporary = tempfile::Builder::new()
+        .prefix(".weir-state.")
+        .tempfile_in(folder)?;
+    temporary.write_all(text.as_bytes())?;
+    temporary.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Reads the file; a missing file is an empty state.
-pub fn read(path: &Path) -> Result<StateFile, String> {
+pub fn read(path: &Path) -> Result<StateFile, StateFileError> {
+    let shown = || path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Ok(text) => serde_json::from_str(&text).map_err(|source| StateFileError::Parse {
+            path: shown(),
+            source,
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
-        Err(e) => Err(format!("{}: cannot read: {e}", path.display())),
+        Err(source) => Err(StateFileError::Read {
+            path: shown(),
+            source,
+        }),
     }
 }
 

@@ -11,7 +11,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::backend::State;
 use weir::config::{Config, Strategy};
-use weir::control::{Server, StartOptions};
+use weir::server::{Server, StartOptions};
 
 /// Admin clients in these tests must send their line within this long (the 10 s default
 /// has a test of its own).

@@ -322,9 +322,11 @@ async fn operator_state_holds_while_probes_flap() {
     .await;
 }
 
-async fn admin_command(server: &weir::control::Server, line: &str) -> Result<String, String> {
-    let request = weir::admin::parse(line)?;
-    weir::admin::execute(request, &server.handle).await
+async fn admin_command(server: &weir::server::Server, line: &str) -> Result<String, String> {
+    let request = weir::admin::parse(line).map_err(|e| e.to_string())?;
+    weir::admin::execute(request, &server.handle)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test]

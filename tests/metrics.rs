@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir::backend::{Health, State};
 use weir::config::{BackendConfig, Config, Strategy};
-use weir::control::Server;
+use weir::server::Server;
 
 /// The "nothing listens" test counts this process's listening sockets; every other test
 /// holds this for reading while it runs so that count isn't disturbed.

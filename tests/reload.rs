@@ -8,7 +8,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir::backend::State;
-use weir::control::Server;
+use weir::server::Server;
 
 /// A config file text: one tcp listener `front` on `bind` before pool `pool`.
 fn yaml(bind: &str, strategy: &str, backends: &[(&str, SocketAddr, u32)], extra: &str) -> String {
@@ -236,7 +236,7 @@ async fn listeners_added_and_removed_and_a_bind_conflict_rolls_back() {
         )
     };
     std::fs::write(&path, with_second(taken_addr)).unwrap();
-    let err = server.handle.reload().await.unwrap_err();
+    let err = server.handle.reload().await.unwrap_err().to_string();
     assert!(
         err.contains("second") && err.contains(&taken_addr.to_string()),
         "{err}"

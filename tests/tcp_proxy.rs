@@ -151,15 +151,22 @@ async fn client_reset_resets_backend_side() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let (got_bytes, bytes_arrived) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut buf = [0u8; 64];
         let mut result = Ok(0);
+        let mut got_bytes = Some(got_bytes);
         // Read until the connection ends one way or another.
         loop {
             match stream.read(&mut buf).await {
                 Ok(0) => break,
-                Ok(n) => result = Ok(n),
+                Ok(n) => {
+                    result = Ok(n);
+                    if let Some(tx) = got_bytes.take() {
+                        let _ = tx.send(());
+                    }
+                }
                 Err(e) => {
                     result = Err(e.kind());
                     break;
@@ -175,8 +182,11 @@ async fn client_reset_resets_backend_side() {
     .await;
     let mut client = TcpStream::connect(front).await.unwrap();
     client.write_all(b"hello").await.unwrap();
-    // Let the bytes reach the backend before resetting.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The bytes reach the backend before the reset.
+    tokio::time::timeout(DEADLINE, bytes_arrived)
+        .await
+        .expect("the backend reads the client's bytes")
+        .unwrap();
     socket2::SockRef::from(&client)
         .set_linger(Some(Duration::ZERO))
         .unwrap();

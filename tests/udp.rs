@@ -19,7 +19,7 @@ use weir::config::Strategy;
 use weir::proxy::Listener;
 use weir::proxy::udp::DropReason;
 
-fn listener(server: &weir::control::Server) -> Arc<Listener> {
+fn listener(server: &weir::server::Server) -> Arc<Listener> {
     server.handle.tables().listeners["front"].clone()
 }
 
@@ -28,7 +28,7 @@ fn listener(server: &weir::control::Server) -> Arc<Listener> {
 async fn round_robin_over_a_and_b() -> (
     UdpTestBackend,
     UdpTestBackend,
-    weir::control::Server,
+    weir::server::Server,
     SocketAddr,
 ) {
     let a = UdpTestBackend::start("a").await;
@@ -552,7 +552,7 @@ async fn datagram_and_drop_counters_are_exported() {
     config.listeners[0].name = "udp_metrics".into();
     config.listeners[0].max_connections = Some(1);
     config.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
-    let server = weir::control::Server::start(config, None).await.unwrap();
+    let server = weir::server::Server::start(config, None).await.unwrap();
     let front = server.listener_addr("udp_metrics").unwrap();
     let metrics = server.metrics_addr().expect("metrics address");
 
@@ -607,7 +607,7 @@ async fn reload_keeps_sessions_applies_idle_timeout_and_moves_the_listener() {
     };
     std::fs::write(&path, yaml("127.0.0.1:0", "30s")).unwrap();
     let config = weir::config::load(&path).expect("valid config");
-    let server = weir::control::Server::start(config, Some(path.clone()))
+    let server = weir::server::Server::start(config, Some(path.clone()))
         .await
         .unwrap();
     let front = server.listener_addr("front").unwrap();

@@ -3,19 +3,17 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use socket2::{SockRef, TcpKeepalive};
 #[cfg(not(target_os = "linux"))]
 use tokio::net::TcpSocket;
 use tokio::net::TcpStream;
 
-use crate::backend::{ConnGuard, Health};
+use crate::backend::ConnGuard;
+// Re-exported until proxy::udp names it from crate::net.
+pub use crate::net::describe;
+use crate::net::set_keepalive;
 use crate::pool::PoolSnapshot;
-
-/// How long a connection may sit idle before the kernel starts keepalive probes.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -59,23 +57,17 @@ pub async fn connect(
             ),
         };
         drop(guard);
-        let failures = backend.record_connect_failure();
         tracing::warn!(
             pool = %backend.pool,
             backend = %backend.name,
             address = %backend.addr,
             "connect failed: {reason}"
         );
-        if let Some(fall) = snapshot.passive_fall
-            && failures >= fall
-            && backend.set_health(Health::Down) == Health::Up
-        {
-            tracing::warn!(
-                "{}/{} down: {failures} consecutive failed connects from traffic, last: {reason}",
-                backend.pool,
-                backend.name
-            );
-        }
+        backend.connect_failed(
+            snapshot.passive_fall,
+            "failed connects from traffic",
+            &reason,
+        );
         last_failure = Some((backend.name.clone(), reason));
         tried.push(index);
     }
@@ -131,28 +123,10 @@ async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// TCP keepalive, so a peer that vanished without a FIN is noticed eventually. (Also set
-/// on listening sockets, whose accepted connections inherit it on Linux.)
-pub fn set_keepalive<'s>(socket: impl Into<SockRef<'s>>) -> io::Result<()> {
-    let keepalive = TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL);
-    socket.into().set_tcp_keepalive(&keepalive)
-}
-
-/// A short, operator-facing reason: "connection refused", "timed out", …
-pub fn describe(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "connection refused".into(),
-        io::ErrorKind::ConnectionReset => "connection reset".into(),
-        io::ErrorKind::TimedOut => "timed out".into(),
-        _ => e.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use socket2::SockRef;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A loopback port with nothing listening: bind one, note it, close it.

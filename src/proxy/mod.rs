@@ -1,4 +1,6 @@
-//! The data path: TCP accept loops and splicing, UDP sessions.
+//! The data path: a listener's live state ([`Listener`]), binding and serving it, TCP
+//! accept loops, connects and splicing ([`tcp`], [`connect`], [`splice`]), UDP sessions
+//! ([`udp`]).
 
 pub mod connect;
 pub mod splice;
@@ -12,10 +14,85 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{ListenerConfig, Protocol};
 use crate::metrics::ListenerMetrics;
 use crate::pool::Pool;
+use crate::shutdown::Shutdown;
+
+/// A listener's socket, bound before anything changes (a reload binds first, commits after).
+pub enum BoundSocket {
+    Tcp(tokio::net::TcpListener),
+    /// One socket per worker thread, all on the listener's address (`udp::bind`).
+    Udp(Vec<tokio::net::UdpSocket>),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("listener {listener:?}: cannot bind {addr}: {source}")]
+pub struct BindError {
+    listener: String,
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Binds the socket(s) of the listener `config`.
+pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, BindError> {
+    let bound = match config.protocol {
+        Protocol::Tcp => crate::net::bind_tcp(config.bind).map(BoundSocket::Tcp),
+        Protocol::Udp => udp::bind(config.bind).map(BoundSocket::Udp),
+    };
+    bound.map_err(|source| BindError {
+        listener: config.name.clone(),
+        addr: config.bind,
+        source,
+    })
+}
+
+/// Starts serving a bound socket as the listener `config` (its accept or receive loops
+/// run in the shutdown's tracker until `stop`); returns the listener's live state.
+pub fn serve(
+    config: &ListenerConfig,
+    socket: BoundSocket,
+    pool: Arc<Pool>,
+    shutdown: &Shutdown,
+    stop: &CancellationToken,
+) -> std::io::Result<Arc<Listener>> {
+    match socket {
+        BoundSocket::Tcp(socket) => {
+            let bound = socket.local_addr()?;
+            let listener = Listener::new(config, bound, pool);
+            tracing::info!(listener = %listener.name, pool = %config.pool, "accepting on {bound} (tcp)");
+            shutdown.tracker.spawn(tcp::accept_loop(
+                socket,
+                Arc::clone(&listener),
+                shutdown.clone(),
+                stop.clone(),
+            ));
+            Ok(listener)
+        }
+        BoundSocket::Udp(sockets) => {
+            let first = sockets
+                .first()
+                .ok_or_else(|| std::io::Error::other("a udp listener has at least one socket"))?;
+            let bound = first.local_addr()?;
+            let listener = Listener::new(config, bound, pool);
+            if let Some(stats) = &listener.udp {
+                stats.set_sockets(sockets.len());
+            }
+            tracing::info!(listener = %listener.name, pool = %config.pool, sockets = sockets.len(), "receiving on {bound} (udp)");
+            for socket in sockets {
+                shutdown.tracker.spawn(udp::receive_loop(
+                    socket,
+                    Arc::clone(&listener),
+                    shutdown.clone(),
+                    stop.clone(),
+                ));
+            }
+            Ok(listener)
+        }
+    }
+}
 
 /// A listener's live state, shared by its accept loop, the admin socket and metrics.
 pub struct Listener {

@@ -64,8 +64,8 @@ impl End {
             End::Done => "closed".into(),
             End::IdleTimeout => "idle timeout".into(),
             End::HalfCloseLinger => "half-closed for too long".into(),
-            End::ClientReset(e) => format!("client: {}", super::connect::describe(e)),
-            End::BackendReset(e) => format!("backend: {}", super::connect::describe(e)),
+            End::ClientReset(e) => format!("client: {}", crate::net::describe(e)),
+            End::BackendReset(e) => format!("backend: {}", crate::net::describe(e)),
             End::Shutdown => "shutdown grace period ended".into(),
         }
     }

@@ -1,7 +1,6 @@
 //! TCP listeners: the accept loop and one task per client connection.
 
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::Listener;
 use super::connect::{self, ConnectError};
 use super::splice::{self, Counters, SpliceOptions};
+use crate::net;
 use crate::shutdown::Shutdown;
 
 /// A half-closed connection (one direction finished) may wait this long for the other.
@@ -18,104 +18,33 @@ use crate::shutdown::Shutdown;
 /// short enough that abandoned half-open connections don't pile up.
 pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(60);
 
-/// Backoff bounds when accept fails because file descriptors or memory ran out.
-const BACKOFF_MIN: Duration = Duration::from_millis(5);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Binds a TCP listener with SO_REUSEADDR (a restart doesn't wait for TIME_WAIT).
-///
-/// One listening socket and one accept loop per listener: one SO_REUSEPORT socket and
-/// accept loop per worker thread was measured no faster (docs/performance.md), since
-/// tokio already spreads the connection tasks over the workers.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    // Accepted connections inherit these on Linux: four fewer setsockopt calls per
-    // connection (TCP_NODELAY, and three for keepalive). `handle` sets them elsewhere.
-    #[cfg(target_os = "linux")]
-    {
-        socket.set_nodelay(true)?;
-        connect::set_keepalive(&socket)?;
-    }
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
-/// Accepts until `stop` fires (or shutdown begins), then drops the socket so new
-/// connections are refused. Never exits on a transient error.
+/// Accepts until `stop` fires (a child of shutdown's stop-accepting token), then drops
+/// the socket so new connections are refused. Never exits on a transient error
+/// (`net::accept_loop`).
 pub async fn accept_loop(
     socket: TcpListener,
     listener: Arc<Listener>,
     shutdown: Shutdown,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut backoff = BACKOFF_MIN;
-    let mut in_burst = false;
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.stop_accepting.cancelled() => break,
-            () = stop.cancelled() => break,
-            r = socket.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                if in_burst {
-                    tracing::info!(listener = %listener.name, "accepting again");
-                    in_burst = false;
-                }
-                backoff = BACKOFF_MIN;
-                let Some(admitted) = listener.admit() else {
-                    // Over max_connections: closed at once, never left in the backlog.
-                    tracing::debug!(listener = %listener.name, client = %peer, "rejected: max_connections reached");
-                    drop(stream);
-                    continue;
-                };
-                let hard = shutdown.hard.clone();
-                shutdown.tracker.spawn(handle(stream, peer, admitted, hard));
-            }
-            Err(e) if is_resource_exhaustion(&e) => {
-                if !in_burst {
-                    tracing::error!(
-                        listener = %listener.name,
-                        "accept failed: {e}; backing off (raise the open-file limit or lower max_connections)"
-                    );
-                    in_burst = true;
-                }
-                tokio::select! {
-                    () = shutdown.stop_accepting.cancelled() => break,
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-            Err(e) => {
-                // ECONNABORTED and friends: the client gave up before we accepted.
-                tracing::debug!(listener = %listener.name, "accept: {e}");
-            }
-        }
-    }
+    let what = format!("listener {:?}", listener.name);
+    net::accept_loop(
+        &what,
+        &stop,
+        || socket.accept(),
+        |(stream, peer): (TcpStream, SocketAddr)| {
+            let Some(admitted) = listener.admit() else {
+                // Over max_connections: closed at once, never left in the backlog.
+                tracing::debug!(listener = %listener.name, client = %peer, "rejected: max_connections reached");
+                drop(stream);
+                return;
+            };
+            let hard = shutdown.hard.clone();
+            shutdown.tracker.spawn(handle(stream, peer, admitted, hard));
+        },
+    )
+    .await;
     tracing::info!(listener = %listener.name, bind = %listener.bind, "stopped accepting");
-}
-
-/// accept(2) failures that mean "out of file descriptors or memory": back off, they pass.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    #[cfg(unix)]
-    {
-        use rustix::io::Errno;
-        let errno = Errno::from_io_error(e);
-        matches!(
-            errno,
-            Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
-        )
-    }
-    #[cfg(not(unix))]
-    {
-        e.kind() == io::ErrorKind::OutOfMemory
-    }
 }
 
 #[allow(clippy::manual_async_fn)] // deliberately not an `async fn`, see below
@@ -131,11 +60,11 @@ fn handle(
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let listener = admitted.listener();
-        // On Linux inherited from the listening socket (see `bind_with`).
+        // On Linux inherited from the listening socket (see `net::bind_tcp`).
         #[cfg(not(target_os = "linux"))]
         {
             let _ = client.set_nodelay(true);
-            let _ = connect::set_keepalive(&client);
+            let _ = net::set_keepalive(&client);
         }
         let snapshot = listener.pool.load().load_full();
         let (upstream, guard) = tokio::select! {
@@ -199,7 +128,7 @@ mod tests {
     /// What `handle` relies on to skip setting them per connection.
     #[tokio::test]
     async fn accepted_connections_have_nodelay_and_keepalive() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = net::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
@@ -207,7 +136,7 @@ mod tests {
         #[cfg(not(target_os = "linux"))]
         {
             let _ = accepted.set_nodelay(true);
-            let _ = connect::set_keepalive(&accepted);
+            let _ = net::set_keepalive(&accepted);
         }
         let sock = socket2::SockRef::from(&accepted);
         assert!(accepted.nodelay().unwrap(), "TCP_NODELAY");

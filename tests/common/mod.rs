@@ -15,7 +15,7 @@ use weir::backend::State;
 use weir::config::{
     BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol, Strategy,
 };
-use weir::control::Server;
+use weir::server::Server;
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
 

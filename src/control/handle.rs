@@ -1,0 +1,105 @@
+//! What the admin socket, the HTTP endpoint and `weir run` hold: the published tables and
+//! config to read, and a channel to ask the control task for changes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Config, ConfigErrors};
+use crate::tables::Tables;
+
+/// Why the control task could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("weir is shutting down")]
+    ShuttingDown,
+    #[error("no pool {0:?}")]
+    NoPool(String),
+    #[error("no backend {backend:?} in pool {pool:?}")]
+    NoBackend { pool: String, backend: String },
+    #[error("weight {0} is out of range 1..=1000")]
+    WeightOutOfRange(u32),
+    #[error("this instance was started without a config file")]
+    NoConfigFile,
+    #[error("reading the config failed: {0}")]
+    ReadFailed(String),
+    /// Every problem of the new file; nothing changed.
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    /// A new listener address could not be bound; nothing changed.
+    #[error("{0}; nothing changed")]
+    Bind(#[from] crate::proxy::BindError),
+}
+
+pub(super) enum Command {
+    SetWeight {
+        pool: String,
+        backend: String,
+        weight: u32,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    /// Re-read the config file; the reply summarises what changed, or lists every problem.
+    Reload {
+        reply: oneshot::Sender<Result<String, ControlError>>,
+    },
+    /// An operator changed a backend's admin state: persist it.
+    AdminChanged,
+}
+
+#[derive(Clone)]
+pub struct ControlHandle {
+    pub(super) tx: mpsc::Sender<Command>,
+    pub(super) tables: Arc<ArcSwap<Tables>>,
+    pub(super) config: Arc<ArcSwap<Config>>,
+    pub config_path: Option<PathBuf>,
+}
+
+impl ControlHandle {
+    pub fn tables(&self) -> Arc<Tables> {
+        self.tables.load_full()
+    }
+
+    /// The config in force (the last one loaded successfully).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub async fn set_weight(
+        &self,
+        pool: &str,
+        backend: &str,
+        weight: u32,
+    ) -> Result<(), ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::SetWeight {
+            pool: pool.into(),
+            backend: backend.into(),
+            weight,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| ControlError::ShuttingDown)?
+    }
+
+    /// Re-reads the config file and applies it; `Err` lists every problem, and then
+    /// nothing has changed.
+    pub async fn reload(&self) -> Result<String, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Reload { reply }).await?;
+        rx.await.map_err(|_| ControlError::ShuttingDown)?
+    }
+
+    /// Tells the control task that an admin state changed (for the state file).
+    pub async fn admin_changed(&self) {
+        let _ = self.tx.send(Command::AdminChanged).await;
+    }
+
+    async fn send(&self, command: Command) -> Result<(), ControlError> {
+        self.tx
+            .send(command)
+            .await
+            .map_err(|_| ControlError::ShuttingDown)
+    }
+}

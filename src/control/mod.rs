@@ -1,0 +1,297 @@
+//! The control task: the one writer of the routing tables.
+//!
+//! It owns the pools, backends and listeners, publishes them as [`Tables`] (read by the
+//! admin socket, the HTTP endpoint and the state file), and applies changes that need a
+//! new pool snapshot (weights, reload) one message at a time. Health and admin state are
+//! single atomics on each backend and need no message.
+//!
+//! - `handle.rs`: [`ControlHandle`], what others hold, and [`ControlError`].
+//! - `plan.rs`: a reload as a plan, computed by a pure function (unit-tested without sockets).
+//! - `reload.rs`: applying it, in two phases: first everything that can fail (reading and
+//!   validating the file, binding new listener sockets), with nothing changed yet; then
+//!   the commit, which cannot fail.
+//!
+//! A backend that stays is the same `Arc<Backend>`, so its health, admin state, counters
+//! and open connections carry over. A removed backend is drained and stays visible until
+//! its last connection closes.
+
+mod handle;
+pub mod plan;
+mod reload;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use handle::Command;
+pub use handle::{ControlError, ControlHandle};
+
+use crate::backend::Backend;
+use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig};
+use crate::health;
+use crate::metrics::ReloadMetrics;
+use crate::pool::{Pool, PoolSnapshot};
+use crate::proxy::{self, BoundSocket, Listener};
+use crate::shutdown::Shutdown;
+use crate::state_file;
+use crate::tables::Tables;
+
+/// How often the control task looks for removed backends whose last connection closed.
+const RETIRE_EVERY: Duration = Duration::from_millis(500);
+
+pub struct ControlTask {
+    tables: Arc<ArcSwap<Tables>>,
+    config: Arc<ArcSwap<Config>>,
+    config_path: Option<PathBuf>,
+    shutdown: Shutdown,
+    /// Per pool: the token its health checkers stop on (a reload replaces them).
+    pool_checks: BTreeMap<String, CancellationToken>,
+    /// Per listener: the token its accept or receive loop stops on.
+    listener_stops: BTreeMap<String, CancellationToken>,
+    /// Backends a reload removed that still have open connections. Held by identity, not
+    /// by name: a reload may bring a backend of the same name at another address.
+    retiring: Vec<Arc<Backend>>,
+    metrics: ReloadMetrics,
+}
+
+impl ControlTask {
+    /// A control task for `config`, with empty tables until [`ControlTask::publish`].
+    pub fn new(config: &Config, config_path: Option<PathBuf>, shutdown: &Shutdown) -> Self {
+        ControlTask {
+            tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
+            config: Arc::new(ArcSwap::from_pointee(config.clone())),
+            config_path,
+            shutdown: shutdown.clone(),
+            pool_checks: BTreeMap::new(),
+            listener_stops: BTreeMap::new(),
+            retiring: Vec::new(),
+            metrics: ReloadMetrics::default(),
+        }
+    }
+
+    pub fn publish(&self, tables: Tables) {
+        self.tables.store(Arc::new(tables));
+    }
+
+    /// Starts the task; it stops with accepting (during the grace period nothing is
+    /// rerouted). The handle is what everyone else holds.
+    pub fn spawn(self) -> ControlHandle {
+        let (tx, rx) = mpsc::channel(64);
+        let handle = ControlHandle {
+            tx,
+            tables: Arc::clone(&self.tables),
+            config: Arc::clone(&self.config),
+            config_path: self.config_path.clone(),
+        };
+        let stop = self.shutdown.stop_accepting.clone();
+        self.shutdown.tracker.clone().spawn(self.run(rx, stop));
+        handle
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, stop: CancellationToken) {
+        let mut retire = tokio::time::interval(RETIRE_EVERY);
+        retire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let command = tokio::select! {
+                c = rx.recv() => match c { Some(c) => c, None => return },
+                _ = retire.tick(), if !self.retiring.is_empty() => {
+                    self.retire_idle_backends();
+                    continue;
+                }
+                () = stop.cancelled() => return,
+            };
+            self.handle(command).await;
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::SetWeight {
+                pool,
+                backend,
+                weight,
+                reply,
+            } => {
+                let result = self.set_weight(&pool, &backend, weight);
+                if result.is_ok() {
+                    self.save_state();
+                }
+                let _ = reply.send(result);
+            }
+            Command::Reload { reply } => {
+                let result = self.reload().await;
+                self.metrics.record(result.is_ok());
+                match &result {
+                    Ok(summary) => tracing::info!("reload: {summary}"),
+                    Err(problems) => {
+                        tracing::error!("reload failed, nothing changed:\n{problems}")
+                    }
+                }
+                let _ = reply.send(result);
+            }
+            Command::AdminChanged => self.save_state(),
+        }
+    }
+
+    fn set_weight(
+        &self,
+        pool_name: &str,
+        backend_name: &str,
+        weight: u32,
+    ) -> Result<(), ControlError> {
+        if !(1..=1000).contains(&weight) {
+            return Err(ControlError::WeightOutOfRange(weight));
+        }
+        let tables = self.tables.load();
+        let no_pool = || ControlError::NoPool(pool_name.to_string());
+        let pool = tables.pools.get(pool_name).ok_or_else(no_pool)?;
+        let snapshot = pool.load_full();
+        let backend = snapshot
+            .find(backend_name)
+            .ok_or_else(|| ControlError::NoBackend {
+                pool: pool_name.to_string(),
+                backend: backend_name.to_string(),
+            })?;
+        backend.set_weight(weight);
+        let config = self.config.load();
+        let pool_config = config
+            .pools
+            .iter()
+            .find(|p| p.name == pool_name)
+            .ok_or_else(no_pool)?;
+        pool.publish(PoolSnapshot::new(pool_config, snapshot.backends.clone()));
+        tracing::info!("{pool_name}/{backend_name}: weight set to {weight}");
+        Ok(())
+    }
+
+    /// Writes the state file, when one is configured. A failure is logged, never fatal.
+    fn save_state(&self) {
+        let config = self.config.load();
+        let Some(path) = &config.state_file else {
+            return;
+        };
+        let state = state_file::capture(&self.tables.load(), &config);
+        if let Err(e) = state_file::write(path, &state) {
+            tracing::error!("state file {}: cannot write: {e}", path.display());
+        }
+    }
+
+    /// Starts the health checkers of `pool` (replacing any running ones); returns the
+    /// first-round receivers. Retiring backends are not checked.
+    pub fn start_checks(&mut self, pool: &Pool, config: &PoolConfig) -> Vec<oneshot::Receiver<()>> {
+        if let Some(old) = self.pool_checks.remove(&pool.name) {
+            old.cancel();
+        }
+        let Some(check) = &config.health_check else {
+            return Vec::new();
+        };
+        let stop = self.shutdown.stop_accepting.child_token();
+        let receivers = pool
+            .load_full()
+            .backends
+            .iter()
+            .filter(|b| !self.is_retiring(b))
+            .map(|backend| {
+                health::spawn_checker(
+                    Arc::clone(backend),
+                    check.clone(),
+                    pool.protocol,
+                    &self.shutdown,
+                    stop.clone(),
+                )
+            })
+            .collect();
+        self.pool_checks.insert(pool.name.clone(), stop);
+        receivers
+    }
+
+    /// Starts serving `socket` as the listener `config`, replacing (and stopping) the
+    /// running listener of that name, if any.
+    pub fn start_listener(
+        &mut self,
+        config: &ListenerConfig,
+        socket: BoundSocket,
+        pool: Arc<Pool>,
+    ) -> std::io::Result<Arc<Listener>> {
+        let stop = self.shutdown.stop_accepting.child_token();
+        let listener = proxy::serve(config, socket, pool, &self.shutdown, &stop)?;
+        if let Some(old) = self.listener_stops.insert(config.name.clone(), stop) {
+            old.cancel();
+        }
+        Ok(listener)
+    }
+
+    fn is_retiring(&self, backend: &Arc<Backend>) -> bool {
+        self.retiring.iter().any(|b| Arc::ptr_eq(b, backend))
+    }
+
+    /// Takes `backend` off the retiring list.
+    fn stop_retiring(&mut self, backend: &Arc<Backend>) {
+        self.retiring.retain(|b| !Arc::ptr_eq(b, backend));
+    }
+
+    /// Drops removed backends whose last connection has closed from their pool.
+    fn retire_idle_backends(&mut self) {
+        let tables = self.tables.load_full();
+        let config = self.config.load_full();
+        self.retiring.retain(|backend| {
+            let Some(pool) = tables.pools.get(&backend.pool) else {
+                return false;
+            };
+            let snapshot = pool.load_full();
+            if !snapshot.backends.iter().any(|b| Arc::ptr_eq(b, backend)) {
+                return false;
+            }
+            if backend.active() > 0 {
+                return true;
+            }
+            let Some(pool_config) = config.pools.iter().find(|p| p.name == backend.pool) else {
+                return true;
+            };
+            let backends = snapshot
+                .backends
+                .iter()
+                .filter(|b| !Arc::ptr_eq(b, backend))
+                .cloned()
+                .collect();
+            pool.publish(PoolSnapshot::new(pool_config, backends));
+            tracing::info!(
+                "{}/{}: removed by reload, last connection closed",
+                backend.pool,
+                backend.name
+            );
+            false
+        });
+    }
+}
+
+/// A pool built from its config, every backend new.
+pub fn build_pool(config: &PoolConfig) -> Arc<Pool> {
+    let backends = config
+        .backends
+        .iter()
+        .map(|b| new_backend(config, b))
+        .collect();
+    Pool::new(
+        &config.name,
+        config.protocol,
+        PoolSnapshot::new(config, backends),
+    )
+}
+
+/// A backend with a health check starts down: its first probe decides.
+fn new_backend(pool: &PoolConfig, backend: &BackendConfig) -> Arc<Backend> {
+    Backend::new(
+        &pool.name,
+        &backend.name,
+        &backend.address,
+        backend.addr,
+        backend.weight,
+        pool.health_check.is_none(),
+    )
+}

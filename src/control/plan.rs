@@ -1,0 +1,303 @@
+//! A reload as a plan: what must change to go from the running tables (built from the old
+//! config) to the new config, computed by a pure function and applied afterwards by the
+//! control task (`reload.rs`). Computing it binds nothing, starts nothing and changes no
+//! backend, so every rule of a reload is unit-tested here without sockets.
+//!
+//! The rules:
+//! - A backend stays when its pool, name and resolved address stay: it is the same
+//!   `Arc<Backend>` (health, admin state, counters, open connections carry over).
+//! - A weight changed in the file wins over an operator's `set weight`; an unchanged one
+//!   leaves the operator's value alone.
+//! - A removed backend with open connections is retired: drained, kept in its pool's
+//!   snapshot until its last connection closes. One that comes back before that is
+//!   enabled again.
+//! - A listener is rebound when it is new, its protocol changed, or its address changed
+//!   (the address it actually bound counts as unchanged: port 0 became a real port).
+//! - A pool whose protocol changed is a new pool.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::config::{Config, ListenerConfig, PoolConfig};
+use crate::tables::Tables;
+
+/// Everything a reload will do, in the order it is applied.
+#[derive(Debug, Default)]
+pub struct ReloadPlan {
+    /// Settings read only at start that changed: said in the reply.
+    pub notes: Vec<String>,
+    /// One per listener of the new config, in its order.
+    pub listeners: Vec<ListenerStep>,
+    pub listeners_removed: Vec<String>,
+    /// One per pool of the new config, in its order.
+    pub pools: Vec<PoolStep>,
+    pub pools_removed: Vec<String>,
+    pub changes: Changes,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ListenerStep {
+    /// The running listener stays; its settings and pool are updated in place.
+    Keep(String),
+    /// A new socket is bound first (phase 1); its accept loop replaces any old one.
+    Bind(String),
+}
+
+#[derive(Debug)]
+pub enum PoolStep {
+    /// A new pool (or one whose protocol changed): built from its config.
+    Add(String),
+    Update(PoolUpdate),
+}
+
+/// A pool that stays.
+#[derive(Debug)]
+pub struct PoolUpdate {
+    pub name: String,
+    /// The new snapshot's backends, in order.
+    pub backends: Vec<BackendStep>,
+    /// Retiring backends that left for good (their last connection closed): no longer
+    /// tracked.
+    pub forget: Vec<Arc<Backend>>,
+    /// The backend set or the health check changed: checkers start again.
+    pub restart_checks: bool,
+    /// The health check was removed: every backend is up unless connects fail.
+    pub mark_all_up: bool,
+}
+
+#[derive(Debug)]
+pub enum BackendStep {
+    Keep {
+        backend: Arc<Backend>,
+        /// The file changed its weight.
+        set_weight: Option<u32>,
+        /// It was retiring (removed by an earlier reload) and is back.
+        unretire: bool,
+    },
+    /// A new backend: the pool config's backend of this index.
+    Add(usize),
+    /// Removed, with open connections: drained and kept until the last one closes.
+    Retire {
+        backend: Arc<Backend>,
+        /// Removed by this reload (not an earlier one).
+        newly: bool,
+    },
+}
+
+/// What a reload changed, for its reply and log line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub pools_added: usize,
+    pub pools_removed: usize,
+    pub pools_changed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub backends_changed: usize,
+    pub listeners_added: usize,
+    pub listeners_removed: usize,
+    pub listeners_rebound: usize,
+}
+
+/// The plan to go from `current` (running, built from `old`) to `new`. `retiring` are the
+/// backends earlier reloads removed that still have open connections.
+pub fn plan(current: &Tables, old: &Config, new: &Config, retiring: &[Arc<Backend>]) -> ReloadPlan {
+    let mut plan = ReloadPlan::default();
+    if new.metrics_bind != old.metrics_bind {
+        plan.notes
+            .push("metrics.bind changed: takes effect at the next restart".to_string());
+    }
+    if new.admin_socket != old.admin_socket {
+        plan.notes
+            .push("admin.socket changed: takes effect at the next restart".to_string());
+    }
+    plan_listeners(&mut plan, current, old, new);
+    plan_pools(&mut plan, current, old, new, retiring);
+    plan
+}
+
+fn plan_listeners(plan: &mut ReloadPlan, current: &Tables, old: &Config, new: &Config) {
+    let old_listeners: BTreeMap<&str, &ListenerConfig> =
+        old.listeners.iter().map(|l| (l.name.as_str(), l)).collect();
+    for listener in &new.listeners {
+        let running = current.listeners.get(&listener.name).map(|l| l.bind);
+        let rebind = match old_listeners.get(listener.name.as_str()) {
+            Some(was) => {
+                (was.bind != listener.bind && running != Some(listener.bind))
+                    || was.protocol != listener.protocol
+            }
+            None => true,
+        };
+        if !rebind {
+            plan.listeners
+                .push(ListenerStep::Keep(listener.name.clone()));
+            continue;
+        }
+        if current.listeners.contains_key(&listener.name) {
+            plan.changes.listeners_rebound += 1;
+        } else {
+            plan.changes.listeners_added += 1;
+        }
+        plan.listeners
+            .push(ListenerStep::Bind(listener.name.clone()));
+    }
+    for name in current.listeners.keys() {
+        if !new.listeners.iter().any(|l| &l.name == name) {
+            plan.changes.listeners_removed += 1;
+            plan.listeners_removed.push(name.clone());
+        }
+    }
+}
+
+fn plan_pools(
+    plan: &mut ReloadPlan,
+    current: &Tables,
+    old: &Config,
+    new: &Config,
+    retiring: &[Arc<Backend>],
+) {
+    for config in &new.pools {
+        let running = current
+            .pools
+            .get(&config.name)
+            .filter(|p| p.protocol == config.protocol);
+        let step = match running {
+            Some(pool) => {
+                let was = old.pools.iter().find(|p| p.name == config.name);
+                let backends = pool.load_full().backends.clone();
+                PoolStep::Update(plan_pool(
+                    &mut plan.changes,
+                    &backends,
+                    was,
+                    config,
+                    retiring,
+                ))
+            }
+            None => {
+                plan.changes.pools_added += 1;
+                plan.changes.backends_added += config.backends.len();
+                PoolStep::Add(config.name.clone())
+            }
+        };
+        plan.pools.push(step);
+    }
+    for (name, pool) in &current.pools {
+        if !new.pools.iter().any(|p| &p.name == name) {
+            plan.changes.pools_removed += 1;
+            plan.changes.backends_removed += pool.load_full().backends.len();
+            plan.pools_removed.push(name.clone());
+        }
+    }
+}
+
+/// A pool that stays: which backends stay, come, retire or leave.
+fn plan_pool(
+    changes: &mut Changes,
+    current: &[Arc<Backend>],
+    was: Option<&PoolConfig>,
+    config: &PoolConfig,
+    retiring: &[Arc<Backend>],
+) -> PoolUpdate {
+    let is_retiring = |b: &Arc<Backend>| retiring.iter().any(|r| Arc::ptr_eq(r, b));
+    let old_weight = |name: &str| {
+        was.and_then(|w| w.backends.iter().find(|b| b.name == name))
+            .map(|b| b.weight)
+    };
+    let mut update = PoolUpdate {
+        name: config.name.clone(),
+        backends: Vec::with_capacity(config.backends.len()),
+        forget: Vec::new(),
+        restart_checks: false,
+        mark_all_up: false,
+    };
+    let mut set_changed = false;
+    let mut kept: Vec<&Arc<Backend>> = Vec::new();
+    for (index, backend_config) in config.backends.iter().enumerate() {
+        let found = current
+            .iter()
+            .find(|b| b.name == backend_config.name && b.addr == backend_config.addr);
+        let Some(backend) = found else {
+            changes.backends_added += 1;
+            set_changed = true;
+            update.backends.push(BackendStep::Add(index));
+            continue;
+        };
+        kept.push(backend);
+        let unretire = is_retiring(backend);
+        set_changed |= unretire;
+        let weight_edited = old_weight(&backend_config.name) != Some(backend_config.weight);
+        let set_weight = (weight_edited && backend.weight() != backend_config.weight)
+            .then_some(backend_config.weight);
+        if set_weight.is_some() {
+            changes.backends_changed += 1;
+        }
+        update.backends.push(BackendStep::Keep {
+            backend: Arc::clone(backend),
+            set_weight,
+            unretire,
+        });
+    }
+    for backend in current {
+        if kept.iter().any(|k| Arc::ptr_eq(k, backend)) {
+            continue;
+        }
+        set_changed = true;
+        let newly = !is_retiring(backend);
+        if backend.active() > 0 {
+            if newly {
+                changes.backends_removed += 1;
+            }
+            update.backends.push(BackendStep::Retire {
+                backend: Arc::clone(backend),
+                newly,
+            });
+        } else if newly {
+            changes.backends_removed += 1;
+        } else {
+            update.forget.push(Arc::clone(backend));
+        }
+    }
+    let settings_changed = was != Some(config);
+    let check_changed = was.map(|w| &w.health_check) != Some(&config.health_check);
+    if settings_changed || set_changed {
+        update.mark_all_up = check_changed && config.health_check.is_none();
+        update.restart_checks = check_changed || set_changed;
+        if settings_changed && !set_changed {
+            changes.pools_changed += 1;
+        }
+    }
+    update
+}
+
+impl std::fmt::Display for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            (self.pools_added, "pool added", "pools added"),
+            (self.pools_removed, "pool removed", "pools removed"),
+            (self.pools_changed, "pool changed", "pools changed"),
+            (self.backends_added, "backend added", "backends added"),
+            (self.backends_removed, "backend removed", "backends removed"),
+            (self.backends_changed, "weight changed", "weights changed"),
+            (self.listeners_added, "listener added", "listeners added"),
+            (
+                self.listeners_removed,
+                "listener removed",
+                "listeners removed",
+            ),
+            (
+                self.listeners_rebound,
+                "listener rebound",
+                "listeners rebound",
+            ),
+        ]
+        .into_iter()
+        .filter(|(n, _, _)| *n > 0)
+        .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+        .collect();
+        if parts.is_empty() {
+            f.write_str("reloaded, nothing changed")
+        } else {
+            write!(f, "reloaded: {}", parts.join(", "))
+        }
+    }
+}
