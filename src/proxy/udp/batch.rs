@@ -12,6 +12,8 @@
 //!
 //! The system calls are one implementation per platform, chosen here once (`imp`):
 //! `batch/linux.rs` and `batch/fallback.rs`. No `unsafe` in either.
+//! quinn-udp was considered instead and does not fit (it forbids fragmentation and has no
+//! `sendmmsg`): docs/performance.md, "Why not quinn-udp".
 
 use std::cell::RefCell;
 use std::io;
