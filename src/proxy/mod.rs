@@ -6,7 +6,6 @@ pub mod connect;
 pub mod splice;
 pub mod tcp;
 pub mod udp;
-mod udp_batch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,9 +10,10 @@
 //! per session would cost `SLOTS` × 64 KiB × sessions. Slots are only touched as far as
 //! datagrams fill them, so small datagrams keep the resident part small.
 //!
-//! nix wraps `recvmmsg` (rustix has no wrapper for it); rustix wraps `sendmmsg` (nix's
-//! version needs control buffers set up just so, even for messages without any). No
-//! `unsafe` here.
+//! The system calls are one implementation per platform, chosen here once (`imp`):
+//! `batch/linux.rs` and `batch/fallback.rs`. No `unsafe` in either.
+//! quinn-udp was considered instead and does not fit (it forbids fragmentation and has no
+//! `sendmmsg`): docs/performance.md, "Why not quinn-udp".
 
 use std::cell::RefCell;
 use std::io;
@@ -20,11 +21,28 @@ use std::net::SocketAddr;
 
 use tokio::net::UdpSocket;
 
-use super::udp::BUFFER_SIZE;
-use super::udp::pktinfo::Local;
+use super::pktinfo::Local;
+
+#[cfg(target_os = "linux")]
+#[path = "batch/linux.rs"]
+mod imp;
+
+#[cfg(not(target_os = "linux"))]
+#[path = "batch/fallback.rs"]
+mod imp;
+
+pub use imp::send_all_to;
+
+/// Receive buffer: larger than any UDP payload (65,507 bytes over IPv4, 65,527 over IPv6),
+/// so a datagram is never truncated.
+pub const BUFFER_SIZE: usize = 65_536;
 
 /// Datagrams one call reads or sends at most.
 pub const SLOTS: usize = 16;
+
+/// Datagrams a loop (the listener's receive loop, a session's reply task) handles in a row,
+/// over several calls, before it looks at its timer and stop tokens again.
+pub const BUDGET: usize = 64;
 
 /// What one received datagram was: its slot and length, its sender, and (wildcard binds
 /// on Linux) the address it was sent to.
@@ -45,13 +63,13 @@ pub struct Batch {
 }
 
 thread_local! {
-    static BATCH: RefCell<Option<Box<Batch>>> = const { RefCell::new(None) };
+    static THREAD_BATCH: RefCell<Option<Box<Batch>>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with this thread's batch, made on first use. Not re-entrant: `f` must not
 /// call `with_batch` again.
 pub fn with_batch<R>(f: impl FnOnce(&mut Batch) -> R) -> R {
-    BATCH.with_borrow_mut(|batch| f(batch.get_or_insert_with(|| Box::new(Batch::new()))))
+    THREAD_BATCH.with_borrow_mut(|batch| f(batch.get_or_insert_with(|| Box::new(Batch::new()))))
 }
 
 impl Batch {
@@ -75,131 +93,9 @@ impl Batch {
     /// too (IP_PKTINFO must be enabled on the socket). Returns how many were read.
     pub fn receive(&mut self, socket: &UdpSocket, with_pktinfo: bool) -> io::Result<usize> {
         self.received.clear();
-        self.receive_into(socket, with_pktinfo)?;
+        imp::receive_into(self, socket, with_pktinfo)?;
         Ok(self.received.len())
     }
-
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    fn receive_into(&mut self, socket: &UdpSocket, with_pktinfo: bool) -> io::Result<()> {
-        use std::io::IoSliceMut;
-        use std::os::fd::AsRawFd;
-
-        use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
-
-        // Fresh headers for every call: the kernel writes each message's address and
-        // control lengths back into its header, and nix's `recvmmsg` doesn't reset them, so
-        // reused headers would cut the next datagram's address or pktinfo short (seen: a
-        // wildcard bind lost its reply source). Two or three small allocations per call,
-        // against the one system call per datagram this saves.
-        let control = with_pktinfo.then(|| vec![0u8; super::udp::pktinfo::RECV_CONTROL_SIZE]);
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(SLOTS, control);
-        let Batch { buffers, received } = self;
-        let mut slots = buffers.chunks_mut(BUFFER_SIZE);
-        let mut iovs: [[IoSliceMut<'_>; 1]; SLOTS] =
-            std::array::from_fn(|_| [IoSliceMut::new(slots.next().expect("SLOTS buffers"))]);
-        let messages = recvmmsg(
-            socket.as_raw_fd(),
-            &mut headers,
-            iovs.iter_mut(),
-            MsgFlags::MSG_DONTWAIT,
-            None,
-        )?;
-        for (slot, message) in messages.enumerate() {
-            let Some(from) = message
-                .address
-                .as_ref()
-                .and_then(super::udp::pktinfo::socket_addr)
-            else {
-                continue; // no source address: nowhere to reply, nothing to key a session on
-            };
-            let local = if with_pktinfo {
-                super::udp::pktinfo::local_of(&message)
-            } else {
-                None
-            };
-            received.push(Meta {
-                slot,
-                len: message.bytes,
-                from,
-                local,
-            });
-        }
-        Ok(())
-    }
-
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    fn receive_into(&mut self, socket: &UdpSocket, _with_pktinfo: bool) -> io::Result<()> {
-        let (len, from) = socket.try_recv_from(&mut self.buffers[..BUFFER_SIZE])?;
-        self.received.push(Meta {
-            slot: 0,
-            len,
-            from,
-            local: None,
-        });
-        Ok(())
-    }
-}
-
-/// Sends `datagrams` to `to` on the unconnected `socket` without waiting, in as few calls
-/// as it takes. Returns how many were sent before the first error, and that error (a full
-/// send buffer is WouldBlock): what follows it is not sent.
-pub fn send_all_to<'d>(
-    socket: &UdpSocket,
-    to: SocketAddr,
-    datagrams: impl Iterator<Item = &'d [u8]>,
-) -> (usize, Option<io::Error>) {
-    send_all_to_impl(socket, to, datagrams)
-}
-
-#[cfg(target_os = "linux")]
-fn send_all_to_impl<'d>(
-    socket: &UdpSocket,
-    to: SocketAddr,
-    datagrams: impl Iterator<Item = &'d [u8]>,
-) -> (usize, Option<io::Error>) {
-    use std::io::IoSlice;
-
-    use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny, sendmmsg};
-
-    let to = SocketAddrAny::from(to);
-    let mut slices: [[IoSlice<'_>; 1]; SLOTS] = std::array::from_fn(|_| [IoSlice::new(&[])]);
-    let mut count = 0;
-    for (slot, data) in slices.iter_mut().zip(datagrams) {
-        *slot = [IoSlice::new(data)];
-        count += 1;
-    }
-    // No ancillary data: sendmmsg is only used when the kernel picks the source address.
-    let mut controls: [SendAncillaryBuffer<'_, '_, '_>; SLOTS] = Default::default();
-    let mut pairs = slices.iter().zip(controls.iter_mut());
-    let mut messages: [MMsgHdr<'_>; SLOTS] = std::array::from_fn(|_| {
-        let (iov, control) = pairs.next().expect("SLOTS pairs");
-        MMsgHdr::new_with_addr(&to, iov, control)
-    });
-    let mut sent = 0;
-    while sent < count {
-        match sendmmsg(socket, &mut messages[sent..count], SendFlags::DONTWAIT) {
-            Ok(0) => break,
-            Ok(n) => sent += n,
-            Err(e) => return (sent, Some(e.into())),
-        }
-    }
-    (sent, None)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn send_all_to_impl<'d>(
-    socket: &UdpSocket,
-    to: SocketAddr,
-    datagrams: impl Iterator<Item = &'d [u8]>,
-) -> (usize, Option<io::Error>) {
-    let mut sent = 0;
-    for data in datagrams {
-        match socket.try_send_to(data, to) {
-            Ok(_) => sent += 1,
-            Err(e) => return (sent, Some(e)),
-        }
-    }
-    (sent, None)
 }
 
 #[cfg(test)]

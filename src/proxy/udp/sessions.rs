@@ -1,0 +1,306 @@
+//! The session table of one receive loop: a client's datagram finds its session or opens
+//! one (pick a backend, admit against `max_connections`, open the upstream socket and its
+//! reply task), a session on a backend that went down moves on its next datagram, and the
+//! sweep ends idle sessions. A plain `HashMap` only its receive loop touches: no lock.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+use tokio::net::UdpSocket;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use super::pktinfo;
+use super::reply::{ReplyTask, ReplyTo};
+use super::stats::{Clock, DropReason, WARN_EVERY, stats};
+use super::upstream::{backend_unreachable, is_unreachable, upstream_socket};
+use crate::backend::{Backend, ConnGuard, Health};
+use crate::proxy::{Listener, ListenerGuard};
+use crate::shutdown::Shutdown;
+
+/// One session in the receive loop's table.
+struct Session {
+    upstream: Upstream,
+    /// Last datagram either way, in `Clock` milliseconds (shared with the reply task).
+    activity: Arc<AtomicU64>,
+    /// The address the client sent to (wildcard binds on Linux), for a re-pick.
+    local: Option<pktinfo::Local>,
+    _admitted: ListenerGuard,
+}
+
+/// A session's link to its backend. Dropping it cancels the reply task and releases the
+/// backend's active count.
+struct Upstream {
+    socket: Arc<UdpSocket>,
+    guard: ConnGuard,
+    started: Instant,
+    _reply_task: DropGuard,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.guard
+            .backend()
+            .metrics
+            .connection_duration
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// What the loop needs to open sessions, apart from the table itself (so both can be
+/// borrowed at once).
+struct Opener {
+    listener: Arc<Listener>,
+    front: Arc<UdpSocket>,
+    clock: Clock,
+    hard: CancellationToken,
+    tracker: TaskTracker,
+    next_warning: [Instant; DropReason::ALL.len()],
+}
+
+impl Opener {
+    /// Counts a drop; warns about it at most every `WARN_EVERY` per reason.
+    fn drop_datagram(
+        &mut self,
+        reason: DropReason,
+        client: SocketAddr,
+        detail: &dyn std::fmt::Display,
+    ) {
+        stats(&self.listener).count_drop(reason);
+        let now = Instant::now();
+        let next = &mut self.next_warning[reason as usize];
+        if now >= *next {
+            *next = now + WARN_EVERY;
+            tracing::warn!(
+                listener = %self.listener.name, client = %client, pool = %self.listener.pool.load().name,
+                "udp datagram dropped ({}): {detail} (further drops for this reason are counted in weir_udp_dropped_total, logged at debug)",
+                reason.as_str()
+            );
+        } else {
+            tracing::debug!(listener = %self.listener.name, client = %client, "udp datagram dropped ({}): {detail}", reason.as_str());
+        }
+    }
+
+    /// Picks an eligible backend for `client`; None when there is none.
+    fn pick(&self, client: SocketAddr) -> Option<Arc<Backend>> {
+        let pool = self.listener.pool.load();
+        let snapshot = pool.snapshot();
+        let index = snapshot.pick(client.ip(), &[])?;
+        Some(Arc::clone(&snapshot.backends[index]))
+    }
+
+    /// Opens the upstream socket to `backend` and starts its reply task.
+    fn open(
+        &self,
+        backend: &Arc<Backend>,
+        client: SocketAddr,
+        local: Option<pktinfo::Local>,
+        activity: &Arc<AtomicU64>,
+    ) -> io::Result<Upstream> {
+        let socket = Arc::new(upstream_socket(backend.addr)?);
+        let guard = backend.connect_guard();
+        // A child of `hard`: shutdown's end reaches every reply task, and each task polls
+        // only its own token (no mutex shared across sessions).
+        let cancel = self.hard.child_token();
+        let reply = ReplyTask {
+            listener: Arc::clone(&self.listener),
+            front: Arc::clone(&self.front),
+            upstream: Arc::clone(&socket),
+            backend: Arc::clone(backend),
+            to: ReplyTo {
+                client: client.into(),
+                client_addr: client,
+                control: local.map(pktinfo::Control::new).unwrap_or_default(),
+            },
+            activity: Arc::clone(activity),
+            clock: self.clock,
+            cancel: cancel.clone(),
+        };
+        self.tracker.spawn(reply.run());
+        Ok(Upstream {
+            socket,
+            guard,
+            started: Instant::now(),
+            _reply_task: cancel.drop_guard(),
+        })
+    }
+}
+
+/// The receive loop's state: the session table and what opens sessions.
+pub struct Table {
+    sessions: HashMap<SocketAddr, Session>,
+    opener: Opener,
+}
+
+impl Table {
+    pub fn new(listener: &Arc<Listener>, front: &Arc<UdpSocket>, shutdown: &Shutdown) -> Table {
+        let started = Instant::now();
+        Table {
+            sessions: HashMap::new(),
+            opener: Opener {
+                listener: Arc::clone(listener),
+                front: Arc::clone(front),
+                clock: Clock(started),
+                hard: shutdown.hard.clone(),
+                tracker: shutdown.tracker.clone(),
+                next_warning: [started; DropReason::ALL.len()],
+            },
+        }
+    }
+
+    pub fn listener_name(&self) -> &str {
+        &self.opener.listener.name
+    }
+
+    /// Sessions open.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Sends a client's datagram to its session's backend, opening the session first if
+    /// it has none: `local` is the address it was sent to (wildcard binds on Linux).
+    pub fn on_datagram(&mut self, data: &[u8], client: SocketAddr, local: Option<pktinfo::Local>) {
+        let now = self.opener.clock.now();
+        let session = match self.sessions.get_mut(&client) {
+            Some(session) => {
+                if session.upstream.guard.backend().health() == Health::Down {
+                    Self::repick(&self.opener, session, client);
+                }
+                session
+            }
+            None => match self.open_session(client, local, now) {
+                Some(session) => self.sessions.entry(client).insert_entry(session).into_mut(),
+                None => return,
+            },
+        };
+        session.activity.store(now, Ordering::Relaxed);
+        forward(&self.opener, &session.upstream, data);
+    }
+
+    fn open_session(
+        &mut self,
+        client: SocketAddr,
+        local: Option<pktinfo::Local>,
+        now: u64,
+    ) -> Option<Session> {
+        // Picked before admitted: a datagram dropped for want of a backend is not a session
+        // (weir_listener_connections_total).
+        let Some(backend) = self.opener.pick(client) else {
+            self.opener
+                .listener
+                .metrics
+                .rejected_no_backend
+                .increment(1);
+            self.opener
+                .drop_datagram(DropReason::NoBackend, client, &"no backend available");
+            return None;
+        };
+        let Some(admitted) = self.opener.listener.admit() else {
+            // admit() counted it in weir_listener_rejected_total{reason="max_connections"}.
+            let max = self.opener.listener.max_connections().unwrap_or(0);
+            self.opener.drop_datagram(
+                DropReason::MaxConnections,
+                client,
+                &format_args!("{max} sessions open (max_connections)"),
+            );
+            return None;
+        };
+        let activity = Arc::new(AtomicU64::new(now));
+        match self.opener.open(&backend, client, local, &activity) {
+            Ok(upstream) => {
+                tracing::debug!(listener = %self.opener.listener.name, client = %client, backend = %backend.name, "udp session opened");
+                Some(Session {
+                    upstream,
+                    activity,
+                    local,
+                    _admitted: admitted,
+                })
+            }
+            Err(e) => {
+                self.opener.drop_datagram(
+                    DropReason::UpstreamSocket,
+                    client,
+                    &format_args!("cannot open a socket to {}: {e} (raise the open-file limit or lower max_connections)", backend.addr),
+                );
+                None
+            }
+        }
+    }
+
+    /// The session's backend is down: move the session to a backend picked now. With none
+    /// eligible, or if the new socket can't be opened, it stays where it is.
+    fn repick(opener: &Opener, session: &mut Session, client: SocketAddr) {
+        let Some(backend) = opener.pick(client) else {
+            return;
+        };
+        let old = session.upstream.guard.backend();
+        if Arc::ptr_eq(&backend, old) {
+            return;
+        }
+        match opener.open(&backend, client, session.local, &session.activity) {
+            Ok(upstream) => {
+                tracing::info!(
+                    listener = %opener.listener.name, client = %client, pool = %backend.pool,
+                    "udp session moved from {} (down) to {}", old.name, backend.name
+                );
+                session.upstream = upstream;
+            }
+            Err(e) => {
+                tracing::debug!(listener = %opener.listener.name, client = %client, "udp session stays on {}: {e}", old.name);
+            }
+        }
+    }
+
+    /// Ends sessions with no datagram either way for `idle`.
+    pub fn expire(&mut self, idle: Duration) {
+        let now = self.opener.clock.now();
+        let idle = idle.as_millis() as u64;
+        let before = self.sessions.len();
+        self.sessions
+            .retain(|_, s| now.saturating_sub(s.activity.load(Ordering::Relaxed)) < idle);
+        let expired = before - self.sessions.len();
+        if expired > 0 {
+            tracing::debug!(listener = %self.opener.listener.name, expired, open = self.sessions.len(), "udp sessions expired");
+            // Give back the memory of a burst, without shrinking on every sweep.
+            let capacity = self.sessions.capacity();
+            if capacity > 1024 && self.sessions.len() * 4 < capacity {
+                self.sessions.shrink_to(self.sessions.len() * 2);
+            }
+        }
+    }
+}
+
+/// Sends a client's datagram to its session's backend. A pending ICMP error from an
+/// earlier datagram surfaces here instead of in the reply task: count it, then send again
+/// (the error was reported instead of sending).
+fn forward(opener: &Opener, upstream: &Upstream, data: &[u8]) {
+    let backend = upstream.guard.backend();
+    let stats = stats(&opener.listener);
+    let mut result = SockRef::from(&*upstream.socket).send(data);
+    if let Err(e) = &result
+        && is_unreachable(e)
+    {
+        backend_unreachable(&opener.listener, backend, opener.clock, e);
+        result = SockRef::from(&*upstream.socket).send(data);
+    }
+    match result {
+        Ok(_) => {
+            stats.count_to_backend();
+            backend.metrics.bytes_sent.increment(data.len() as u64);
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stats.count_drop(DropReason::BufferFull),
+        Err(e) => {
+            stats.count_drop(DropReason::SendError);
+            tracing::debug!(listener = %opener.listener.name, backend = %backend.name, "udp send to backend: {e}");
+        }
+    }
+}
