@@ -200,9 +200,8 @@ impl Backend {
         self.connect_errors.load(Ordering::Relaxed)
     }
 
-    /// Passive checking: a connect from real traffic failed. Returns the number of
-    /// consecutive failures so far.
-    pub fn record_connect_failure(&self) -> u32 {
+    /// A connect from real traffic failed: counted; returns the consecutive failures so far.
+    fn record_connect_failure(&self) -> u32 {
         self.metrics.connect_errors.increment(1);
         self.connect_errors.fetch_add(1, Ordering::Relaxed);
         self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1

@@ -83,6 +83,16 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     }
 }
 
+/// ICMP errors a connected UDP socket reports for its peer: the backend is not there.
+pub fn is_unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}
+
 /// Accepts until `stop` fires, handing each accepted item to `serve`. Never exits on a
 /// transient error: when descriptors or memory run out it logs once per burst and backs
 /// off (5 ms doubling to 1 s), so the loop neither spins nor gives up; other errors (the

@@ -10,9 +10,7 @@ use tokio::net::TcpSocket;
 use tokio::net::TcpStream;
 
 use crate::backend::ConnGuard;
-// Re-exported until proxy::udp names it from crate::net.
-pub use crate::net::describe;
-use crate::net::set_keepalive;
+use crate::net::{describe, set_keepalive};
 use crate::pool::PoolSnapshot;
 
 #[derive(Debug, thiserror::Error)]

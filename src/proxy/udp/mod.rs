@@ -17,7 +17,7 @@
 //! checking) moves to a newly picked backend on its next client datagram. A backend that
 //! is only draining or disabled by an operator keeps its sessions until they go idle. A
 //! backend that answers with ICMP port unreachable shows up as `ConnectionRefused` on the
-//! connected upstream socket: it counts as a failed connect (`record_connect_failure`,
+//! connected upstream socket: it counts as a failed connect (`Backend::connect_failed`,
 //! which feeds passive checking), nothing more.
 //!
 //! Several datagrams per system call (`batch`): the receive loop reads what is queued on

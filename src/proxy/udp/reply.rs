@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{self, BUDGET, Batch, with_batch};
 use super::pktinfo;
 use super::stats::{Clock, DropReason, stats};
-use super::upstream::{backend_unreachable, is_unreachable};
+use super::upstream::backend_unreachable;
 use crate::backend::Backend;
+use crate::net::is_unreachable;
 use crate::proxy::Listener;
 
 /// Where a reply goes and which source address it carries.

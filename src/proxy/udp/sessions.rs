@@ -18,8 +18,9 @@ use tokio_util::task::TaskTracker;
 use super::pktinfo;
 use super::reply::{ReplyTask, ReplyTo};
 use super::stats::{Clock, DropReason, WARN_EVERY, stats};
-use super::upstream::{backend_unreachable, is_unreachable, upstream_socket};
+use super::upstream::{backend_unreachable, upstream_socket};
 use crate::backend::{Backend, ConnGuard, Health};
+use crate::net::is_unreachable;
 use crate::proxy::{Listener, ListenerGuard};
 use crate::shutdown::Shutdown;
 

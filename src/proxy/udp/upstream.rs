@@ -8,9 +8,9 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
 
 use super::stats::{Clock, WARN_EVERY, stats};
-use crate::backend::{Backend, Health};
+use crate::backend::Backend;
+use crate::net::describe;
 use crate::proxy::Listener;
-use crate::proxy::connect::describe;
 
 /// SO_RCVBUF/SO_SNDBUF for each session's upstream socket: a few maximum-size datagrams.
 /// Up to 65,536 sessions each have one, so not more.
@@ -41,32 +41,13 @@ pub fn upstream_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// ICMP errors a connected UDP socket reports for its peer: the backend is not there.
-pub fn is_unreachable(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::HostUnreachable
-            | io::ErrorKind::NetworkUnreachable
-    )
-}
-
 /// The backend answered a datagram with an ICMP error: a failed connect, as for TCP. With a
 /// health check, `fall` of them in a row mark it down at once (probes bring it back); a
 /// reply from it resets the run.
 pub fn backend_unreachable(listener: &Listener, backend: &Backend, clock: Clock, e: &io::Error) {
-    let failures = backend.record_connect_failure();
     let passive_fall = listener.pool.load().snapshot().passive_fall;
-    if let Some(fall) = passive_fall
-        && failures >= fall
-        && backend.set_health(Health::Down) == Health::Up
-    {
-        tracing::warn!(
-            "{}/{} down: {failures} consecutive ICMP errors from udp traffic, last: {}",
-            backend.pool,
-            backend.name,
-            describe(e)
-        );
+    let what = "ICMP errors from udp traffic";
+    if backend.connect_failed(passive_fall, what, &describe(e)) {
         return;
     }
     let now = clock.now();
