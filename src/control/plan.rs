@@ -301,3 +301,208 @@ impl std::fmt::Display for Changes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::build_pool;
+    use crate::proxy::Listener;
+
+    fn config(yaml: &str) -> Config {
+        crate::config::parse(yaml, "test.yaml").unwrap()
+    }
+
+    /// A config of one tcp listener on `bind` and pool `p` with `backends` (name, port, weight).
+    fn yaml(bind: &str, backends: &[(&str, u16, u32)], extra: &str) -> Config {
+        let mut text = format!(
+            "listeners:\n  l:\n    bind: {bind}\n    pool: p\npools:\n  p:\n{extra}    backends:\n"
+        );
+        for (name, port, weight) in backends {
+            text.push_str(&format!(
+                "      - {{ name: {name}, address: 127.0.0.1:{port}, weight: {weight} }}\n"
+            ));
+        }
+        config(&text)
+    }
+
+    /// Tables as the server builds them from `config`, with listeners "bound" at `bind`.
+    fn tables(config: &Config, bind: &str) -> Tables {
+        let mut tables = Tables::default();
+        for pool in &config.pools {
+            tables.pools.insert(pool.name.clone(), build_pool(pool));
+        }
+        for listener in &config.listeners {
+            let pool = Arc::clone(&tables.pools[&listener.pool]);
+            let live = Listener::new(listener, bind.parse().unwrap(), pool);
+            tables.listeners.insert(listener.name.clone(), live);
+        }
+        tables
+    }
+
+    fn update(plan: &ReloadPlan) -> &PoolUpdate {
+        match &plan.pools[..] {
+            [PoolStep::Update(update)] => update,
+            other => panic!("expected one pool update, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_same_file_changes_nothing() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 1)], "");
+        let current = tables(&old, "127.0.0.1:7000");
+        let plan = plan(&current, &old, &old.clone(), &[]);
+        assert_eq!(plan.changes, Changes::default());
+        assert_eq!(plan.listeners, vec![ListenerStep::Keep("l".into())]);
+        let update = update(&plan);
+        assert!(!update.restart_checks);
+        let kept: Vec<_> = update
+            .backends
+            .iter()
+            .map(|step| match step {
+                BackendStep::Keep {
+                    backend,
+                    set_weight: None,
+                    unretire: false,
+                } => Arc::clone(backend),
+                other => panic!("expected an untouched backend, got {other:?}"),
+            })
+            .collect();
+        let running = current.pools["p"].load_full().backends.clone();
+        assert!(
+            kept.iter().zip(&running).all(|(a, b)| Arc::ptr_eq(a, b)),
+            "the same Arc<Backend>s"
+        );
+    }
+
+    #[test]
+    fn a_port_zero_that_became_a_real_port_is_not_rebound() {
+        let old = yaml("127.0.0.1:0", &[("a", 1, 1)], "");
+        let current = tables(&old, "127.0.0.1:41000");
+        let new = yaml("127.0.0.1:41000", &[("a", 1, 1)], "");
+        assert_eq!(
+            plan(&current, &old, &new, &[]).listeners,
+            vec![ListenerStep::Keep("l".into())]
+        );
+        let moved = yaml("127.0.0.1:41001", &[("a", 1, 1)], "");
+        let plan = plan(&current, &old, &moved, &[]);
+        assert_eq!(plan.listeners, vec![ListenerStep::Bind("l".into())]);
+        assert_eq!(plan.changes.listeners_rebound, 1);
+    }
+
+    #[test]
+    fn an_edited_weight_wins_and_an_unedited_one_keeps_the_operators() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 1)], "");
+        let current = tables(&old, "127.0.0.1:7000");
+        let running = current.pools["p"].load_full().backends.clone();
+        running[0].set_weight(5); // set weight p/a 5
+        running[1].set_weight(5); // set weight p/b 5
+        let new = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 3)], "");
+        let plan = plan(&current, &old, &new, &[]);
+        let weights: Vec<Option<u32>> = update(&plan)
+            .backends
+            .iter()
+            .map(|step| match step {
+                BackendStep::Keep { set_weight, .. } => *set_weight,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(weights, vec![None, Some(3)]);
+        assert_eq!(plan.changes.backends_changed, 1);
+    }
+
+    #[test]
+    fn a_removed_backend_with_connections_retires_and_an_idle_one_goes() {
+        let old = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1), ("b", 2, 1), ("c", 3, 1)],
+            "",
+        );
+        let current = tables(&old, "127.0.0.1:7000");
+        let running = current.pools["p"].load_full().backends.clone();
+        let _open = running[1].connect_guard(); // b has a connection open
+        let new = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let plan = plan(&current, &old, &new, &[]);
+        let update = update(&plan);
+        assert_eq!(plan.changes.backends_removed, 2);
+        assert!(update.restart_checks, "the backend set changed");
+        assert!(matches!(
+            &update.backends[..],
+            [BackendStep::Keep { .. }, BackendStep::Retire { backend, newly: true }] if Arc::ptr_eq(backend, &running[1])
+        ));
+    }
+
+    #[test]
+    fn a_retiring_backend_that_comes_back_is_unretired_and_one_that_closed_is_forgotten() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let current = tables(&old, "127.0.0.1:7000");
+        let a = current.pools["p"].load_full().backends[0].clone();
+        let idle = Backend::new(
+            "p",
+            "gone",
+            "127.0.0.1:9",
+            "127.0.0.1:9".parse().unwrap(),
+            1,
+            true,
+        );
+        current.pools["p"].publish(crate::pool::PoolSnapshot::new(
+            &old.pools[0],
+            vec![Arc::clone(&a), Arc::clone(&idle)],
+        ));
+        let retiring = vec![Arc::clone(&a), Arc::clone(&idle)];
+        let plan = plan(&current, &old, &old.clone(), &retiring);
+        let update = update(&plan);
+        assert!(matches!(
+            &update.backends[..],
+            [BackendStep::Keep { unretire: true, .. }]
+        ));
+        assert_eq!(update.forget.len(), 1);
+        assert!(Arc::ptr_eq(&update.forget[0], &idle));
+        assert_eq!(
+            plan.changes.backends_removed, 0,
+            "counted by the reload that removed it"
+        );
+    }
+
+    #[test]
+    fn a_moved_backend_is_a_new_backend() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let current = tables(&old, "127.0.0.1:7000");
+        let new = yaml("127.0.0.1:7000", &[("a", 2, 1)], "");
+        let plan = plan(&current, &old, &new, &[]);
+        assert!(matches!(&update(&plan).backends[..], [BackendStep::Add(0)]));
+        assert_eq!(
+            (plan.changes.backends_added, plan.changes.backends_removed),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn removing_the_health_check_marks_backends_up_and_restarts_checks() {
+        let check = "    health_check: { interval: 1s }\n";
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], check);
+        let current = tables(&old, "127.0.0.1:7000");
+        let new = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let plan = plan(&current, &old, &new, &[]);
+        let update = update(&plan);
+        assert!(update.mark_all_up && update.restart_checks);
+        assert_eq!(plan.changes.pools_changed, 1);
+    }
+
+    #[test]
+    fn pools_and_listeners_added_and_removed() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let current = tables(&old, "127.0.0.1:7000");
+        let new = config(
+            "listeners:\n  m:\n    bind: 127.0.0.1:7001\n    pool: q\npools:\n  q:\n    backends:\n      - address: 127.0.0.1:5\n",
+        );
+        let plan = plan(&current, &old, &new, &[]);
+        assert_eq!(plan.listeners, vec![ListenerStep::Bind("m".into())]);
+        assert_eq!(plan.listeners_removed, vec!["l".to_string()]);
+        assert!(matches!(&plan.pools[..], [PoolStep::Add(name)] if name == "q"));
+        assert_eq!(plan.pools_removed, vec!["p".to_string()]);
+        assert_eq!(
+            plan.changes.to_string(),
+            "reloaded: 1 pool added, 1 pool removed, 1 backend added, 1 backend removed, 1 listener added, 1 listener removed"
+        );
+    }
+}
