@@ -21,6 +21,19 @@ pub enum Outcome {
     Unreachable,
 }
 
+/// Why `weir ctl` could not do what was typed; printed as `weir ctl: …`.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the admin socket {socket}: {reason}")]
+    Unreachable { socket: String, reason: String },
+    #[error("no reply on the admin socket {socket} within {timeout}")]
+    NoReply { socket: String, timeout: String },
+    #[error("the admin socket {0} closed without a reply")]
+    Closed(String),
+}
+
 /// A reply takes at most this long; a hung instance is reported, not waited on forever.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// `drain --wait` without `--timeout`.
@@ -84,13 +97,16 @@ struct Wait {
 }
 
 /// `Ok(None)`: not a `--wait` command, send it as typed.
-fn parse_wait(command: &[String]) -> Result<Option<Wait>, String> {
+fn parse_wait(command: &[String]) -> Result<Option<Wait>, CtlError> {
+    let usage = |text: &str| CtlError::Usage(text.to_string());
     if !command.iter().any(|w| w == "--wait" || w == "--timeout") {
         return Ok(None);
     }
     let mut words = command.iter().map(String::as_str);
     if words.next() != Some("drain") {
-        return Err("--wait and --timeout only go with drain POOL/BACKEND".into());
+        return Err(usage(
+            "--wait and --timeout only go with drain POOL/BACKEND",
+        ));
     }
     let mut target = None;
     let mut wait = false;
@@ -101,22 +117,23 @@ fn parse_wait(command: &[String]) -> Result<Option<Wait>, String> {
             "--timeout" => {
                 let value = words
                     .next()
-                    .ok_or("--timeout needs a duration, e.g. 5m or 30s")?;
+                    .ok_or_else(|| usage("--timeout needs a duration, e.g. 5m or 30s"))?;
                 timeout = humantime::parse_duration(value)
-                    .map_err(|e| format!("--timeout {value:?}: {e}"))?;
+                    .map_err(|e| usage(&format!("--timeout {value:?}: {e}")))?;
             }
             w if target.is_none() && !w.starts_with("--") => target = Some(w.to_string()),
             w => {
-                return Err(format!(
+                return Err(usage(&format!(
                     "unexpected {w:?}; usage: drain POOL/BACKEND --wait [--timeout DURATION]"
-                ));
+                )));
             }
         }
     }
     if !wait {
-        return Err("--timeout only goes with --wait".into());
+        return Err(usage("--timeout only goes with --wait"));
     }
-    let target = target.ok_or("usage: drain POOL/BACKEND --wait [--timeout DURATION]")?;
+    let target =
+        target.ok_or_else(|| usage("usage: drain POOL/BACKEND --wait [--timeout DURATION]"))?;
     Ok(Some(Wait { target, timeout }))
 }
 
@@ -139,9 +156,12 @@ fn with_newline(text: &str) -> String {
 }
 
 /// Sends one line and returns the whole reply. `Err` names the socket and the OS error.
-pub async fn send(socket: &Path, line: &str) -> Result<String, String> {
-    let reach =
-        |e: std::io::Error| format!("cannot reach the admin socket {}: {e}", socket.display());
+pub async fn send(socket: &Path, line: &str) -> Result<String, CtlError> {
+    let shown = || socket.display().to_string();
+    let reach = |e: std::io::Error| CtlError::Unreachable {
+        socket: shown(),
+        reason: e.to_string(),
+    };
     let mut stream = UnixStream::connect(socket).await.map_err(reach)?;
     let exchange = async {
         stream.write_all(format!("{line}\n").as_bytes()).await?;
@@ -151,19 +171,13 @@ pub async fn send(socket: &Path, line: &str) -> Result<String, String> {
     };
     let reply = tokio::time::timeout(REPLY_TIMEOUT, exchange)
         .await
-        .map_err(|_| {
-            format!(
-                "no reply on the admin socket {} within {}",
-                socket.display(),
-                humantime::format_duration(REPLY_TIMEOUT)
-            )
+        .map_err(|_| CtlError::NoReply {
+            socket: shown(),
+            timeout: humantime::format_duration(REPLY_TIMEOUT).to_string(),
         })?
         .map_err(reach)?;
     if reply.is_empty() {
-        return Err(format!(
-            "the admin socket {} closed without a reply",
-            socket.display()
-        ));
+        return Err(CtlError::Closed(shown()));
     }
     Ok(String::from_utf8_lossy(&reply).into_owned())
 }
