@@ -10,7 +10,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use weir::backend::Backend;
 use weir::balance::Balancer;
-use weir::config::Strategy;
+use weir::balance::Strategy;
 
 const STRATEGIES: [Strategy; 4] = [
     Strategy::RoundRobin,

@@ -12,7 +12,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig, Protocol, Strategy};
+use crate::balance::Strategy;
+use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig, Protocol};
 use crate::server::Server;
 
 /// A demo backend: greets each connection with its name, then echoes.

@@ -11,7 +11,8 @@ use arc_swap::ArcSwap;
 
 use crate::backend::Backend;
 use crate::balance::Balancer;
-use crate::config::{PoolConfig, Protocol, Strategy};
+use crate::balance::Strategy;
+use crate::config::{PoolConfig, Protocol};
 
 pub struct PoolSnapshot {
     pub backends: Vec<Arc<Backend>>,

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::backend::State;
-use weir::config::{Config, Strategy};
+use weir::balance::Strategy;
+use weir::config::Config;
 use weir::server::{Server, StartOptions};
 
 /// Admin clients in these tests must send their line within this long (the 10 s default

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use weir::config::{Config, Protocol, Strategy, load, parse};
+use weir::balance::Strategy;
+use weir::config::{Config, Protocol, load, parse};
 
 const FILE: &str = "config/weir.yaml";
 

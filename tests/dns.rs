@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use weir::backend::State;
-use weir::config::{HealthCheckConfig, Strategy};
+use weir::balance::Strategy;
+use weir::config::HealthCheckConfig;
 
 const QTYPE_A: u16 = 1;
 const QTYPE_TXT: u16 = 16;

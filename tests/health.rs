@@ -12,7 +12,8 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use weir::backend::{Health, State};
-use weir::config::{HealthCheckConfig, Protocol, Strategy};
+use weir::balance::Strategy;
+use weir::config::{HealthCheckConfig, Protocol};
 use weir::health::probe;
 
 /// Scheduling slack on a busy 2-core machine, on top of what the timings promise.

@@ -16,7 +16,8 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir::backend::{Health, State};
-use weir::config::{BackendConfig, Config, Strategy};
+use weir::balance::Strategy;
+use weir::config::{BackendConfig, Config};
 use weir::server::Server;
 
 /// The "nothing listens" test counts this process's listening sockets; every other test

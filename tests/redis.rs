@@ -14,7 +14,8 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir::backend::State;
-use weir::config::{HealthCheckConfig, Strategy};
+use weir::balance::Strategy;
+use weir::config::HealthCheckConfig;
 
 /// A `redis-server` on a free loopback port, killed on drop.
 struct Redis {

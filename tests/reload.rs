@@ -105,7 +105,7 @@ async fn reload_adds_removes_reweighs_and_keeps_open_connections() {
     // Same objects for what stayed; the new weight and strategy apply.
     let tables = server.handle.tables();
     let snapshot = tables.pools["pool"].load_full();
-    assert_eq!(snapshot.strategy, weir::config::Strategy::LeastConnections);
+    assert_eq!(snapshot.strategy, weir::balance::Strategy::LeastConnections);
     assert_eq!(server.backend("pool", "a").unwrap().weight(), 5);
     assert!(std::sync::Arc::ptr_eq(
         &server.backend("pool", "b").unwrap(),
@@ -196,7 +196,7 @@ async fn invalid_config_on_reload_changes_nothing_and_names_the_line() {
     // weir serves on with the old config.
     assert_eq!(
         server.config().pools[0].strategy,
-        weir::config::Strategy::RoundRobin
+        weir::balance::Strategy::RoundRobin
     );
     echo(&mut open, b"still here").await;
     let (_next, name) = connect_named(front).await;

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use common::*;
 use tokio::net::TcpSocket;
-use weir::config::Strategy;
+use weir::balance::Strategy;
 
 async fn backends(weights: &[(&str, u32)]) -> (Vec<TestBackend>, Vec<weir::config::BackendConfig>) {
     let mut servers = Vec::new();

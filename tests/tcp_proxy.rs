@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use weir::config::Strategy;
+use weir::balance::Strategy;
 
 /// A backend that reads until EOF, then answers with `answer_len` bytes derived from what it got.
 async fn answer_after_eof_backend(answer_len: usize) -> std::net::SocketAddr {

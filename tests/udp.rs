@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use weir::backend::{Admin, Health, State};
-use weir::config::Strategy;
+use weir::balance::Strategy;
 use weir::proxy::Listener;
 use weir::proxy::udp::DropReason;
 

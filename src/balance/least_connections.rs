@@ -7,6 +7,7 @@
 //! from an atomic counter and keeps the first best it meets, so idle backends of equal
 //! weight take turns instead of the first one taking every connection.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -27,7 +28,13 @@ impl LeastConnections {
     }
 
     #[inline]
-    pub fn pick(&self, backends: &[Arc<Backend>], exclude: &[usize]) -> Option<usize> {
+    /// The client's address plays no part here.
+    pub fn pick(
+        &self,
+        backends: &[Arc<Backend>],
+        _client: IpAddr,
+        exclude: &[usize],
+    ) -> Option<usize> {
         let n = backends.len();
         if n == 0 {
             return None;

@@ -6,61 +6,132 @@
 //!
 //! Weights are read once, at build: a weight change is a rebuild. Eligibility (health and
 //! admin state) is read live on every pick, because it changes without a rebuild.
+//!
+//! This module owns what a strategy *is* for the rest of weir: [`Strategy`], its names in
+//! the config (`strategy: round-robin`), the list of them ([`Strategy::ALL`], which config
+//! messages and docs list) and parsing one from its name (`"…".parse::<Strategy>()`, whose
+//! error is the message `weir check` prints). Config only calls these; nothing here knows
+//! about config.
+//!
+//! # Adding a strategy
+//!
+//! 1. Write `src/balance/NAME.rs` (its module doc says what it does, in one paragraph)
+//!    with a type that has
+//!    `fn new(backends: &[Arc<Backend>]) -> Self`, which builds its tables off the
+//!    connection path, and
+//!    `fn pick(&self, backends: &[Arc<Backend>], client: IpAddr, exclude: &[usize]) -> Option<usize>`,
+//!    which takes no lock and allocates nothing (see the helpers `available`,
+//!    `weights` and `weighted_scan` below).
+//! 2. Add its line to the `strategies!` list below: variant, config name, module, type.
+//!
+//! That is all: the `Strategy` variant, its name, `ALL`, parsing and the `Balancer`
+//! dispatch are generated from that line, and `weir check` accepts the new name. The
+//! tests below that loop over `Strategy::ALL` then cover it too. (The contract's key
+//! table in the README and docs/ list the names for users: add it there as well.)
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::config::Strategy;
 
-mod least_connections;
-mod round_robin;
-mod source_hash;
-mod weighted_random;
+/// The weights a backend may have (config `weight:`, admin `set weight`): 0 would take a
+/// backend out of rotation, which is what `drain` is for; 1000 leaves room in the tables.
+pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
 
-pub use least_connections::LeastConnections;
-pub use round_robin::RoundRobin;
-pub use source_hash::SourceHash;
-pub use weighted_random::WeightedRandom;
+/// Declares the strategies: each line gives a `Strategy` variant, its config name, the
+/// module that implements it and that module's type; the enums and their dispatch follow.
+macro_rules! strategies {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal => $module:ident::$ty:ident,)+) => {
+        $(mod $module;)+
+        $(pub use $module::$ty;)+
 
-pub enum Balancer {
-    RoundRobin(RoundRobin),
-    LeastConnections(LeastConnections),
-    WeightedRandom(WeightedRandom),
-    SourceHash(SourceHash),
+        /// A pool's balancing strategy (config `strategy:`).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Strategy {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl Strategy {
+            /// Every strategy, in the order messages and docs list them.
+            pub const ALL: &'static [Strategy] = &[$(Strategy::$variant,)+];
+
+            /// Its name in the config.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Strategy::$variant => $name,)+
+                }
+            }
+        }
+
+        /// A strategy's tables, built for one set of backends.
+        pub enum Balancer {
+            $($variant($ty),)+
+        }
+
+        impl Balancer {
+            /// Builds the strategy's tables for these backends. Runs off the connection path.
+            pub fn new(strategy: Strategy, backends: &[Arc<Backend>]) -> Balancer {
+                match strategy {
+                    $(Strategy::$variant => Balancer::$variant($ty::new(backends)),)+
+                }
+            }
+
+            /// The index in `backends` of an eligible backend that is not in `exclude`
+            /// (the ones already tried for this connection), or None when there is none.
+            ///
+            /// `backends` must be the slice the balancer was built from (the snapshot
+            /// keeps them together).
+            #[inline]
+            pub fn pick(
+                &self,
+                backends: &[Arc<Backend>],
+                client: IpAddr,
+                exclude: &[usize],
+            ) -> Option<usize> {
+                match self {
+                    $(Balancer::$variant(b) => b.pick(backends, client, exclude),)+
+                }
+            }
+        }
+    };
 }
 
-impl Balancer {
-    /// Builds the strategy's tables for these backends. Runs off the connection path.
-    pub fn new(strategy: Strategy, backends: &[Arc<Backend>]) -> Balancer {
-        match strategy {
-            Strategy::RoundRobin => Balancer::RoundRobin(RoundRobin::new(backends)),
-            Strategy::LeastConnections => {
-                Balancer::LeastConnections(LeastConnections::new(backends))
-            }
-            Strategy::WeightedRandom => Balancer::WeightedRandom(WeightedRandom::new(backends)),
-            Strategy::SourceHash => Balancer::SourceHash(SourceHash::new(backends)),
-        }
-    }
+strategies! {
+    /// Smooth weighted round-robin (NGINX's), the default.
+    RoundRobin = "round-robin" => round_robin::RoundRobin,
+    /// The fewest active connections for its weight.
+    LeastConnections = "least-connections" => least_connections::LeastConnections,
+    /// A random backend, in proportion to the weights.
+    WeightedRandom = "weighted-random" => weighted_random::WeightedRandom,
+    /// The same client IP to the same backend (Maglev hashing by backend name).
+    SourceHash = "source-hash" => source_hash::SourceHash,
+}
 
-    /// The index in `backends` of an eligible backend that is not in `exclude`
-    /// (the ones already tried for this connection), or None when there is none.
-    ///
-    /// `backends` must be the slice the balancer was built from (the snapshot keeps them
-    /// together).
-    #[inline]
-    pub fn pick(
-        &self,
-        backends: &[Arc<Backend>],
-        client: IpAddr,
-        exclude: &[usize],
-    ) -> Option<usize> {
-        match self {
-            Balancer::RoundRobin(b) => b.pick(backends, exclude),
-            Balancer::LeastConnections(b) => b.pick(backends, exclude),
-            Balancer::WeightedRandom(b) => b.pick(backends, exclude),
-            Balancer::SourceHash(b) => b.pick(backends, client, exclude),
-        }
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is no strategy's; `Display` is the message `weir check` shows.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown strategy \"{0}\" (expected one of: {names})", names = names())]
+pub struct UnknownStrategy(pub String);
+
+fn names() -> String {
+    let names: Vec<&str> = Strategy::ALL.iter().map(|s| s.as_str()).collect();
+    names.join(", ")
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = UnknownStrategy;
+
+    /// A strategy from its config name; surrounding whitespace is ignored.
+    fn from_str(text: &str) -> Result<Strategy, UnknownStrategy> {
+        let name = text.trim();
+        (Strategy::ALL.iter().copied())
+            .find(|s| s.as_str() == name)
+            .ok_or_else(|| UnknownStrategy(text.to_string()))
     }
 }
 
@@ -70,8 +141,8 @@ fn available(backends: &[Arc<Backend>], i: usize, exclude: &[usize]) -> bool {
     backends[i].is_eligible() && !exclude.contains(&i)
 }
 
-/// The weights as the tables use them. Config allows 1..=1000; a 0 (which nothing should
-/// set) counts as 1 so that no table divides by zero or loses a backend silently.
+/// The weights as the tables use them. Config allows `WEIGHT_RANGE`; a 0 (which nothing
+/// should set) counts as 1 so that no table divides by zero or loses a backend silently.
 fn weights(backends: &[Arc<Backend>]) -> Box<[u32]> {
     backends.iter().map(|b| b.weight().max(1)).collect()
 }
@@ -159,17 +230,24 @@ mod tests {
     use super::*;
     use crate::backend::{Admin, Health};
 
-    const ALL: [Strategy; 4] = [
-        Strategy::RoundRobin,
-        Strategy::LeastConnections,
-        Strategy::WeightedRandom,
-        Strategy::SourceHash,
-    ];
+    const ALL: &[Strategy] = Strategy::ALL;
+
+    #[test]
+    fn strategies_parse_from_their_names() {
+        for &s in ALL {
+            assert_eq!(s.as_str().parse::<Strategy>(), Ok(s));
+            assert_eq!(format!(" {s} ").parse::<Strategy>(), Ok(s));
+        }
+        assert_eq!(
+            "fastest".parse::<Strategy>().unwrap_err().to_string(),
+            "unknown strategy \"fastest\" (expected one of: round-robin, least-connections, weighted-random, source-hash)"
+        );
+    }
 
     #[test]
     fn every_strategy_honours_exclude() {
         let backends = backends(&[1, 2, 3, 4]);
-        for strategy in ALL {
+        for &strategy in ALL {
             let balancer = Balancer::new(strategy, &backends);
             for n in 0..500 {
                 let exclude = [n % 4, (n + 1) % 4];
@@ -197,7 +275,7 @@ mod tests {
         backends[0].set_health(Health::Down);
         backends[1].set_admin(Admin::Drain);
         backends[2].set_admin(Admin::Disabled);
-        for strategy in ALL {
+        for &strategy in ALL {
             let balancer = Balancer::new(strategy, &backends);
             for n in 0..100 {
                 assert_eq!(
@@ -207,7 +285,7 @@ mod tests {
                 );
             }
         }
-        for strategy in ALL {
+        for &strategy in ALL {
             let balancer = Balancer::new(strategy, &[]);
             assert_eq!(balancer.pick(&[], ip0(), &[]), None, "{strategy:?}");
         }
@@ -221,7 +299,7 @@ mod tests {
                 b.set_health(Health::Down);
             }
         }
-        for strategy in ALL {
+        for &strategy in ALL {
             let balancer = Balancer::new(strategy, &backends);
             for n in 0..200 {
                 assert_eq!(

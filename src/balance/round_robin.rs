@@ -29,6 +29,7 @@
 //! relative terms, only between the lightest weights of such a pool.
 
 use std::hint::select_unpredictable;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -59,7 +60,13 @@ impl RoundRobin {
     }
 
     #[inline]
-    pub fn pick(&self, backends: &[Arc<Backend>], exclude: &[usize]) -> Option<usize> {
+    /// The client's address plays no part here.
+    pub fn pick(
+        &self,
+        backends: &[Arc<Backend>],
+        _client: IpAddr,
+        exclude: &[usize],
+    ) -> Option<usize> {
         let len = self.schedule.len();
         if len == 0 {
             return None;

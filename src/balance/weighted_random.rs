@@ -6,6 +6,7 @@
 //! few times; after that — most of the weight is unavailable — one weighted draw over a
 //! scan of the available backends decides.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use rand::RngExt;
@@ -39,7 +40,13 @@ impl WeightedRandom {
     }
 
     #[inline]
-    pub fn pick(&self, backends: &[Arc<Backend>], exclude: &[usize]) -> Option<usize> {
+    /// The client's address plays no part here.
+    pub fn pick(
+        &self,
+        backends: &[Arc<Backend>],
+        _client: IpAddr,
+        exclude: &[usize],
+    ) -> Option<usize> {
         let total = *self.cumulative.last()?;
         let mut rng = rand::rng();
         for _ in 0..DRAWS {

@@ -12,8 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use weir::backend::State;
+use weir::balance::Strategy;
 use weir::config::{
-    BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol, Strategy,
+    BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol,
 };
 use weir::server::Server;
 

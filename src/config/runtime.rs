@@ -1,0 +1,86 @@
+//! The runtime config: what `validate` produces and the rest of weir reads. Every value
+//! here has been checked (ranges, addresses, names) and has its default filled in.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::balance::Strategy;
+
+/// A validated config, ready to run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub admin_socket: Option<PathBuf>,
+    /// Where drained/disabled backends and changed weights are kept across restarts
+    /// (`admin.state_file`; off unless set).
+    pub state_file: Option<PathBuf>,
+    pub metrics_bind: Option<SocketAddr>,
+    pub shutdown_timeout: Duration,
+    /// Sorted by name.
+    pub listeners: Vec<ListenerConfig>,
+    /// Sorted by name.
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub protocol: Protocol,
+    pub pool: String,
+    /// tcp: open client connections at once (None: unlimited); udp: sessions (default 65536).
+    pub max_connections: Option<usize>,
+    /// tcp default 1h, udp default 30s.
+    pub idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub strategy: Strategy,
+    /// The protocol of the listeners that use it (tcp when none does).
+    pub protocol: Protocol,
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub health_check: Option<HealthCheckConfig>,
+    /// In file order.
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub port: Option<u16>,
+    /// From `send` (YAML escapes applied) or `send_hex`.
+    pub send: Option<Vec<u8>>,
+    pub expect: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendConfig {
+    /// `name`, or the address as written.
+    pub name: String,
+    /// The address as written (HOST:PORT; HOST may be a DNS name).
+    pub address: String,
+    /// Resolved at load time.
+    pub addr: SocketAddr,
+    pub weight: u32,
+}

@@ -1,0 +1,623 @@
+//! Raw types → the runtime `Config`: every value converted and checked, defaults filled
+//! in, and the checks that span keys (a listener's pool exists, binds don't clash, a udp
+//! pool's check sends something). Every problem is recorded; none stops the others.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_saphyr::Location;
+
+use super::diag::{Cx, known};
+use super::raw::{Pos, RawBackend, RawConfig, RawHealthCheck, RawListener, RawPool};
+use super::runtime::{
+    BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol,
+};
+use super::values::{
+    backend_addr, bind_addr, binds_clash, check_name, duration, hex_bytes, literal_escapes, number,
+    protocol, strategy,
+};
+use crate::balance::{Strategy, WEIGHT_RANGE};
+
+/// A pool being built, with what the listener pass needs to finish it.
+struct PendingPool {
+    config: PoolConfig,
+    /// Where `health_check` is, when there is one without send/send_hex.
+    check_without_send: Option<Location>,
+    /// The first listener that uses it, and that listener's protocol.
+    used_by: Option<(String, Protocol)>,
+}
+
+/// The addresses bound so far: (protocol, address, listener name; "" for the metrics
+/// endpoint).
+type Binds = Vec<(Protocol, SocketAddr, String)>;
+
+pub(super) fn validate(cx: &mut Cx, raw: RawConfig) -> Config {
+    let admin_socket = path_setting(
+        cx,
+        raw.admin.as_ref().and_then(|a| a.value.socket.as_ref()),
+        "admin.socket",
+        "admin socket path is empty",
+    );
+    let state_file = path_setting(
+        cx,
+        raw.admin.as_ref().and_then(|a| a.value.state_file.as_ref()),
+        "admin.state_file",
+        "admin state file path is empty",
+    );
+    let metrics_bind = raw
+        .metrics
+        .as_ref()
+        .and_then(|m| m.value.bind.as_ref())
+        .and_then(|b| match bind_addr(&b.value) {
+            Ok(a) => Some(a),
+            Err(why) => {
+                cx.error(
+                    Some(&b.referenced),
+                    "metrics.bind",
+                    format!("metrics bind: {why}"),
+                );
+                None
+            }
+        });
+    let shutdown_timeout = duration(
+        cx,
+        &raw.shutdown_timeout,
+        "shutdown_timeout",
+        "shutdown_timeout",
+        Duration::from_secs(30),
+        true,
+    );
+    let mut pools = validate_pools(cx, &raw);
+    let mut listeners = validate_listeners(cx, &raw, &mut pools, metrics_bind);
+    let mut pools = finish_pools(cx, pools);
+    listeners.sort_by(|a: &ListenerConfig, b| a.name.cmp(&b.name));
+    pools.sort_by(|a, b| a.name.cmp(&b.name));
+    Config {
+        admin_socket,
+        state_file,
+        metrics_bind,
+        shutdown_timeout,
+        listeners,
+        pools,
+    }
+}
+
+/// A file path setting; an empty one is a problem.
+fn path_setting(
+    cx: &mut Cx,
+    value: Option<&Pos<String>>,
+    path: &str,
+    empty: &str,
+) -> Option<PathBuf> {
+    let s = value?;
+    if s.value.trim().is_empty() {
+        cx.error(Some(&s.referenced), path, empty);
+        None
+    } else {
+        Some(PathBuf::from(&s.value))
+    }
+}
+
+fn validate_pools(cx: &mut Cx, raw: &RawConfig) -> Vec<PendingPool> {
+    let mut pools = Vec::new();
+    match &raw.pools {
+        None => cx.error(None, "pools", "no pools: at least one pool is needed"),
+        Some(p) if p.value.0.is_empty() => cx.error(
+            Some(&p.referenced),
+            "pools",
+            "no pools: at least one pool is needed",
+        ),
+        Some(p) => {
+            for (name, body) in &p.value.0 {
+                pools.push(validate_pool(cx, name, body));
+            }
+        }
+    }
+    pools
+}
+
+fn validate_listeners(
+    cx: &mut Cx,
+    raw: &RawConfig,
+    pools: &mut [PendingPool],
+    metrics_bind: Option<SocketAddr>,
+) -> Vec<ListenerConfig> {
+    let mut listeners = Vec::new();
+    match &raw.listeners {
+        None => cx.error(
+            None,
+            "listeners",
+            "no listeners: at least one listener is needed",
+        ),
+        Some(l) if l.value.0.is_empty() => cx.error(
+            Some(&l.referenced),
+            "listeners",
+            "no listeners: at least one listener is needed",
+        ),
+        Some(l) => {
+            let mut binds: Binds = Vec::new();
+            if let Some(m) = metrics_bind {
+                binds.push((Protocol::Tcp, m, String::new()));
+            }
+            for (name, body) in &l.value.0 {
+                if let Some(listener) = validate_listener(cx, name, body, pools, &mut binds) {
+                    listeners.push(listener);
+                }
+            }
+        }
+    }
+    listeners
+}
+
+/// The checks that need to know which listeners use a pool.
+fn finish_pools(cx: &mut Cx, pools: Vec<PendingPool>) -> Vec<PoolConfig> {
+    pools
+        .into_iter()
+        .map(|p| {
+            if let (Some(loc), Some((listener, Protocol::Udp))) =
+                (p.check_without_send, &p.used_by)
+            {
+                cx.error(
+                    Some(&loc),
+                    &format!("pools.{}.health_check", p.config.name),
+                    format!(
+                        "pool \"{}\" serves udp (listener \"{listener}\"), and a UDP health check needs a datagram to send: add send or send_hex",
+                        p.config.name
+                    ),
+                );
+            }
+            p.config
+        })
+        .collect()
+}
+
+fn validate_listener(
+    cx: &mut Cx,
+    name: &Pos<String>,
+    body: &Pos<Option<RawListener>>,
+    pools: &mut [PendingPool],
+    binds: &mut Binds,
+) -> Option<ListenerConfig> {
+    let n = &name.value;
+    let path = format!("listeners.{n}");
+    check_name(cx, name, &path, "listener", true);
+    let Some(raw) = &body.value else {
+        cx.error(
+            Some(&name.referenced),
+            &path,
+            format!("listener \"{n}\" has no settings: it needs bind and pool"),
+        );
+        return None;
+    };
+    let protocol = protocol(cx, &raw.protocol, &format!("{path}.protocol"));
+    let bind = match &raw.bind {
+        None => {
+            cx.error(
+                Some(&name.referenced),
+                &path,
+                format!("listener \"{n}\" has no bind: add bind: IP:PORT"),
+            );
+            None
+        }
+        Some(b) => listener_bind(cx, n, &path, b, protocol, binds),
+    };
+    let pool = match &raw.pool {
+        None => {
+            cx.error(
+                Some(&name.referenced),
+                &path,
+                format!("listener \"{n}\" has no pool: add pool: POOL_NAME"),
+            );
+            None
+        }
+        Some(p) => listener_pool(cx, n, &path, p, protocol, pools),
+    };
+    let (max_connections, idle_timeout) = listener_limits(cx, raw, &path, protocol);
+    Some(ListenerConfig {
+        name: n.clone(),
+        bind: bind?,
+        protocol,
+        pool: pool?,
+        max_connections,
+        idle_timeout,
+    })
+}
+
+/// The listener's bind address, checked against those bound before it.
+fn listener_bind(
+    cx: &mut Cx,
+    n: &str,
+    path: &str,
+    b: &Pos<String>,
+    protocol: Protocol,
+    binds: &mut Binds,
+) -> Option<SocketAddr> {
+    let addr = match bind_addr(&b.value) {
+        Err(why) => {
+            cx.error(Some(&b.referenced), &format!("{path}.bind"), why);
+            return None;
+        }
+        Ok(addr) => addr,
+    };
+    let clash = binds
+        .iter()
+        .find(|(p, a, _)| *p == protocol && binds_clash(*a, addr));
+    let Some((_, first_addr, first)) = clash else {
+        binds.push((protocol, addr, n.to_string()));
+        return Some(addr);
+    };
+    let what = if first.is_empty() {
+        "the metrics endpoint (metrics.bind)".to_string()
+    } else {
+        format!("listener \"{first}\"")
+    };
+    let covers = if *first_addr == addr {
+        String::new()
+    } else {
+        let (wide, narrow) = if first_addr.ip().is_unspecified() {
+            (first_addr.ip(), addr.ip())
+        } else {
+            (addr.ip(), first_addr.ip())
+        };
+        format!(" ({first_addr}; {wide} includes {narrow})")
+    };
+    cx.error(
+        Some(&b.referenced),
+        &format!("{path}.bind"),
+        format!(
+            "listener \"{n}\" binds {} {addr}, which {what} already binds{covers}",
+            protocol.as_str()
+        ),
+    );
+    Some(addr)
+}
+
+/// The listener's pool: it must exist, and serve one protocol.
+fn listener_pool(
+    cx: &mut Cx,
+    n: &str,
+    path: &str,
+    p: &Pos<String>,
+    protocol: Protocol,
+    pools: &mut [PendingPool],
+) -> Option<String> {
+    let Some(q) = pools.iter_mut().find(|q| q.config.name == p.value) else {
+        let mut known: Vec<&str> = pools.iter().map(|q| q.config.name.as_str()).collect();
+        known.sort_unstable();
+        let known = if known.is_empty() {
+            "none is defined".to_string()
+        } else {
+            format!("defined: {}", known.join(", "))
+        };
+        cx.error(
+            Some(&p.referenced),
+            &format!("{path}.pool"),
+            format!(
+                "listener \"{n}\" uses pool \"{}\", which is not defined ({known})",
+                p.value
+            ),
+        );
+        return None;
+    };
+    match &q.used_by {
+        None => {
+            q.used_by = Some((n.to_string(), protocol));
+            q.config.protocol = protocol;
+        }
+        Some((other, other_protocol)) if *other_protocol != protocol => cx.error(
+            Some(&p.referenced),
+            &format!("{path}.pool"),
+            format!(
+                "pool \"{}\" is used by {} listener \"{other}\" and by {} listener \"{n}\"; a pool serves one protocol",
+                p.value,
+                other_protocol.as_str(),
+                protocol.as_str()
+            ),
+        ),
+        Some(_) => {}
+    }
+    Some(p.value.clone())
+}
+
+/// `max_connections` and `idle_timeout`, whose defaults depend on the protocol.
+fn listener_limits(
+    cx: &mut Cx,
+    raw: &RawListener,
+    path: &str,
+    protocol: Protocol,
+) -> (Option<usize>, Duration) {
+    let max_connections = match &raw.max_connections {
+        None => match protocol {
+            Protocol::Tcp => None,
+            Protocol::Udp => Some(65536),
+        },
+        Some(v) => number(
+            cx,
+            v,
+            &format!("{path}.max_connections"),
+            "max_connections",
+            1,
+            usize::MAX as u64,
+        )
+        .map(|m| m as usize),
+    };
+    let idle_default = match protocol {
+        Protocol::Tcp => Duration::from_secs(3600),
+        Protocol::Udp => Duration::from_secs(30),
+    };
+    let idle_timeout = duration(
+        cx,
+        &raw.idle_timeout,
+        &format!("{path}.idle_timeout"),
+        "idle_timeout",
+        idle_default,
+        false,
+    );
+    (max_connections, idle_timeout)
+}
+
+fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -> PendingPool {
+    let n = &name.value;
+    let path = format!("pools.{n}");
+    check_name(cx, name, &path, "pool", false);
+    let mut pending = PendingPool {
+        config: PoolConfig {
+            name: n.clone(),
+            strategy: Strategy::RoundRobin,
+            protocol: Protocol::Tcp,
+            connect_timeout: Duration::from_secs(3),
+            retries: 2,
+            health_check: None,
+            backends: Vec::new(),
+        },
+        check_without_send: None,
+        used_by: None,
+    };
+    let Some(raw) = &body.value else {
+        cx.error(
+            Some(&name.referenced),
+            &path,
+            format!("pool \"{n}\" has no settings: it needs backends"),
+        );
+        return pending;
+    };
+    let c = &mut pending.config;
+    c.strategy = strategy(cx, &raw.strategy, &format!("{path}.strategy"));
+    c.connect_timeout = duration(
+        cx,
+        &raw.connect_timeout,
+        &format!("{path}.connect_timeout"),
+        "connect_timeout",
+        Duration::from_secs(3),
+        false,
+    );
+    if let Some(r) = &raw.retries {
+        // A huge number of retries is fine: it is bounded by the backends there are.
+        if let Some(r) = number(cx, r, &format!("{path}.retries"), "retries", 0, u64::MAX) {
+            c.retries = u32::try_from(r).unwrap_or(u32::MAX);
+        }
+    }
+    if let Some(hc) = &raw.health_check {
+        let (check, without_send) = validate_check(cx, hc, &format!("{path}.health_check"));
+        c.health_check = Some(check);
+        pending.check_without_send = without_send;
+    }
+    pending.config.backends = validate_backends(cx, name, raw, &path);
+    pending
+}
+
+fn validate_backends(
+    cx: &mut Cx,
+    name: &Pos<String>,
+    raw: &RawPool,
+    path: &str,
+) -> Vec<BackendConfig> {
+    let n = &name.value;
+    let mut backends = Vec::new();
+    match &raw.backends {
+        None => cx.error(
+            Some(&name.referenced),
+            &format!("{path}.backends"),
+            format!("pool \"{n}\" has no backends: add at least one under backends"),
+        ),
+        Some(b) if b.value.is_empty() => cx.error(
+            Some(&b.referenced),
+            &format!("{path}.backends"),
+            format!("pool \"{n}\" has no backends: add at least one under backends"),
+        ),
+        Some(b) => {
+            let mut names: HashMap<String, Location> = HashMap::new();
+            for (i, backend) in b.value.iter().enumerate() {
+                let bpath = format!("{path}.backends[{i}]");
+                if let Some(be) = validate_backend(cx, n, backend, &bpath, &mut names) {
+                    backends.push(be);
+                }
+            }
+        }
+    }
+    backends
+}
+
+fn validate_check(
+    cx: &mut Cx,
+    hc: &Pos<Option<RawHealthCheck>>,
+    path: &str,
+) -> (HealthCheckConfig, Option<Location>) {
+    let mut check = HealthCheckConfig {
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall: 3,
+        port: None,
+        send: None,
+        expect: None,
+    };
+    let Some(raw) = &hc.value else {
+        return (check, Some(hc.referenced));
+    };
+    let key = |k: &str| format!("{path}.{k}");
+    check.interval = duration(
+        cx,
+        &raw.interval,
+        &key("interval"),
+        "interval",
+        check.interval,
+        false,
+    );
+    check.timeout = duration(
+        cx,
+        &raw.timeout,
+        &key("timeout"),
+        "timeout",
+        check.timeout,
+        false,
+    );
+    let max = u64::from(u32::MAX);
+    if let Some(v) = &raw.rise {
+        check.rise = number(cx, v, &key("rise"), "rise", 1, max).map_or(check.rise, |r| r as u32);
+    }
+    if let Some(v) = &raw.fall {
+        check.fall = number(cx, v, &key("fall"), "fall", 1, max).map_or(check.fall, |r| r as u32);
+    }
+    if let Some(v) = &raw.port {
+        check.port = number(cx, v, &key("port"), "port", 1, 65535).map(|p| p as u16);
+    }
+    check.send = probe_send(cx, raw, path);
+    check.expect = probe_expect(cx, raw, path);
+    let without_send = (raw.send.is_none() && raw.send_hex.is_none()).then_some(hc.referenced);
+    (check, without_send)
+}
+
+/// The bytes a check sends, from `send` or `send_hex`.
+fn probe_send(cx: &mut Cx, raw: &RawHealthCheck, path: &str) -> Option<Vec<u8>> {
+    let key = |k: &str| format!("{path}.{k}");
+    match (&raw.send, &raw.send_hex) {
+        (Some(_), Some(h)) => {
+            cx.error(
+                Some(&h.referenced),
+                &key("send_hex"),
+                "send and send_hex are both set: use one of them",
+            );
+            None
+        }
+        (Some(s), None) => {
+            if s.value.is_empty() {
+                cx.error(
+                    Some(&s.referenced),
+                    &key("send"),
+                    "send is empty (leave it out for a plain connect check)",
+                );
+            }
+            literal_escapes(cx, s, &key("send"), "send");
+            Some(s.value.clone().into_bytes())
+        }
+        (None, Some(h)) => match hex_bytes(&h.value) {
+            Ok(b) if b.is_empty() => {
+                cx.error(
+                    Some(&h.referenced),
+                    &key("send_hex"),
+                    "send_hex is empty (leave it out for a plain connect check)",
+                );
+                None
+            }
+            Ok(b) => Some(b),
+            Err(why) => {
+                cx.error(
+                    Some(&h.referenced),
+                    &key("send_hex"),
+                    format!("bad send_hex \"{}\": {why}", h.value),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
+
+/// The bytes a check's reply must contain.
+fn probe_expect(cx: &mut Cx, raw: &RawHealthCheck, path: &str) -> Option<Vec<u8>> {
+    let e = raw.expect.as_ref()?;
+    let key = format!("{path}.expect");
+    if e.value.is_empty() {
+        cx.error(
+            Some(&e.referenced),
+            &key,
+            "expect is empty: every reply would match",
+        );
+    } else if raw.send.is_none() && raw.send_hex.is_none() {
+        cx.error(
+            Some(&e.referenced),
+            &key,
+            format!(
+                "expect \"{}\" without send: a check that expects a reply must send something first (add send or send_hex)",
+                e.value.escape_debug()
+            ),
+        );
+    }
+    literal_escapes(cx, e, &key, "expect");
+    Some(e.value.clone().into_bytes())
+}
+
+fn validate_backend(
+    cx: &mut Cx,
+    pool: &str,
+    backend: &Pos<RawBackend>,
+    path: &str,
+    names: &mut HashMap<String, Location>,
+) -> Option<BackendConfig> {
+    let raw = &backend.value;
+    let Some(address) = &raw.address else {
+        cx.error(
+            Some(&backend.referenced),
+            path,
+            format!("a backend of pool \"{pool}\" has no address: add address: HOST:PORT"),
+        );
+        return None;
+    };
+    let addr = match backend_addr(&address.value) {
+        Ok(a) => Some(a),
+        Err(why) => {
+            cx.error(Some(&address.referenced), &format!("{path}.address"), why);
+            None
+        }
+    };
+    let name = raw.name.as_ref().unwrap_or(address);
+    if raw.name.is_some() {
+        check_name(cx, name, &format!("{path}.name"), "backend", true);
+    }
+    if let Some(first) = names.get(&name.value) {
+        let mut msg = format!(
+            "duplicate backend name \"{}\" in pool \"{pool}\"",
+            name.value
+        );
+        if let Some((line, col)) = known(first) {
+            let _ = write!(msg, " (first at line {line}, column {col})");
+        }
+        msg.push_str("; give each backend its own name");
+        cx.error(Some(&name.referenced), &format!("{path}.name"), msg);
+    } else {
+        names.insert(name.value.clone(), name.referenced);
+    }
+    let (min, max) = (*WEIGHT_RANGE.start(), *WEIGHT_RANGE.end());
+    let weight = match &raw.weight {
+        None => 1,
+        Some(w) => number(
+            cx,
+            w,
+            &format!("{path}.weight"),
+            "weight",
+            u64::from(min),
+            u64::from(max),
+        )
+        .map_or(1, |w| w as u32),
+    };
+    Some(BackendConfig {
+        name: name.value.clone(),
+        address: address.value.clone(),
+        addr: addr?,
+        weight,
+    })
+}

@@ -1,0 +1,368 @@
+//! Conversions of single values (durations, numbers, addresses, names, hex), each
+//! recording a problem that names the key and what was written.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use super::diag::Cx;
+use super::raw::Pos;
+use super::runtime::Protocol;
+use crate::balance::Strategy;
+
+const DURATION_HINT: &str = "write a number and a unit, e.g. 250ms, 2s, 5m, 1h";
+
+/// A duration such as `250ms`; `key` names the key in messages.
+pub(super) fn duration(
+    cx: &mut Cx,
+    value: &Option<Pos<String>>,
+    path: &str,
+    key: &str,
+    default: Duration,
+    allow_zero: bool,
+) -> Duration {
+    let Some(v) = value else { return default };
+    let text = v.value.trim();
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() && !allow_zero => {
+            cx.error(
+                Some(&v.referenced),
+                path,
+                format!("{key} \"{}\" must be more than zero", v.value),
+            );
+            default
+        }
+        Ok(d) => d,
+        Err(e) => {
+            use humantime::DurationError as H;
+            let why = match e {
+                H::Empty => "it is empty".to_string(),
+                H::UnknownUnit { unit, .. } if unit.is_empty() => "it has no unit".to_string(),
+                H::UnknownUnit { unit, .. } => {
+                    format!("unknown unit \"{unit}\" (use ns, us, ms, s, m, h, d)")
+                }
+                H::NumberOverflow => "it is too large".to_string(),
+                H::InvalidCharacter(_) | H::NumberExpected(_) => {
+                    "it is not a number followed by a unit".to_string()
+                }
+            };
+            cx.error(
+                Some(&v.referenced),
+                path,
+                format!(
+                    "bad duration for {key}: \"{}\": {why}; {DURATION_HINT}",
+                    v.value
+                ),
+            );
+            default
+        }
+    }
+}
+
+/// A `\r`, `\n`, `\t`, `\0` or `\x` left as two characters: YAML applies escapes only
+/// inside double quotes, so `send: PING\r\n` (plain or single-quoted) would send a
+/// backslash and an `r`, and a Redis check would time out with nothing said at load.
+pub(super) fn literal_escapes(cx: &mut Cx, v: &Pos<String>, path: &str, key: &str) {
+    let found = v
+        .value
+        .as_bytes()
+        .windows(2)
+        .find(|w| w[0] == b'\\' && matches!(w[1], b'r' | b'n' | b't' | b'0' | b'x'));
+    if let Some(pair) = found {
+        cx.error(
+            Some(&v.referenced),
+            path,
+            format!(
+                "{key} contains \"\\{}\" as two characters: YAML applies escapes only inside double quotes, so write {key}: \"{}\"",
+                pair[1] as char,
+                v.value
+            ),
+        );
+    }
+}
+
+/// A whole number in `min..=max`.
+pub(super) fn number(
+    cx: &mut Cx,
+    v: &Pos<String>,
+    path: &str,
+    key: &str,
+    min: u64,
+    max: u64,
+) -> Option<u64> {
+    let text = v.value.trim();
+    let parsed = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // All digits: too many of them is simply out of range.
+        Some(text.parse::<u64>().unwrap_or(u64::MAX))
+    } else {
+        None
+    };
+    match parsed {
+        Some(n) if (min..=max).contains(&n) => Some(n),
+        Some(n) if n >= min && max >= u64::from(u32::MAX) => {
+            cx.error(
+                Some(&v.referenced),
+                path,
+                format!("{key} {text} is out of range: it must be at most {max}"),
+            );
+            None
+        }
+        Some(_) if max >= u64::from(u32::MAX) => {
+            cx.error(
+                Some(&v.referenced),
+                path,
+                format!("{key} {text} is out of range: it must be at least {min}"),
+            );
+            None
+        }
+        Some(_) => {
+            cx.error(
+                Some(&v.referenced),
+                path,
+                format!("{key} {text} is out of range {min}..={max}"),
+            );
+            None
+        }
+        None => {
+            let range = if max >= u64::from(u32::MAX) {
+                format!("{min} or more")
+            } else {
+                format!("{min}..={max}")
+            };
+            cx.error(
+                Some(&v.referenced),
+                path,
+                format!("{key} \"{}\" is not a whole number ({range})", v.value),
+            );
+            None
+        }
+    }
+}
+
+/// A listen address: an IP literal and a port, IPv6 in brackets.
+pub(super) fn bind_addr(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    if let Ok(a) = t.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let why = match split_host_port(t) {
+        Err(why) => why,
+        Ok((host, port)) => match port.parse::<u16>() {
+            Err(_) => format!("port \"{port}\" is not a number 0..=65535"),
+            Ok(_) if host.parse::<std::net::IpAddr>().is_err() => {
+                format!("\"{host}\" is not an IP address (a bind address can't be a host name)")
+            }
+            Ok(_) => "it is not IP:PORT".to_string(),
+        },
+    };
+    Err(format!(
+        "bad address \"{text}\": {why}; expected IP:PORT or [IPv6]:PORT, e.g. 127.0.0.1:7379 or [::1]:7379"
+    ))
+}
+
+/// Whether two sockets of one protocol can't both be bound: the same port (not 0, which
+/// picks a free one) and the same address, or a wildcard (0.0.0.0, [::]) of the same
+/// family. `[::]` also takes every IPv4 address (weir leaves IPV6_V6ONLY off, as Linux
+/// does by default), so it clashes with IPv4 binds on its port too.
+pub(super) fn binds_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let takes = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv4() == other.is_ipv4() || wide.is_ipv6())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || takes(a, b) || takes(b, a))
+}
+
+/// Splits `HOST:PORT` / `[V6]:PORT`; the host is returned without brackets.
+pub(super) fn split_host_port(t: &str) -> Result<(&str, &str), String> {
+    if let Some(rest) = t.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else {
+            return Err("a '[' without its ']'".to_string());
+        };
+        let Some(port) = after.strip_prefix(':') else {
+            return Err("no port after the ']'".to_string());
+        };
+        return Ok((host, port));
+    }
+    let Some((host, port)) = t.rsplit_once(':') else {
+        return Err("no port".to_string());
+    };
+    if host.contains(':') {
+        return Err("an IPv6 address needs brackets, e.g. [::1]:5432".to_string());
+    }
+    if host.is_empty() {
+        return Err("no host before the ':'".to_string());
+    }
+    Ok((host, port))
+}
+
+/// A backend address `HOST:PORT`, HOST an IP literal or a DNS name, resolved now.
+pub(super) fn backend_addr(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    let bad = |why: String| {
+        format!(
+            "bad backend address \"{text}\": {why}; expected HOST:PORT, e.g. 127.0.0.1:6379, db.example.com:5432 or [::1]:5432"
+        )
+    };
+    let (host, port) = split_host_port(t).map_err(bad)?;
+    let port: u16 = match port.parse() {
+        Ok(0) => return Err(bad("port 0 can't be connected to".to_string())),
+        Ok(p) => p,
+        Err(_) => return Err(bad(format!("port \"{port}\" is not a number 1..=65535"))),
+    };
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    if t.starts_with('[') {
+        return Err(bad(format!("\"{host}\" is not an IPv6 address")));
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| {
+            format!("cannot resolve host \"{host}\" (in \"{text}\"): it has no addresses")
+        }),
+        Err(e) => Err(format!(
+            "cannot resolve host \"{host}\" (in \"{text}\"): {e}"
+        )),
+    }
+}
+
+/// Names end up in admin commands (`POOL/BACKEND`) and metric labels.
+pub(super) fn check_name(cx: &mut Cx, name: &Pos<String>, path: &str, kind: &str, slash_ok: bool) {
+    let n = &name.value;
+    let why = if n.is_empty() {
+        Some("is empty")
+    } else if n.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("contains whitespace (names are typed in admin commands)")
+    } else if !slash_ok && n.contains('/') {
+        Some("contains '/' (backends are named POOL/BACKEND)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        cx.error(
+            Some(&name.referenced),
+            path,
+            format!("{kind} name \"{n}\" {why}"),
+        );
+    }
+}
+/// `strategy:`, parsed by `balance` (which owns the names and the message).
+pub(super) fn strategy(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> Strategy {
+    let Some(v) = v else {
+        return Strategy::RoundRobin;
+    };
+    v.value
+        .parse()
+        .unwrap_or_else(|unknown: crate::balance::UnknownStrategy| {
+            cx.error(Some(&v.referenced), path, unknown.to_string());
+            Strategy::RoundRobin
+        })
+}
+
+pub(super) fn protocol(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> Protocol {
+    let Some(v) = v else { return Protocol::Tcp };
+    match v.value.trim() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => {
+            cx.error(
+                Some(&v.referenced),
+                path,
+                format!(
+                    "unknown protocol \"{}\" (expected one of: tcp, udp)",
+                    v.value
+                ),
+            );
+            Protocol::Tcp
+        }
+    }
+}
+
+pub(super) fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if let Some(bad) = digits.iter().find(|b| !b.is_ascii_hexdigit()) {
+        return Err(format!("'{}' is not a hex digit", char::from(*bad)));
+    }
+    if !digits.len().is_multiple_of(2) {
+        return Err(format!("odd number of hex digits ({})", digits.len()));
+    }
+    let nibble = |b: u8| char::from(b).to_digit(16).unwrap_or(0) as u8;
+    Ok(digits
+        .chunks(2)
+        .map(|p| (nibble(p[0]) << 4) | nibble(p[1]))
+        .collect())
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_bytes_ignores_whitespace_and_case() {
+        assert_eq!(
+            hex_bytes("DE ad\nbE\tef").unwrap(),
+            [0xde, 0xad, 0xbe, 0xef]
+        );
+        assert_eq!(hex_bytes("").unwrap(), Vec::<u8>::new());
+        assert!(hex_bytes("abc").unwrap_err().contains("odd number"));
+        assert!(hex_bytes("0x12").unwrap_err().contains("'x'"));
+    }
+
+    #[test]
+    fn host_and_port_are_split() {
+        assert_eq!(split_host_port("db:5432").unwrap(), ("db", "5432"));
+        assert_eq!(split_host_port("[::1]:5432").unwrap(), ("::1", "5432"));
+        assert!(
+            split_host_port("::1:5432")
+                .unwrap_err()
+                .contains("brackets")
+        );
+        assert!(
+            split_host_port("[::1]5432")
+                .unwrap_err()
+                .contains("no port")
+        );
+        assert!(split_host_port("[::1:5432").unwrap_err().contains("']'"));
+        assert!(split_host_port(":5432").unwrap_err().contains("no host"));
+        assert!(split_host_port("db").unwrap_err().contains("no port"));
+    }
+
+    #[test]
+    fn bind_clashes() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(binds_clash(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(binds_clash(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(binds_clash(a("127.0.0.2:80"), a("0.0.0.0:80")));
+        assert!(binds_clash(a("[::]:80"), a("[::1]:80")));
+        assert!(!binds_clash(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!binds_clash(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        // [::] is dual-stack: it takes IPv4 addresses too; 0.0.0.0 doesn't take IPv6 ones.
+        assert!(binds_clash(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(binds_clash(a("0.0.0.0:80"), a("[::]:80")));
+        assert!(!binds_clash(a("0.0.0.0:80"), a("[::1]:80")));
+        // Port 0 picks a free port each time.
+        assert!(!binds_clash(a("127.0.0.1:0"), a("127.0.0.1:0")));
+    }
+
+    #[test]
+    fn backend_addresses() {
+        assert_eq!(
+            backend_addr("127.0.0.1:6379").unwrap(),
+            "127.0.0.1:6379".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            backend_addr("[::1]:5432").unwrap(),
+            "[::1]:5432".parse::<SocketAddr>().unwrap()
+        );
+        assert!(backend_addr("localhost:1").unwrap().ip().is_loopback());
+        assert!(backend_addr("h:70000").unwrap_err().contains("\"70000\""));
+    }
+
+    #[test]
+    fn bind_addresses() {
+        assert!(bind_addr("0.0.0.0:1").is_ok());
+        assert!(bind_addr("[::]:1").is_ok());
+        assert!(
+            bind_addr("localhost:1")
+                .unwrap_err()
+                .contains("not an IP address")
+        );
+        assert!(bind_addr("1.2.3.4").unwrap_err().contains("no port"));
+    }
+}
