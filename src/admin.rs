@@ -22,6 +22,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use crate::backend::{Admin, Backend, Health};
+use crate::balance::WEIGHT_RANGE;
 use crate::control::{ControlError, ControlHandle};
 use crate::net;
 use crate::shutdown::Shutdown;
@@ -47,7 +48,7 @@ pub enum AdminError {
     Usage(String),
     #[error("{0:?} is not POOL/BACKEND")]
     NotATarget(String),
-    #[error("weight {0:?} is not a number from 1 to 1000")]
+    #[error("weight {0:?} is not a number from {lo} to {hi}", lo = WEIGHT_RANGE.start(), hi = WEIGHT_RANGE.end())]
     BadWeight(String),
     #[error("no backend {target:?} (known: {known})")]
     NoBackend { target: String, known: String },
@@ -126,7 +127,7 @@ pub fn parse(line: &str) -> Result<Request, AdminError> {
             let weight = weight
                 .parse::<u32>()
                 .ok()
-                .filter(|w| (1..=1000).contains(w))
+                .filter(|w| WEIGHT_RANGE.contains(w))
                 .ok_or_else(|| AdminError::BadWeight(weight.to_string()))?;
             Ok(Request::SetWeight(target, weight))
         }

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Admin, Backend};
+use crate::balance::WEIGHT_RANGE;
 use crate::config::Config;
 use crate::tables::Tables;
 
@@ -135,11 +136,15 @@ pub fn restore(
             }
         }
         if let Some(weight) = entry.weight {
-            if (1..=1000).contains(&weight) {
+            if WEIGHT_RANGE.contains(&weight) {
                 backend.set_weight(weight);
                 weights_changed = true;
             } else {
-                tracing::warn!("state file: ignoring weight {weight} of {key}: out of 1..=1000");
+                tracing::warn!(
+                    "state file: ignoring weight {weight} of {key}: out of {}..={}",
+                    WEIGHT_RANGE.start(),
+                    WEIGHT_RANGE.end()
+                );
             }
         }
         tracing::info!(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::balance::WEIGHT_RANGE;
 use crate::config::{Config, ConfigErrors};
 use crate::tables::Tables;
 
@@ -19,7 +20,7 @@ pub enum ControlError {
     NoPool(String),
     #[error("no backend {backend:?} in pool {pool:?}")]
     NoBackend { pool: String, backend: String },
-    #[error("weight {0} is out of range 1..=1000")]
+    #[error("weight {0} is out of range {lo}..={hi}", lo = WEIGHT_RANGE.start(), hi = WEIGHT_RANGE.end())]
     WeightOutOfRange(u32),
     #[error("this instance was started without a config file")]
     NoConfigFile,

@@ -32,6 +32,7 @@ use handle::Command;
 pub use handle::{ControlError, ControlHandle};
 
 use crate::backend::Backend;
+use crate::balance::WEIGHT_RANGE;
 use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig};
 use crate::health;
 use crate::metrics::ReloadMetrics;
@@ -144,7 +145,7 @@ impl ControlTask {
         backend_name: &str,
         weight: u32,
     ) -> Result<(), ControlError> {
-        if !(1..=1000).contains(&weight) {
+        if !WEIGHT_RANGE.contains(&weight) {
             return Err(ControlError::WeightOutOfRange(weight));
         }
         let tables = self.tables.load();
