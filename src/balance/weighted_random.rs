@@ -1,7 +1,7 @@
 //! `weighted-random`: each backend with probability proportional to its weight.
 //!
-//! The build makes a cumulative weight table; a pick draws a number below the total from
-//! the thread-local RNG and binary-searches it. A draw that lands on an ineligible or
+//! The build makes rand's `WeightedIndex` (a cumulative weight table and a uniform sampler
+//! over its total, made once); a pick samples it with the thread-local RNG (a binary search). A draw that lands on an ineligible or
 //! excluded backend is redrawn (rejection keeps the choice proportional among the rest) a
 //! few times; after that — most of the weight is unavailable — one weighted draw over a
 //! scan of the available backends decides.
@@ -10,6 +10,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use rand::RngExt;
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
 
 use super::{available, weighted_scan, weights};
 use crate::backend::Backend;
@@ -18,25 +20,16 @@ use crate::backend::Backend;
 const DRAWS: usize = 4;
 
 pub struct WeightedRandom {
-    /// `cumulative[i]` is the sum of the weights of backends `0..=i`.
-    cumulative: Box<[u64]>,
+    /// None without backends (or, which config forbids, with every weight 0).
+    index: Option<WeightedIndex<u64>>,
     weights: Box<[u32]>,
 }
 
 impl WeightedRandom {
     pub fn new(backends: &[Arc<Backend>]) -> Self {
         let weights = weights(backends);
-        let cumulative = weights
-            .iter()
-            .scan(0u64, |sum, &w| {
-                *sum += u64::from(w);
-                Some(*sum)
-            })
-            .collect();
-        WeightedRandom {
-            cumulative,
-            weights,
-        }
+        let index = WeightedIndex::new(weights.iter().map(|&w| u64::from(w))).ok();
+        WeightedRandom { index, weights }
     }
 
     #[inline]
@@ -47,11 +40,10 @@ impl WeightedRandom {
         _client: IpAddr,
         exclude: &[usize],
     ) -> Option<usize> {
-        let total = *self.cumulative.last()?;
+        let index = self.index.as_ref()?;
         let mut rng = rand::rng();
         for _ in 0..DRAWS {
-            let r = rng.random_range(0..total);
-            let i = self.cumulative.partition_point(|&c| c <= r);
+            let i = index.sample(&mut rng);
             if available(backends, i, exclude) {
                 return Some(i);
             }
@@ -111,15 +103,17 @@ mod tests {
     }
 
     #[test]
-    fn cumulative_table() {
+    fn the_index_holds_each_backends_weight() {
         let backends = backends(&[3, 1, 4]);
         let Balancer::WeightedRandom(wr) = Balancer::new(Strategy::WeightedRandom, &backends)
         else {
             unreachable!()
         };
-        assert_eq!(&*wr.cumulative, &[3, 4, 8]);
-        let index = |r| wr.cumulative.partition_point(|&c| c <= r);
-        let picked: Vec<usize> = (0..8).map(index).collect();
-        assert_eq!(picked, [0, 0, 0, 1, 2, 2, 2, 2]);
+        let index = wr.index.as_ref().unwrap();
+        assert_eq!(index.total_weight(), 8);
+        let weights: Vec<u64> = (0..3).map(|i| index.weight(i).unwrap()).collect();
+        assert_eq!(weights, [3, 1, 4]);
+        let none = Balancer::new(Strategy::WeightedRandom, &[]);
+        assert_eq!(none.pick(&[], "127.0.0.1".parse().unwrap(), &[]), None);
     }
 }
