@@ -35,8 +35,11 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Check { config } => match weir::config::load(&config) {
-                Ok(_) => {
+            Command::Check { config } => match weir::config::load_with_warnings(&config) {
+                Ok((_, warnings)) => {
+                    for warning in &warnings {
+                        eprintln!("{warning}");
+                    }
                     println!("{}: ok", config.display());
                     ExitCode::SUCCESS
                 }

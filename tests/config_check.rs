@@ -657,16 +657,15 @@ fn bad_send_hex() {
 }
 
 #[test]
-fn expect_without_send() {
-    assert_problem(
-        &MINIMAL.replace(
-            "    backends:",
-            "    health_check:\n      expect: \"+PONG\"\n    backends:",
-        ),
-        8,
-        15,
-        &["expect \"+PONG\" without send"],
-    );
+fn expect_without_send_checks_the_greeting() {
+    // The server speaks first (SSH, SMTP, MySQL): connect, read, look for `expect`.
+    let c = valid(&MINIMAL.replace(
+        "    backends:",
+        "    health_check:\n      expect: \"SSH-2.0-\"\n    backends:",
+    ));
+    let hc = c.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.send, None);
+    assert_eq!(hc.expect.as_deref(), Some(&b"SSH-2.0-"[..]));
 }
 
 #[test]
@@ -814,7 +813,7 @@ pools:
     connect_timeout: 0s
     health_check:
       rise: 0
-      expect: ok
+      send_hex: 0x
     backends:
       - address: 127.0.0.1:8080
         weight: 5000
@@ -830,7 +829,7 @@ pools:
         (11, 15, "\"fastest\""),
         (12, 22, "connect_timeout"),
         (14, 13, "rise 0"),
-        (15, 15, "expect \"ok\""),
+        (15, 17, "send_hex \"0x\""),
         (18, 17, "weight 5000"),
         (19, 18, "\"127.0.0.1\""),
         (21, 15, "pool \"empty\""),
@@ -996,4 +995,611 @@ pools:
         13,
         &["rise 99999999999 is out of range: it must be at most"],
     );
+}
+
+// ----- issue 13 ----------------------------------------------------------------------
+
+/// Writes `text` to a fresh file and runs `weir check -c` on it: (exit code, stdout, stderr).
+fn weir_check(name: &str, text: &str) -> (Option<i32>, String, String) {
+    let dir = std::env::temp_dir().join(format!("weir-config-check-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("weir.yaml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text =
+        |b: Vec<u8>| String::from_utf8_lossy(&b).replace(&path.display().to_string(), "FILE");
+    (out.status.code(), text(out.stdout), text(out.stderr))
+}
+
+const TYPO_AND_ZERO_WEIGHT: &str = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+    idle_timout: 5m
+pools:
+  redis:
+    backends:
+      - address: 127.0.0.1:6379
+        weight: 0
+";
+
+#[test]
+fn schema_and_value_problems_come_out_together() {
+    let all = problems(TYPO_AND_ZERO_WEIGHT);
+    assert_problem(
+        TYPO_AND_ZERO_WEIGHT,
+        5,
+        5,
+        &["unknown key \"idle_timout\"", "in a listener"],
+    );
+    assert_problem(TYPO_AND_ZERO_WEIGHT, 10, 17, &["weight 0", "1..=1000"]);
+    assert_eq!(all.len(), 2, "{all:?}");
+
+    // Values of the wrong shape, unknown keys at every level, a duplicate key and bad
+    // values: each reported at its place, in one run.
+    let text = "\
+shutdown_timeout: [1s]
+admin:
+  sokcet: /run/weir.sock
+listeners:
+  a:
+    bind: 127.0.0.1:7000
+    pool: web
+    protocol: {tcp: yes}
+  a:
+    bind: 127.0.0.1:7001
+pools:
+  web:
+    strategy: fastest
+    health_check:
+      intervall: 1s
+    backends:
+      - 127.0.0.1:8080
+      - address: 127.0.0.1:8081
+        wieght: 2
+        weight: 1001
+";
+    let expected = [
+        (
+            1,
+            19,
+            "expected a single value here for shutdown_timeout, found a list",
+        ),
+        (
+            3,
+            3,
+            "unknown key \"sokcet\" in admin; did you mean \"socket\"?",
+        ),
+        (
+            8,
+            15,
+            "expected a single value here for protocol, found a mapping",
+        ),
+        (9, 3, "duplicate key \"a\""),
+        (13, 15, "unknown strategy \"fastest\""),
+        (
+            15,
+            7,
+            "unknown key \"intervall\" in a health_check; did you mean \"interval\"?",
+        ),
+        (
+            17,
+            9,
+            "expected a mapping (`key: value` entries) here for a backend, found a single value",
+        ),
+        (
+            19,
+            9,
+            "unknown key \"wieght\" in a backend; did you mean \"weight\"?",
+        ),
+        (20, 17, "weight 1001"),
+    ];
+    let all = problems(text);
+    for (line, column, needle) in expected {
+        assert_problem(text, line, column, &[needle]);
+    }
+    assert_eq!(all.len(), expected.len(), "{}", all.join("\n"));
+}
+
+#[test]
+fn a_misspelled_key_is_not_also_reported_missing() {
+    let text = MINIMAL
+        .replace("    bind: 127.0.0.1:7379", "    bnid: 127.0.0.1:7379")
+        .replace(
+            "      - address: 127.0.0.1:6379",
+            "      - adress: 127.0.0.1:6379",
+        );
+    let all = problems(&text);
+    assert_problem(
+        &text,
+        3,
+        5,
+        &["unknown key \"bnid\"", "did you mean \"bind\"?"],
+    );
+    assert_problem(
+        &text,
+        8,
+        9,
+        &["unknown key \"adress\"", "did you mean \"address\"?"],
+    );
+    assert_eq!(all.len(), 2, "{all:?}");
+    // A hint for a key that is there anyway: the other key's absence is still reported.
+    let text = MINIMAL.replace("    pool: redis\n", "    pool: redis\n    pools: x\n");
+    let all = problems(&text);
+    assert_problem(
+        &text,
+        5,
+        5,
+        &["unknown key \"pools\"", "did you mean \"pool\"?"],
+    );
+    assert_eq!(all.len(), 1, "{all:?}");
+}
+
+#[test]
+fn weir_check_names_every_line() {
+    let (code, stdout, stderr) = weir_check("every-line", TYPO_AND_ZERO_WEIGHT);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines[0].starts_with(
+            "FILE:5:5: unknown key \"idle_timout\" in a listener; did you mean \"idle_timeout\"?"
+        ),
+        "{stderr}"
+    );
+    assert!(lines[1].starts_with("FILE:10:17: weight 0"), "{stderr}");
+    assert_eq!(lines.len(), 2, "{stderr}");
+}
+
+#[test]
+fn every_duration_has_a_range() {
+    let text = "\
+shutdown_timeout: 25h
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+    idle_timeout: 30d
+pools:
+  redis:
+    connect_timeout: 500us
+    health_check:
+      interval: 10000000000000000s
+      timeout: 300000000000y
+    backends:
+      - address: 127.0.0.1:6379
+";
+    assert_problem(
+        text,
+        1,
+        19,
+        &["shutdown_timeout \"25h\" is too long", "0s..=24h"],
+    );
+    assert_problem(
+        text,
+        6,
+        19,
+        &["idle_timeout \"30d\" is too long", "1ms..=24d"],
+    );
+    assert_problem(
+        text,
+        9,
+        22,
+        &["connect_timeout \"500us\" is too short", "1ms..=1h"],
+    );
+    assert_problem(
+        text,
+        11,
+        17,
+        &["interval \"10000000000000000s\"", "1ms..=24h"],
+    );
+    assert_problem(
+        text,
+        12,
+        16,
+        &["timeout \"300000000000y\" is too long", "1ms..=1h"],
+    );
+    assert_eq!(problems(text).len(), 5);
+
+    // The bounds themselves are fine.
+    let c = valid(
+        &MINIMAL
+            .replace("    pool: redis\n", "    pool: redis\n    idle_timeout: 24d\n")
+            .replace(
+                "    backends:",
+                "    connect_timeout: 1h\n    health_check:\n      interval: 24h\n      timeout: 1ms\n    backends:",
+            ),
+    );
+    assert_eq!(
+        c.listeners[0].idle_timeout,
+        Duration::from_secs(24 * 86_400)
+    );
+    let hc = c.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(hc.interval, Duration::from_secs(86_400));
+    assert_eq!(hc.timeout, Duration::from_millis(1));
+    assert!(
+        valid(&format!("shutdown_timeout: 0s\n{MINIMAL}"))
+            .shutdown_timeout
+            .is_zero()
+    );
+}
+
+#[test]
+fn send_and_expect_escapes_are_bytes() {
+    let check = |lines: &str| {
+        let c = valid(&MINIMAL.replace(
+            "    backends:",
+            &format!("    health_check:\n{lines}    backends:"),
+        ));
+        let hc = c.pools[0].health_check.clone().unwrap();
+        (hc.send, hc.expect)
+    };
+    // \xc0 is the byte 0xc0, not U+00C0 as UTF-8 (0xc3 0x80).
+    let (send, expect) = check(
+        "      send: \"\\x16\\x03\\x01\\xff\"\n      expect: \"\\x00\\x04\\xc0\\x00\\x02\\x01\"\n",
+    );
+    assert_eq!(send.as_deref(), Some(&[0x16, 0x03, 0x01, 0xff][..]));
+    assert_eq!(
+        expect.as_deref(),
+        Some(&[0x00, 0x04, 0xc0, 0x00, 0x02, 0x01][..])
+    );
+    // A character written as itself (or as \u) is its UTF-8.
+    let (_, expect) = check("      send: x\n      expect: \"é\\u00e9\"\n");
+    assert_eq!(expect.as_deref(), Some("éé".as_bytes()));
+    // expect_hex, beside send_hex.
+    let (_, expect) = check("      expect_hex: \"00 04 C0\"\n");
+    assert_eq!(expect.as_deref(), Some(&[0x00, 0x04, 0xc0][..]));
+    // Inside double quotes, \\r is a deliberate backslash: no "two characters" problem.
+    let (send, _) = check("      send: \"a\\\\r\"\n");
+    assert_eq!(send.as_deref(), Some(&b"a\\r"[..]));
+
+    let text = MINIMAL.replace(
+        "    backends:",
+        "    health_check:\n      expect: ok\n      expect_hex: 6f6b\n    backends:",
+    );
+    assert_problem(&text, 9, 19, &["expect and expect_hex are both set"]);
+    let text = MINIMAL.replace(
+        "    backends:",
+        "    health_check:\n      expect_hex: 6g\n    backends:",
+    );
+    assert_problem(&text, 8, 19, &["bad expect_hex \"6g\"", "'g'"]);
+    let text = MINIMAL.replace(
+        "    backends:",
+        "    health_check:\n      expect_hex: \"\"\n    backends:",
+    );
+    assert_problem(&text, 8, 19, &["expect_hex is empty"]);
+}
+
+#[test]
+fn admin_socket_path_fits_what_run_binds() {
+    // weir binds DIR/.weir-admin.PID/s first, then renames it to the path: both must fit
+    // in sun_path (108 bytes on Linux, with the NUL).
+    let max = weir::config::SOCKET_PATH_MAX;
+    let staging = |p: &Path| weir::config::admin_socket_staging(p, 4_194_304);
+    let extra = staging(Path::new("/d/x")).as_os_str().len() - "/d".len();
+    let dir_max = max - extra;
+
+    let base = std::env::temp_dir().join(format!("wsock{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // A directory of exactly `len` bytes under `base`.
+    let dir_of = |len: usize| {
+        let pad = len - base.as_os_str().len() - 1;
+        base.join("d".repeat(pad))
+    };
+    let config = |socket: &Path| format!("admin:\n  socket: {}\n{MINIMAL}", socket.display());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // At the limit: check accepts it and the admin socket really binds there.
+    let dir = dir_of(dir_max);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("s".repeat(max - dir_max - 1));
+    assert_eq!(socket.as_os_str().len(), max);
+    let c = valid(&config(&socket));
+    assert_eq!(c.admin_socket.as_deref(), Some(socket.as_path()));
+    runtime.block_on(async {
+        let bound = weir::admin::AdminSocket::bind(&socket).await;
+        assert!(bound.is_ok(), "{:#}", bound.err().unwrap());
+    });
+
+    // One byte more in the directory: with the longest PID the staging path wouldn't
+    // fit, so check refuses it (whatever PID this run has).
+    let dir = dir_of(dir_max + 1);
+    let socket = dir.join("a.sock");
+    assert!(socket.as_os_str().len() < 100);
+    let all = assert_problem(
+        &config(&socket),
+        2,
+        11,
+        &[
+            "admin socket path is too long",
+            &format!("at most {max} bytes"),
+            &format!("its directory can be at most {dir_max} bytes"),
+        ],
+    );
+    assert_eq!(all.len(), 1, "{all:?}");
+    // Where this process's own staging path doesn't fit, bind does fail: what check
+    // prevents.
+    let own = weir::config::admin_socket_staging(Path::new("/d/x"), std::process::id())
+        .as_os_str()
+        .len()
+        - "/d".len();
+    let dir = dir_of(max - own + 1);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("a.sock");
+    assert!(!problems(&config(&socket)).is_empty());
+    runtime.block_on(async {
+        assert!(weir::admin::AdminSocket::bind(&socket).await.is_err());
+    });
+    // The path itself too long, in a short directory.
+    let socket = base.join("s".repeat(max));
+    assert_problem(&config(&socket), 2, 11, &["admin socket path is too long"]);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+const WARNED: &str = "\
+listeners:
+  redis:
+    bind: 127.0.0.1:7379
+    pool: redis
+pools:
+  redis:
+    health_check:
+      interval: 1s
+      timeout: 3s
+    backends:
+      - address: 127.0.0.1:6379
+  spare:
+    backends:
+      - address: 127.0.0.1:6380
+";
+
+#[test]
+fn likely_mistakes_are_warnings() {
+    let (config, warnings) = weir::config::parse_with_warnings(WARNED, FILE).unwrap();
+    assert_eq!(config.pools.len(), 2);
+    let warnings: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "{FILE}:9:16: warning: timeout 3s is longer than interval 1s"
+        )),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with(&format!(
+            "{FILE}:12:3: warning: no listener uses pool \"spare\""
+        )),
+        "{warnings:?}"
+    );
+    assert_eq!(
+        weir::config::parse_with_warnings(MINIMAL, FILE).unwrap().1,
+        []
+    );
+
+    let (code, stdout, stderr) = weir_check("warnings", WARNED);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "FILE: ok\n");
+    assert!(
+        stderr.contains("FILE:9:16: warning: timeout 3s"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("FILE:12:3: warning: no listener uses pool \"spare\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_pool_gets_a_hint() {
+    assert_problem(
+        &MINIMAL.replace("    pool: redis", "    pool: rdis"),
+        4,
+        11,
+        &["pool \"rdis\", which is not defined (defined: redis); did you mean \"redis\"?"],
+    );
+}
+
+// ----- generated configs -------------------------------------------------------------
+
+mod generated {
+    use std::time::{Duration, Instant};
+
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    use super::{FILE, parse};
+
+    /// `text` as a YAML double-quoted scalar: any string at all.
+    fn quoted(text: &str) -> String {
+        let mut out = String::from("\"");
+        for c in text.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    /// Mostly durations that a config would have, sometimes huge, odd or not one at all.
+    fn duration() -> impl Strategy<Value = String> {
+        let unit = select(&["ns", "us", "ms", "s", "m", "h", "d", "w", "M", "y", "", "x"][..]);
+        let usual = select(&["ms", "s", "m", "h"][..]);
+        prop_oneof![
+            8 => (1u64..1000, usual).prop_map(|(n, u)| format!("{n}{u}")),
+            1 => (any::<u64>(), unit.clone()).prop_map(|(n, u)| format!("{n}{u}")),
+            1 => (0u64..100_000, unit).prop_map(|(n, u)| format!("{n}{u}")),
+            1 => "[0-9a-z .]{0,12}",
+        ]
+    }
+
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => (1u64..100).prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => (0u64..2000).prop_map(|n| n.to_string()),
+            1 => "[0-9]{15,30}",
+            1 => "[a-z0-9_.x-]{0,8}",
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-zA-Z0-9+]{1,8}",
+            1 => "\\PC{0,16}",
+            1 => "[\\x00-\\x7f]{0,8}",
+            1 => "(\\\\x[0-9a-f]{2}){0,4}",
+        ]
+        .prop_map(|s| quoted(&s))
+    }
+
+    /// Addresses that need no DNS server: literals, localhost, and broken ones.
+    fn address() -> impl Strategy<Value = String> {
+        const ODD: [&str; 6] = [
+            "localhost:1",
+            "127.0.0.1",
+            "h:70000",
+            "[::1:5",
+            ":1",
+            "[::1]:0",
+        ];
+        prop_oneof![
+            1 => select(&ODD[..]).prop_map(str::to_string),
+            6 => (any::<u8>(), 1u16..).prop_map(|(h, p)| format!("127.0.0.{h}:{p}")),
+            1 => any::<u16>().prop_map(|p| format!("\"[::1]:{p}\"")),
+        ]
+    }
+
+    /// `key: value` lines at `indent`, for the keys that are set.
+    fn lines(indent: &str, pairs: &[(&str, &Option<String>)]) -> String {
+        let mut out = String::new();
+        for (key, value) in pairs {
+            if let Some(v) = value {
+                out.push_str(&format!("{indent}{key}: {v}\n"));
+            }
+        }
+        out
+    }
+
+    type Opt = Option<String>;
+
+    prop_compose! {
+        fn check()(
+            interval in proptest::option::of(duration()),
+            timeout in proptest::option::of(duration()),
+            rise in proptest::option::of(number()),
+            fall in proptest::option::of(number()),
+            port in proptest::option::of(number()),
+            send in proptest::option::of(text()),
+            send_hex in proptest::option::of("([0-9a-fA-F]{2} ?){0,4}|[0-9a-g ]{0,5}"),
+            expect in proptest::option::of(text()),
+            expect_hex in proptest::option::of("([0-9a-f]{2}){0,3}|[0-9a-g]{0,5}"),
+        ) -> String {
+            let (send_hex, expect_hex): (Opt, Opt) = (send_hex.map(|s| super::generated::quoted(&s)), expect_hex);
+            format!("    health_check:\n{}", lines("      ", &[
+                ("interval", &interval), ("timeout", &timeout), ("rise", &rise), ("fall", &fall),
+                ("port", &port), ("send", &send), ("send_hex", &send_hex), ("expect", &expect),
+                ("expect_hex", &expect_hex),
+            ]))
+        }
+    }
+
+    prop_compose! {
+        fn config()(
+            shutdown in proptest::option::of(duration()),
+            socket in proptest::option::of("/tmp/[a-z]{1,12}|[a-z/]{1,120}"),
+            bind in address(),
+            protocol in proptest::option::of(select(&["tcp", "udp", "sctp"][..])),
+            max_connections in proptest::option::of(number()),
+            idle in proptest::option::of(duration()),
+            strategy in proptest::option::of(select(&["round-robin", "source-hash", "fastest"][..])),
+            connect in proptest::option::of(duration()),
+            retries in proptest::option::of(number()),
+            check in proptest::option::of(check()),
+            backends in proptest::collection::vec(
+                (address(), proptest::option::of(text()), proptest::option::of(number())),
+                1..4,
+            ),
+        ) -> String {
+            let protocol = protocol.map(str::to_string);
+            let strategy = strategy.map(str::to_string);
+            let mut yaml = lines("", &[("shutdown_timeout", &shutdown)]);
+            if let Some(socket) = socket {
+                yaml.push_str(&format!("admin:\n  socket: {socket}\n"));
+            }
+            yaml.push_str(&format!("listeners:\n  front:\n    bind: {bind}\n    pool: p\n"));
+            yaml.push_str(&lines("    ", &[
+                ("protocol", &protocol), ("max_connections", &max_connections),
+                ("idle_timeout", &idle),
+            ]));
+            yaml.push_str("pools:\n  p:\n");
+            yaml.push_str(&lines("    ", &[
+                ("strategy", &strategy), ("connect_timeout", &connect), ("retries", &retries),
+            ]));
+            yaml.push_str(&check.unwrap_or_default());
+            yaml.push_str("    backends:\n");
+            for (address, name, weight) in backends {
+                yaml.push_str(&format!("      - address: {address}\n"));
+                yaml.push_str(&lines("        ", &[("name", &name), ("weight", &weight)]));
+            }
+            yaml
+        }
+    }
+
+    /// What weir run does with durations: deadlines from now, and ±10% jitter.
+    fn usable(d: Duration) {
+        let _ = Instant::now() + d.mul_f64(1.1);
+        let _ = tokio::time::Instant::now() + d.mul_f64(1.1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn generated_configs_never_panic_and_accepted_durations_are_usable(text in config()) {
+            if let Ok(c) = parse(&text, FILE) {
+                usable(c.shutdown_timeout);
+                for l in &c.listeners {
+                    usable(l.idle_timeout);
+                }
+                for p in &c.pools {
+                    usable(p.connect_timeout);
+                    if let Some(hc) = &p.health_check {
+                        usable(hc.interval);
+                        usable(hc.timeout);
+                        prop_assert!(hc.send.as_ref().is_none_or(|s| !s.is_empty()));
+                        prop_assert!(hc.expect.as_ref().is_none_or(|e| !e.is_empty()));
+                    }
+                    for b in &p.backends {
+                        prop_assert!(weir::balance::WEIGHT_RANGE.contains(&b.weight));
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_text_never_panics(text in "(?s).{0,200}") {
+            let _ = parse(&text, FILE);
+        }
+
+        #[test]
+        fn yaml_like_text_never_panics(
+            text in "([a-z_]{1,8}|[ ]{1,4}|\n|: |- |\\[|\\]|\\{|\\}|, |&a |\\*a|<<: |\"|'|\\\\x[c0-f]{2}|#|!!str |\\||>|---\n|~){0,60}"
+        ) {
+            let _ = parse(&text, FILE);
+        }
+    }
 }

@@ -1,11 +1,16 @@
-//! The config file: YAML → raw types (`raw`: unknown keys rejected, positions kept) →
-//! `validate` (values converted by `values`) → the runtime `Config` (`runtime`), which
-//! the rest of weir uses.
+//! The config file: YAML → a positioned tree (`yaml`) → raw types (`raw`: exactly the
+//! contract's keys) → `validate` (single values converted by `values`) → the runtime
+//! `Config` (`runtime`), which the rest of weir uses.
 //!
-//! Every problem is reported, not just the first, as `FILE:LINE:COLUMN: message`
-//! (`diag`). This file is the public face: `load`, `parse`, `admin_socket` and the
-//! re-exported types; the submodules use each other bottom up (diag, runtime → raw →
-//! values → validate), never this file.
+//! Every problem is reported in one run, not just the first, as `FILE:LINE:COLUMN:
+//! message` (`diag`): an unknown key (with the key probably meant), a value of the wrong
+//! shape, a bad value and a clash between keys all come out together; only a YAML syntax
+//! error stops the rest. Likely mistakes that still run (a pool no listener uses, a check
+//! timeout longer than its interval) are warnings, from `load_with_warnings`.
+//!
+//! This file is the public face: `load`, `parse`, `admin_socket` and the re-exported
+//! types; the submodules use each other bottom up (diag → yaml, runtime → raw → values
+//! → validate), never this file.
 
 use std::path::{Path, PathBuf};
 
@@ -14,9 +19,13 @@ mod raw;
 mod runtime;
 mod validate;
 mod values;
+mod yaml;
 
 pub use diag::{ConfigErrors, Diagnostic};
-pub use runtime::{BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol};
+pub use runtime::{
+    BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol,
+    SOCKET_PATH_MAX, admin_socket_staging,
+};
 
 use diag::Cx;
 
@@ -25,16 +34,20 @@ pub const DEFAULT_PATH: &str = "config/weir.yaml";
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_warnings(path).map(|(config, _)| config)
+}
+
+/// Like `load`, with the warnings of a valid config: likely mistakes that don't stop it
+/// from running, each displayed as `FILE:LINE:COLUMN: warning: message`, in file order.
+/// (A config with problems gets only its problems: fix those first.)
+pub fn load_with_warnings(path: &Path) -> Result<(Config, Vec<Diagnostic>), ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![Diagnostic {
-            file: file.clone(),
-            position: None,
-            key_path: None,
-            message: format!("cannot read: {e}"),
-        }])
+        let mut cx = Cx::new(&file);
+        cx.error(None, "", format!("cannot read: {e}"));
+        cx.finish()
     })?;
-    parse(&text, &file)
+    parse_with_warnings(&text, &file)
 }
 
 /// Only `admin.socket` of the file at `path`, for `weir ctl -c`: nothing else is checked
@@ -42,10 +55,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// one's name doesn't resolve or the file has a mistake elsewhere.
 pub fn admin_socket(path: &Path) -> Result<Option<PathBuf>, ConfigErrors> {
     let file = path.display().to_string();
-    let mut cx = Cx {
-        file: &file,
-        diags: Vec::new(),
-    };
+    let mut cx = Cx::new(&file);
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) => {
@@ -59,24 +69,25 @@ pub fn admin_socket(path: &Path) -> Result<Option<PathBuf>, ConfigErrors> {
     }
 }
 
-/// Parses and validates config text; `file` is used in messages only.
-///
-/// Every problem found is reported. YAML syntax errors, unknown keys and values of the
-/// wrong YAML shape stop deserialization, so only the first of those is reported; all
-/// other problems (bad values, missing pools, clashing binds, unresolvable hosts, …) are
-/// collected together.
+/// Parses and validates config text; `file` is used in messages only. Every problem
+/// found is reported.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
-    let mut cx = Cx {
-        file,
-        diags: Vec::new(),
-    };
+    parse_with_warnings(text, file).map(|(config, _)| config)
+}
+
+/// Like `parse`, with the warnings of a valid config (see `load_with_warnings`).
+pub fn parse_with_warnings(
+    text: &str,
+    file: &str,
+) -> Result<(Config, Vec<Diagnostic>), ConfigErrors> {
+    let mut cx = Cx::new(file);
     let Some(raw) = raw::read(&mut cx, text) else {
         return Err(cx.finish());
     };
     let config = validate::validate(&mut cx, raw);
-    if cx.diags.is_empty() {
-        Ok(config)
-    } else {
+    if cx.has_errors() {
         Err(cx.finish())
+    } else {
+        Ok((config, cx.warnings()))
     }
 }

@@ -2,7 +2,7 @@
 //! here has been checked (ranges, addresses, names) and has its default filled in.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::balance::Strategy;
@@ -83,4 +83,23 @@ pub struct BackendConfig {
     /// Resolved at load time.
     pub addr: SocketAddr,
     pub weight: u32,
+}
+
+/// The longest path a Unix socket can be bound or connected at: `sun_path` less its NUL
+/// (108 bytes on Linux, 104 on the BSDs and macOS).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub const SOCKET_PATH_MAX: usize = 107;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub const SOCKET_PATH_MAX: usize = 103;
+
+/// Where the admin socket is bound before it is renamed to `socket` (so that it is 0600
+/// from the first moment it can be reached): `DIR/.weir-admin.PID/s`, next to it.
+/// `weir check` uses it to check the length `weir run` needs; `AdminSocket::bind` should
+/// use it too, so that the two can't drift apart.
+pub fn admin_socket_staging(socket: &Path, pid: u32) -> PathBuf {
+    let parent = match socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    parent.join(format!(".weir-admin.{pid}")).join("s")
 }

@@ -5,27 +5,30 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_saphyr::Location;
-
-use super::diag::{Cx, known};
+use super::diag::{Cx, Mark, known, suggest};
 use super::raw::{Pos, RawBackend, RawConfig, RawHealthCheck, RawListener, RawPool};
 use super::runtime::{
     BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol,
+    SOCKET_PATH_MAX, admin_socket_staging,
 };
 use super::values::{
-    backend_addr, bind_addr, binds_clash, check_name, duration, hex_bytes, literal_escapes, number,
-    protocol, strategy,
+    CHECK_INTERVAL, CHECK_TIMEOUT, CONNECT_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN_TIMEOUT, backend_addr,
+    bind_addr, binds_clash, check_name, duration, hex_bytes, literal_escapes, number, protocol,
+    strategy,
 };
+use super::yaml::Scalar;
 use crate::balance::{Strategy, WEIGHT_RANGE};
 
 /// A pool being built, with what the listener pass needs to finish it.
 struct PendingPool {
     config: PoolConfig,
+    /// Where its name is.
+    at: Mark,
     /// Where `health_check` is, when there is one without send/send_hex.
-    check_without_send: Option<Location>,
+    check_without_send: Option<Mark>,
     /// The first listener that uses it, and that listener's protocol.
     used_by: Option<(String, Protocol)>,
 }
@@ -35,12 +38,11 @@ struct PendingPool {
 type Binds = Vec<(Protocol, SocketAddr, String)>;
 
 pub(super) fn validate(cx: &mut Cx, raw: RawConfig) -> Config {
-    let admin_socket = path_setting(
-        cx,
-        raw.admin.as_ref().and_then(|a| a.value.socket.as_ref()),
-        "admin.socket",
-        "admin socket path is empty",
-    );
+    let socket = raw.admin.as_ref().and_then(|a| a.value.socket.as_ref());
+    let admin_socket = path_setting(cx, socket, "admin.socket", "admin socket path is empty");
+    if let (Some(path), Some(s)) = (&admin_socket, socket) {
+        socket_path_fits(cx, path, &s.at);
+    }
     let state_file = path_setting(
         cx,
         raw.admin.as_ref().and_then(|a| a.value.state_file.as_ref()),
@@ -54,11 +56,7 @@ pub(super) fn validate(cx: &mut Cx, raw: RawConfig) -> Config {
         .and_then(|b| match bind_addr(&b.value) {
             Ok(a) => Some(a),
             Err(why) => {
-                cx.error(
-                    Some(&b.referenced),
-                    "metrics.bind",
-                    format!("metrics bind: {why}"),
-                );
+                cx.error(Some(&b.at), "metrics.bind", format!("metrics bind: {why}"));
                 None
             }
         });
@@ -66,9 +64,8 @@ pub(super) fn validate(cx: &mut Cx, raw: RawConfig) -> Config {
         cx,
         &raw.shutdown_timeout,
         "shutdown_timeout",
-        "shutdown_timeout",
+        &SHUTDOWN_TIMEOUT,
         Duration::from_secs(30),
-        true,
     );
     let mut pools = validate_pools(cx, &raw);
     let mut listeners = validate_listeners(cx, &raw, &mut pools, metrics_bind);
@@ -94,11 +91,39 @@ fn path_setting(
 ) -> Option<PathBuf> {
     let s = value?;
     if s.value.trim().is_empty() {
-        cx.error(Some(&s.referenced), path, empty);
+        cx.error(Some(&s.at), path, empty);
         None
     } else {
         Some(PathBuf::from(&s.value))
     }
+}
+
+/// The widest process id (Linux's largest `pid_max`, 2^22), for the staging path.
+const WIDEST_PID: u32 = 4_194_304;
+
+/// Whether `weir run` can bind the admin socket at `path` and clients reach it: the path
+/// and the staging path next to it (`admin_socket_staging`) fit in `sun_path`.
+fn socket_path_fits(cx: &mut Cx, path: &Path, at: &Mark) {
+    let len = path.as_os_str().len();
+    let staging = admin_socket_staging(path, WIDEST_PID);
+    let staging_len = staging.as_os_str().len();
+    if len <= SOCKET_PATH_MAX && staging_len <= SOCKET_PATH_MAX {
+        return;
+    }
+    let limit = format!(
+        "a Unix socket path can be at most {SOCKET_PATH_MAX} bytes (sun_path is {} with its NUL)",
+        SOCKET_PATH_MAX + 1
+    );
+    let message = if len > SOCKET_PATH_MAX {
+        format!("admin socket path is too long ({len} bytes): {limit}")
+    } else {
+        let dir_len = path.parent().map_or(0, |p| p.as_os_str().len());
+        let dir_max = SOCKET_PATH_MAX.saturating_sub(staging_len - dir_len);
+        format!(
+            "admin socket path is too long for its directory ({dir_len} bytes): weir binds the socket first as DIR/.weir-admin.PID/s ({staging_len} bytes with the longest PID) and then renames it into place, and {limit}, so its directory can be at most {dir_max} bytes"
+        )
+    };
+    cx.error(Some(at), "admin.socket", message);
 }
 
 fn validate_pools(cx: &mut Cx, raw: &RawConfig) -> Vec<PendingPool> {
@@ -106,7 +131,7 @@ fn validate_pools(cx: &mut Cx, raw: &RawConfig) -> Vec<PendingPool> {
     match &raw.pools {
         None => cx.error(None, "pools", "no pools: at least one pool is needed"),
         Some(p) if p.value.0.is_empty() => cx.error(
-            Some(&p.referenced),
+            Some(&p.at),
             "pools",
             "no pools: at least one pool is needed",
         ),
@@ -133,7 +158,7 @@ fn validate_listeners(
             "no listeners: at least one listener is needed",
         ),
         Some(l) if l.value.0.is_empty() => cx.error(
-            Some(&l.referenced),
+            Some(&l.at),
             "listeners",
             "no listeners: at least one listener is needed",
         ),
@@ -169,6 +194,16 @@ fn finish_pools(cx: &mut Cx, pools: Vec<PendingPool>) -> Vec<PoolConfig> {
                     ),
                 );
             }
+            if p.used_by.is_none() {
+                cx.warn(
+                    Some(&p.at),
+                    &format!("pools.{}", p.config.name),
+                    format!(
+                        "no listener uses pool \"{}\", so it takes no traffic",
+                        p.config.name
+                    ),
+                );
+            }
             p.config
         })
         .collect()
@@ -186,7 +221,7 @@ fn validate_listener(
     check_name(cx, name, &path, "listener", true);
     let Some(raw) = &body.value else {
         cx.error(
-            Some(&name.referenced),
+            Some(&name.at),
             &path,
             format!("listener \"{n}\" has no settings: it needs bind and pool"),
         );
@@ -195,22 +230,26 @@ fn validate_listener(
     let protocol = protocol(cx, &raw.protocol, &format!("{path}.protocol"));
     let bind = match &raw.bind {
         None => {
-            cx.error(
-                Some(&name.referenced),
-                &path,
-                format!("listener \"{n}\" has no bind: add bind: IP:PORT"),
-            );
+            if !raw.reported.contains(&"bind") {
+                cx.error(
+                    Some(&name.at),
+                    &path,
+                    format!("listener \"{n}\" has no bind: add bind: IP:PORT"),
+                );
+            }
             None
         }
         Some(b) => listener_bind(cx, n, &path, b, protocol, binds),
     };
     let pool = match &raw.pool {
         None => {
-            cx.error(
-                Some(&name.referenced),
-                &path,
-                format!("listener \"{n}\" has no pool: add pool: POOL_NAME"),
-            );
+            if !raw.reported.contains(&"pool") {
+                cx.error(
+                    Some(&name.at),
+                    &path,
+                    format!("listener \"{n}\" has no pool: add pool: POOL_NAME"),
+                );
+            }
             None
         }
         Some(p) => listener_pool(cx, n, &path, p, protocol, pools),
@@ -237,7 +276,7 @@ fn listener_bind(
 ) -> Option<SocketAddr> {
     let addr = match bind_addr(&b.value) {
         Err(why) => {
-            cx.error(Some(&b.referenced), &format!("{path}.bind"), why);
+            cx.error(Some(&b.at), &format!("{path}.bind"), why);
             return None;
         }
         Ok(addr) => addr,
@@ -265,7 +304,7 @@ fn listener_bind(
         format!(" ({first_addr}; {wide} includes {narrow})")
     };
     cx.error(
-        Some(&b.referenced),
+        Some(&b.at),
         &format!("{path}.bind"),
         format!(
             "listener \"{n}\" binds {} {addr}, which {what} already binds{covers}",
@@ -287,16 +326,20 @@ fn listener_pool(
     let Some(q) = pools.iter_mut().find(|q| q.config.name == p.value) else {
         let mut known: Vec<&str> = pools.iter().map(|q| q.config.name.as_str()).collect();
         known.sort_unstable();
+        let hint = match suggest(&p.value, known.iter().copied()) {
+            Some(h) => format!("; did you mean \"{h}\"?"),
+            None => String::new(),
+        };
         let known = if known.is_empty() {
             "none is defined".to_string()
         } else {
             format!("defined: {}", known.join(", "))
         };
         cx.error(
-            Some(&p.referenced),
+            Some(&p.at),
             &format!("{path}.pool"),
             format!(
-                "listener \"{n}\" uses pool \"{}\", which is not defined ({known})",
+                "listener \"{n}\" uses pool \"{}\", which is not defined ({known}){hint}",
                 p.value
             ),
         );
@@ -308,7 +351,7 @@ fn listener_pool(
             q.config.protocol = protocol;
         }
         Some((other, other_protocol)) if *other_protocol != protocol => cx.error(
-            Some(&p.referenced),
+            Some(&p.at),
             &format!("{path}.pool"),
             format!(
                 "pool \"{}\" is used by {} listener \"{other}\" and by {} listener \"{n}\"; a pool serves one protocol",
@@ -352,9 +395,8 @@ fn listener_limits(
         cx,
         &raw.idle_timeout,
         &format!("{path}.idle_timeout"),
-        "idle_timeout",
+        &IDLE_TIMEOUT,
         idle_default,
-        false,
     );
     (max_connections, idle_timeout)
 }
@@ -373,12 +415,13 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
             health_check: None,
             backends: Vec::new(),
         },
+        at: name.at,
         check_without_send: None,
         used_by: None,
     };
     let Some(raw) = &body.value else {
         cx.error(
-            Some(&name.referenced),
+            Some(&name.at),
             &path,
             format!("pool \"{n}\" has no settings: it needs backends"),
         );
@@ -390,9 +433,8 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
         cx,
         &raw.connect_timeout,
         &format!("{path}.connect_timeout"),
-        "connect_timeout",
+        &CONNECT_TIMEOUT,
         Duration::from_secs(3),
-        false,
     );
     if let Some(r) = &raw.retries {
         // A huge number of retries is fine: it is bounded by the backends there are.
@@ -418,18 +460,19 @@ fn validate_backends(
     let n = &name.value;
     let mut backends = Vec::new();
     match &raw.backends {
+        None if raw.reported.contains(&"backends") => {}
         None => cx.error(
-            Some(&name.referenced),
+            Some(&name.at),
             &format!("{path}.backends"),
             format!("pool \"{n}\" has no backends: add at least one under backends"),
         ),
         Some(b) if b.value.is_empty() => cx.error(
-            Some(&b.referenced),
+            Some(&b.at),
             &format!("{path}.backends"),
             format!("pool \"{n}\" has no backends: add at least one under backends"),
         ),
         Some(b) => {
-            let mut names: HashMap<String, Location> = HashMap::new();
+            let mut names: HashMap<String, Mark> = HashMap::new();
             for (i, backend) in b.value.iter().enumerate() {
                 let bpath = format!("{path}.backends[{i}]");
                 if let Some(be) = validate_backend(cx, n, backend, &bpath, &mut names) {
@@ -445,7 +488,7 @@ fn validate_check(
     cx: &mut Cx,
     hc: &Pos<Option<RawHealthCheck>>,
     path: &str,
-) -> (HealthCheckConfig, Option<Location>) {
+) -> (HealthCheckConfig, Option<Mark>) {
     let mut check = HealthCheckConfig {
         interval: Duration::from_secs(2),
         timeout: Duration::from_secs(1),
@@ -456,25 +499,40 @@ fn validate_check(
         expect: None,
     };
     let Some(raw) = &hc.value else {
-        return (check, Some(hc.referenced));
+        return (check, Some(hc.at));
     };
     let key = |k: &str| format!("{path}.{k}");
     check.interval = duration(
         cx,
         &raw.interval,
         &key("interval"),
-        "interval",
+        &CHECK_INTERVAL,
         check.interval,
-        false,
     );
     check.timeout = duration(
         cx,
         &raw.timeout,
         &key("timeout"),
-        "timeout",
+        &CHECK_TIMEOUT,
         check.timeout,
-        false,
     );
+    if check.timeout > check.interval {
+        let at = raw
+            .timeout
+            .as_ref()
+            .or(raw.interval.as_ref())
+            .map_or(hc.at, |v| v.at);
+        let each = humantime::format_duration(check.timeout + check.interval);
+        cx.warn(
+            Some(&at),
+            &key("timeout"),
+            format!(
+                "timeout {} is longer than interval {}: a backend that stops answering is probed only every {each} (timeout + interval), so marking it down takes fall × {each}",
+                humantime::format_duration(check.timeout),
+                humantime::format_duration(check.interval)
+            ),
+        );
+    }
     let max = u64::from(u32::MAX);
     if let Some(v) = &raw.rise {
         check.rise = number(cx, v, &key("rise"), "rise", 1, max).map_or(check.rise, |r| r as u32);
@@ -487,78 +545,80 @@ fn validate_check(
     }
     check.send = probe_send(cx, raw, path);
     check.expect = probe_expect(cx, raw, path);
-    let without_send = (raw.send.is_none() && raw.send_hex.is_none()).then_some(hc.referenced);
+    let without_send = (raw.send.is_none() && raw.send_hex.is_none()).then_some(hc.at);
     (check, without_send)
 }
 
 /// The bytes a check sends, from `send` or `send_hex`.
 fn probe_send(cx: &mut Cx, raw: &RawHealthCheck, path: &str) -> Option<Vec<u8>> {
-    let key = |k: &str| format!("{path}.{k}");
-    match (&raw.send, &raw.send_hex) {
-        (Some(_), Some(h)) => {
-            cx.error(
-                Some(&h.referenced),
-                &key("send_hex"),
-                "send and send_hex are both set: use one of them",
-            );
-            None
-        }
-        (Some(s), None) => {
-            if s.value.is_empty() {
-                cx.error(
-                    Some(&s.referenced),
-                    &key("send"),
-                    "send is empty (leave it out for a plain connect check)",
-                );
-            }
-            literal_escapes(cx, s, &key("send"), "send");
-            Some(s.value.clone().into_bytes())
-        }
-        (None, Some(h)) => match hex_bytes(&h.value) {
-            Ok(b) if b.is_empty() => {
-                cx.error(
-                    Some(&h.referenced),
-                    &key("send_hex"),
-                    "send_hex is empty (leave it out for a plain connect check)",
-                );
-                None
-            }
-            Ok(b) => Some(b),
-            Err(why) => {
-                cx.error(
-                    Some(&h.referenced),
-                    &key("send_hex"),
-                    format!("bad send_hex \"{}\": {why}", h.value),
-                );
-                None
-            }
-        },
-        (None, None) => None,
-    }
+    probe_bytes(
+        cx,
+        &raw.send,
+        &raw.send_hex,
+        path,
+        "send",
+        "leave it out for a plain connect check",
+    )
 }
 
-/// The bytes a check's reply must contain.
+/// The bytes a check's reply must contain, from `expect` or `expect_hex`. Without
+/// `send` it checks the greeting of a server that speaks first (SSH, SMTP, MySQL).
 fn probe_expect(cx: &mut Cx, raw: &RawHealthCheck, path: &str) -> Option<Vec<u8>> {
-    let e = raw.expect.as_ref()?;
-    let key = format!("{path}.expect");
-    if e.value.is_empty() {
+    probe_bytes(
+        cx,
+        &raw.expect,
+        &raw.expect_hex,
+        path,
+        "expect",
+        "every reply would match",
+    )
+}
+
+/// `KEY` (a YAML string, escapes as bytes) or `KEY_hex`: at most one, not empty.
+fn probe_bytes(
+    cx: &mut Cx,
+    text: &Option<Pos<Scalar>>,
+    hex: &Option<Pos<String>>,
+    path: &str,
+    key: &str,
+    empty: &str,
+) -> Option<Vec<u8>> {
+    let hex_key = format!("{key}_hex");
+    let (bytes, at, written_as) = match (text, hex) {
+        (Some(_), Some(h)) => {
+            cx.error(
+                Some(&h.at),
+                &format!("{path}.{hex_key}"),
+                format!("{key} and {hex_key} are both set: use one of them"),
+            );
+            return None;
+        }
+        (Some(s), None) => {
+            literal_escapes(cx, s, &format!("{path}.{key}"), key);
+            (s.value.bytes(), s.at, key)
+        }
+        (None, Some(h)) => match hex_bytes(&h.value) {
+            Ok(b) => (b, h.at, hex_key.as_str()),
+            Err(why) => {
+                cx.error(
+                    Some(&h.at),
+                    &format!("{path}.{hex_key}"),
+                    format!("bad {hex_key} \"{}\": {why}", h.value),
+                );
+                return None;
+            }
+        },
+        (None, None) => return None,
+    };
+    if bytes.is_empty() {
         cx.error(
-            Some(&e.referenced),
-            &key,
-            "expect is empty: every reply would match",
+            Some(&at),
+            &format!("{path}.{written_as}"),
+            format!("{written_as} is empty ({empty})"),
         );
-    } else if raw.send.is_none() && raw.send_hex.is_none() {
-        cx.error(
-            Some(&e.referenced),
-            &key,
-            format!(
-                "expect \"{}\" without send: a check that expects a reply must send something first (add send or send_hex)",
-                e.value.escape_debug()
-            ),
-        );
+        return None;
     }
-    literal_escapes(cx, e, &key, "expect");
-    Some(e.value.clone().into_bytes())
+    Some(bytes)
 }
 
 fn validate_backend(
@@ -566,21 +626,23 @@ fn validate_backend(
     pool: &str,
     backend: &Pos<RawBackend>,
     path: &str,
-    names: &mut HashMap<String, Location>,
+    names: &mut HashMap<String, Mark>,
 ) -> Option<BackendConfig> {
     let raw = &backend.value;
     let Some(address) = &raw.address else {
-        cx.error(
-            Some(&backend.referenced),
-            path,
-            format!("a backend of pool \"{pool}\" has no address: add address: HOST:PORT"),
-        );
+        if !raw.reported.contains(&"address") {
+            cx.error(
+                Some(&backend.at),
+                path,
+                format!("a backend of pool \"{pool}\" has no address: add address: HOST:PORT"),
+            );
+        }
         return None;
     };
     let addr = match backend_addr(&address.value) {
         Ok(a) => Some(a),
         Err(why) => {
-            cx.error(Some(&address.referenced), &format!("{path}.address"), why);
+            cx.error(Some(&address.at), &format!("{path}.address"), why);
             None
         }
     };
@@ -597,9 +659,9 @@ fn validate_backend(
             let _ = write!(msg, " (first at line {line}, column {col})");
         }
         msg.push_str("; give each backend its own name");
-        cx.error(Some(&name.referenced), &format!("{path}.name"), msg);
+        cx.error(Some(&name.at), &format!("{path}.name"), msg);
     } else {
-        names.insert(name.value.clone(), name.referenced);
+        names.insert(name.value.clone(), name.at);
     }
     let (min, max) = (*WEIGHT_RANGE.start(), *WEIGHT_RANGE.end());
     let weight = match &raw.weight {

@@ -7,31 +7,107 @@ use std::time::Duration;
 use super::diag::Cx;
 use super::raw::Pos;
 use super::runtime::Protocol;
+use super::yaml::Scalar;
 use crate::balance::Strategy;
 
 const DURATION_HINT: &str = "write a number and a unit, e.g. 250ms, 2s, 5m, 1h";
 
-/// A duration such as `250ms`; `key` names the key in messages.
+/// A duration key and the durations it takes. Every duration has an upper bound, so that
+/// whatever `weir check` accepts can be added to an `Instant` and jittered without
+/// overflowing, and a lower bound where zero (or less than the timers' millisecond) makes
+/// no sense. docs/operations.md lists them; keep the two in step.
+pub(super) struct DurationKey {
+    pub(super) key: &'static str,
+    pub(super) min: Duration,
+    pub(super) max: Duration,
+}
+
+const MS: Duration = Duration::from_millis(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A drain can take long (long-lived connections) but not unboundedly; 0 stops at once.
+pub(super) const SHUTDOWN_TIMEOUT: DurationKey = DurationKey {
+    key: "shutdown_timeout",
+    min: Duration::ZERO,
+    max: DAY,
+};
+/// HAProxy's ceiling for its timeouts (2^31 ms, 24.8 days), rounded down.
+pub(super) const IDLE_TIMEOUT: DurationKey = DurationKey {
+    key: "idle_timeout",
+    min: MS,
+    max: Duration::from_secs(24 * 24 * 3600),
+};
+/// Linux gives up on a SYN after about two minutes anyway.
+pub(super) const CONNECT_TIMEOUT: DurationKey = DurationKey {
+    key: "connect_timeout",
+    min: MS,
+    max: HOUR,
+};
+pub(super) const CHECK_INTERVAL: DurationKey = DurationKey {
+    key: "interval",
+    min: MS,
+    max: DAY,
+};
+pub(super) const CHECK_TIMEOUT: DurationKey = DurationKey {
+    key: "timeout",
+    min: MS,
+    max: HOUR,
+};
+
+impl DurationKey {
+    /// `1ms..=1h`, as messages and docs write it.
+    pub(super) fn range(&self) -> String {
+        format!("{}..={}", show(self.min), show(self.max))
+    }
+}
+
+/// A round duration the way a config would write it: `0s`, `1ms`, `90s`, `24h`, `24d`
+/// (days only from two on: `24h` reads better than `1d`).
+pub(super) fn show(d: Duration) -> String {
+    let ms = d.as_millis();
+    let units = [
+        (2 * 86_400_000, 86_400_000, "d"),
+        (3_600_000, 3_600_000, "h"),
+        (60_000, 60_000, "m"),
+        (1000, 1000, "s"),
+    ];
+    for (at_least, unit, name) in units {
+        if ms >= at_least && ms.is_multiple_of(unit) {
+            return format!("{}{name}", ms / unit);
+        }
+    }
+    if ms == 0 {
+        "0s".to_string()
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// A duration such as `250ms` within `spec`'s range; `default` when absent or bad.
 pub(super) fn duration(
     cx: &mut Cx,
     value: &Option<Pos<String>>,
     path: &str,
-    key: &str,
+    spec: &DurationKey,
     default: Duration,
-    allow_zero: bool,
 ) -> Duration {
     let Some(v) = value else { return default };
+    let key = spec.key;
     let text = v.value.trim();
-    match humantime::parse_duration(text) {
-        Ok(d) if d.is_zero() && !allow_zero => {
-            cx.error(
-                Some(&v.referenced),
-                path,
-                format!("{key} \"{}\" must be more than zero", v.value),
-            );
-            default
-        }
-        Ok(d) => d,
+    let problem = match humantime::parse_duration(text) {
+        Ok(d) if (spec.min..=spec.max).contains(&d) => return d,
+        Ok(d) if d.is_zero() => format!(
+            "{key} \"{}\" must be more than zero (it may be {})",
+            v.value,
+            spec.range()
+        ),
+        Ok(d) => format!(
+            "{key} \"{}\" is too {}: it must be within {}",
+            v.value,
+            if d < spec.min { "short" } else { "long" },
+            spec.range()
+        ),
         Err(e) => {
             use humantime::DurationError as H;
             let why = match e {
@@ -40,41 +116,42 @@ pub(super) fn duration(
                 H::UnknownUnit { unit, .. } => {
                     format!("unknown unit \"{unit}\" (use ns, us, ms, s, m, h, d)")
                 }
-                H::NumberOverflow => "it is too large".to_string(),
+                H::NumberOverflow => {
+                    format!("it is too large (it must be within {})", spec.range())
+                }
                 H::InvalidCharacter(_) | H::NumberExpected(_) => {
                     "it is not a number followed by a unit".to_string()
                 }
             };
-            cx.error(
-                Some(&v.referenced),
-                path,
-                format!(
-                    "bad duration for {key}: \"{}\": {why}; {DURATION_HINT}",
-                    v.value
-                ),
-            );
-            default
+            format!(
+                "bad duration for {key}: \"{}\": {why}; {DURATION_HINT}",
+                v.value
+            )
         }
-    }
+    };
+    cx.error(Some(&v.at), path, problem);
+    default
 }
 
 /// A `\r`, `\n`, `\t`, `\0` or `\x` left as two characters: YAML applies escapes only
 /// inside double quotes, so `send: PING\r\n` (plain or single-quoted) would send a
 /// backslash and an `r`, and a Redis check would time out with nothing said at load.
-pub(super) fn literal_escapes(cx: &mut Cx, v: &Pos<String>, path: &str, key: &str) {
-    let found = v
-        .value
-        .as_bytes()
-        .windows(2)
+/// (Inside double quotes, such a pair can only come from a deliberate `\\`.)
+pub(super) fn literal_escapes(cx: &mut Cx, v: &Pos<Scalar>, path: &str, key: &str) {
+    if v.value.double_quoted {
+        return;
+    }
+    let text = &v.value.text;
+    let found = (text.as_bytes().windows(2))
         .find(|w| w[0] == b'\\' && matches!(w[1], b'r' | b'n' | b't' | b'0' | b'x'));
     if let Some(pair) = found {
         cx.error(
-            Some(&v.referenced),
+            Some(&v.at),
             path,
             format!(
                 "{key} contains \"\\{}\" as two characters: YAML applies escapes only inside double quotes, so write {key}: \"{}\"",
                 pair[1] as char,
-                v.value
+                text
             ),
         );
     }
@@ -100,7 +177,7 @@ pub(super) fn number(
         Some(n) if (min..=max).contains(&n) => Some(n),
         Some(n) if n >= min && max >= u64::from(u32::MAX) => {
             cx.error(
-                Some(&v.referenced),
+                Some(&v.at),
                 path,
                 format!("{key} {text} is out of range: it must be at most {max}"),
             );
@@ -108,7 +185,7 @@ pub(super) fn number(
         }
         Some(_) if max >= u64::from(u32::MAX) => {
             cx.error(
-                Some(&v.referenced),
+                Some(&v.at),
                 path,
                 format!("{key} {text} is out of range: it must be at least {min}"),
             );
@@ -116,7 +193,7 @@ pub(super) fn number(
         }
         Some(_) => {
             cx.error(
-                Some(&v.referenced),
+                Some(&v.at),
                 path,
                 format!("{key} {text} is out of range {min}..={max}"),
             );
@@ -129,7 +206,7 @@ pub(super) fn number(
                 format!("{min}..={max}")
             };
             cx.error(
-                Some(&v.referenced),
+                Some(&v.at),
                 path,
                 format!("{key} \"{}\" is not a whole number ({range})", v.value),
             );
@@ -236,11 +313,7 @@ pub(super) fn check_name(cx: &mut Cx, name: &Pos<String>, path: &str, kind: &str
         None
     };
     if let Some(why) = why {
-        cx.error(
-            Some(&name.referenced),
-            path,
-            format!("{kind} name \"{n}\" {why}"),
-        );
+        cx.error(Some(&name.at), path, format!("{kind} name \"{n}\" {why}"));
     }
 }
 /// `strategy:`, parsed by `balance` (which owns the names and the message).
@@ -251,7 +324,7 @@ pub(super) fn strategy(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> Stra
     v.value
         .parse()
         .unwrap_or_else(|unknown: crate::balance::UnknownStrategy| {
-            cx.error(Some(&v.referenced), path, unknown.to_string());
+            cx.error(Some(&v.at), path, unknown.to_string());
             Strategy::RoundRobin
         })
 }
@@ -263,7 +336,7 @@ pub(super) fn protocol(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> Prot
         "udp" => Protocol::Udp,
         _ => {
             cx.error(
-                Some(&v.referenced),
+                Some(&v.at),
                 path,
                 format!(
                     "unknown protocol \"{}\" (expected one of: tcp, udp)",
@@ -292,6 +365,35 @@ pub(super) fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duration_ranges_as_docs_write_them() {
+        assert_eq!(show(Duration::ZERO), "0s");
+        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show(Duration::from_secs(90)), "90s");
+        assert_eq!(show(Duration::from_secs(86_400)), "24h");
+        let ranges: Vec<(&str, String)> = [
+            &SHUTDOWN_TIMEOUT,
+            &IDLE_TIMEOUT,
+            &CONNECT_TIMEOUT,
+            &CHECK_INTERVAL,
+            &CHECK_TIMEOUT,
+        ]
+        .iter()
+        .map(|k| (k.key, k.range()))
+        .collect();
+        // docs/operations.md lists these: change both together.
+        assert_eq!(
+            ranges,
+            [
+                ("shutdown_timeout", "0s..=24h".to_string()),
+                ("idle_timeout", "1ms..=24d".to_string()),
+                ("connect_timeout", "1ms..=1h".to_string()),
+                ("interval", "1ms..=24h".to_string()),
+                ("timeout", "1ms..=1h".to_string()),
+            ]
+        );
+    }
 
     #[test]
     fn hex_bytes_ignores_whitespace_and_case() {
