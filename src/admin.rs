@@ -434,12 +434,10 @@ impl AdminSocket {
                 return Err(e).with_context(|| format!("admin socket {}", path.display()));
             }
         }
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let private = parent.join(format!(".weir-admin.{}", std::process::id()));
-        let listener = bind_private(&private, path)
+        // The staging path `weir check` measured: the two can't drift apart.
+        let temporary = crate::config::admin_socket_staging(path, std::process::id());
+        let private = temporary.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let listener = bind_private(&private, &temporary, path)
             .with_context(|| format!("cannot create the admin socket {}", path.display()));
         let _ = std::fs::remove_dir(&private);
         let listener = listener?;
@@ -457,21 +455,20 @@ impl AdminSocket {
     }
 }
 
-fn bind_private(private: &Path, path: &Path) -> io::Result<UnixListener> {
+fn bind_private(private: &Path, temporary: &Path, path: &Path) -> io::Result<UnixListener> {
     // Left over from a crashed process that had our pid: clear it.
-    let _ = std::fs::remove_file(private.join("s"));
+    let _ = std::fs::remove_file(temporary);
     let _ = std::fs::remove_dir(private);
     std::fs::DirBuilder::new().mode(0o700).create(private)?;
-    let temporary = private.join("s");
     let result = (|| {
-        let std_listener = std::os::unix::net::UnixListener::bind(&temporary)?;
-        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))?;
+        let std_listener = std::os::unix::net::UnixListener::bind(temporary)?;
+        std::fs::set_permissions(temporary, std::fs::Permissions::from_mode(0o600))?;
         std_listener.set_nonblocking(true)?;
-        std::fs::rename(&temporary, path)?;
+        std::fs::rename(temporary, path)?;
         UnixListener::from_std(std_listener)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&temporary);
+        let _ = std::fs::remove_file(temporary);
     }
     result
 }
