@@ -8,9 +8,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{BackendMetrics, names};
 
@@ -84,7 +87,23 @@ pub struct Backend {
     connect_errors: AtomicU64,
     /// Human-readable result of the last health check ("" before the first one).
     last_check: ArcSwap<String>,
+    /// When the admin state last left `Enabled` (drain, disable, or a reload's retirement),
+    /// in ms on `monotonic_ms`'s clock; 0 while enabled.
+    admin_since_ms: AtomicU64,
+    /// The pool's `on_down: close` (written by the control task).
+    close_on_down: AtomicBool,
+    /// Fired, and replaced by a fresh one, when the backend is marked down while
+    /// `close_on_down` holds: every connection and session opened on it watches the one
+    /// current when it started, and ends at once.
+    down: ArcSwap<CancellationToken>,
     pub metrics: BackendMetrics,
+}
+
+/// Milliseconds since the first call, on a monotonic clock (never 0 after the first ms).
+fn monotonic_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    (start.elapsed().as_millis() as u64).saturating_add(1)
 }
 
 impl std::fmt::Debug for Backend {
@@ -117,6 +136,9 @@ impl Backend {
             connect_failures: AtomicU32::new(0),
             connect_errors: AtomicU64::new(0),
             last_check: ArcSwap::from_pointee(String::new()),
+            admin_since_ms: AtomicU64::new(0),
+            close_on_down: AtomicBool::new(false),
+            down: ArcSwap::from_pointee(CancellationToken::new()),
             metrics: BackendMetrics::new(pool, name),
         })
     }
@@ -174,7 +196,44 @@ impl Backend {
     }
 
     pub fn set_admin(&self, admin: Admin) {
-        self.admin.store(admin as u8, Ordering::Release);
+        let was = self.admin.swap(admin as u8, Ordering::AcqRel);
+        if admin == Admin::Enabled {
+            self.admin_since_ms.store(0, Ordering::Relaxed);
+        } else if was == Admin::Enabled as u8 {
+            self.admin_since_ms.store(monotonic_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// How long ago the backend left rotation by an operator's drain or disable (or a
+    /// reload's retirement); None while enabled.
+    pub fn out_of_rotation_for(&self) -> Option<Duration> {
+        match self.admin_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(monotonic_ms().saturating_sub(since))),
+        }
+    }
+
+    /// The pool's `on_down` setting: with `true`, being marked down ends every open
+    /// connection and session at once.
+    pub fn set_close_on_down(&self, close: bool) {
+        self.close_on_down.store(close, Ordering::Relaxed);
+    }
+
+    /// What a connection or session opened now watches: fired when this backend is
+    /// marked down under `on_down: close`. One `ArcSwap` load per connection.
+    pub fn down_signal(&self) -> CancellationToken {
+        CancellationToken::clone(&self.down.load())
+    }
+
+    /// Marks the backend down (health checker or passive checking); returns true when it
+    /// was up. Under `on_down: close` its open connections and sessions end now.
+    pub fn mark_down(&self) -> bool {
+        let was_up = self.set_health(Health::Down) == Health::Up;
+        if was_up && self.close_on_down.load(Ordering::Relaxed) {
+            let fired = self.down.swap(Arc::new(CancellationToken::new()));
+            fired.cancel();
+        }
+        was_up
     }
 
     pub fn state(&self) -> State {
@@ -213,8 +272,7 @@ impl Backend {
     /// ("failed connects from traffic"). Returns true when this call marked it down.
     pub fn connect_failed(&self, passive_fall: Option<u32>, what: &str, reason: &str) -> bool {
         let failures = self.record_connect_failure();
-        let marked_down = passive_fall.is_some_and(|fall| failures >= fall)
-            && self.set_health(Health::Down) == Health::Up;
+        let marked_down = passive_fall.is_some_and(|fall| failures >= fall) && self.mark_down();
         if marked_down {
             tracing::warn!(
                 pool = %self.pool,

@@ -119,7 +119,7 @@ fn apply(backend: &Backend, change: Change, result: &Result<(), String>) {
             tracing::info!("{pool}/{name} up: first check passed");
         }
         Change::FirstFail => {
-            backend.set_health(Health::Down);
+            backend.mark_down();
             let reason = result.as_ref().err().map_or("", String::as_str);
             tracing::warn!("{pool}/{name} down: first check failed: {reason}");
         }
@@ -135,7 +135,7 @@ fn apply(backend: &Backend, change: Change, result: &Result<(), String>) {
             }
         }
         Change::Down { failures } => {
-            if backend.set_health(Health::Down) == Health::Up {
+            if backend.mark_down() {
                 let reason = result.as_ref().err().map_or("", String::as_str);
                 tracing::warn!(
                     "{pool}/{name} down: {failures} consecutive {}, last: {reason}",

@@ -20,6 +20,9 @@ pub struct BackendMetrics {
     pub health_checks_pass: Counter,
     pub health_checks_fail: Counter,
     pub health_check_duration: Histogram,
+    /// Connections (udp: sessions) ended because the backend was marked down under
+    /// `on_down: close`.
+    pub closed_on_down: Counter,
     /// Written by the refresh task only (`show_state`).
     up: Gauge,
     /// One per `BACKEND_STATES`, in that order.
@@ -43,6 +46,7 @@ impl BackendMetrics {
             health_checks_pass: check("pass"),
             health_checks_fail: check("fail"),
             health_check_duration: histogram!(HEALTH_CHECK_DURATION, &labels),
+            closed_on_down: counter!(BACKEND_CLOSED_ON_DOWN, &labels),
             up: gauge!(BACKEND_UP, &labels),
             states: BACKEND_STATES.map(state),
             weight: gauge!(BACKEND_WEIGHT, &labels),

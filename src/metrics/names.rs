@@ -23,6 +23,7 @@ pub const BACKEND_BYTES_SENT: &str = "weir_backend_bytes_sent_total";
 pub const BACKEND_BYTES_RECEIVED: &str = "weir_backend_bytes_received_total";
 pub const BACKEND_CONNECT_DURATION: &str = "weir_backend_connect_duration_seconds";
 pub const CONNECTION_DURATION: &str = "weir_connection_duration_seconds";
+pub const BACKEND_CLOSED_ON_DOWN: &str = "weir_backend_closed_on_down_total";
 pub const HEALTH_CHECKS: &str = "weir_health_checks_total";
 pub const HEALTH_CHECK_DURATION: &str = "weir_health_check_duration_seconds";
 

@@ -156,6 +156,11 @@ const HELP: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Counter,
+        BACKEND_CLOSED_ON_DOWN,
+        "Connections (udp: sessions) closed because the backend was marked down under on_down: close.",
+    ),
+    (
+        Kind::Counter,
         HEALTH_CHECKS,
         "Health check probes by result (pass or fail).",
     ),
