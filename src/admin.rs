@@ -178,14 +178,25 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         }
         Request::Enable(target) => {
             let backend = find(&tables, &target)?;
-            let in_config = control.config().pools.iter().any(|p| {
-                p.name == target.pool && p.backends.iter().any(|b| b.name == target.backend)
-            });
+            let config = control.config();
+            let pool = config.pools.iter().find(|p| p.name == target.pool);
+            let in_config =
+                pool.is_some_and(|p| p.backends.iter().any(|b| b.name == target.backend));
             if !in_config {
                 return Err(AdminError::Removed(target));
             }
-            backend.set_admin(Admin::Enabled);
+            let checked = pool.is_some_and(|p| p.health_check.is_some());
+            let rechecked = checked && backend.enable_rechecked() == Admin::Disabled;
+            if !checked {
+                backend.set_admin(Admin::Enabled);
+            }
             control.admin_changed().await;
+            if rechecked {
+                tracing::info!("{target}: enabled (admin); down until a health check passes");
+                return Ok(format!(
+                    "{target}: enabled, now down until a health check passes (probing now)\n"
+                ));
+            }
             tracing::info!("{target}: enabled (admin)");
             Ok(format!("{target}: enabled, now {}\n", backend.state()))
         }

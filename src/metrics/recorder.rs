@@ -200,6 +200,11 @@ const HELP: &[(Kind, &str, &str)] = &[
         "The listener's max_connections (absent when unlimited).",
     ),
     (
+        Kind::Counter,
+        RESOURCE_EXHAUSTION,
+        "Operations that failed because weir ran out of file descriptors or memory (accept, connect, health check, udp socket); never counted against a backend.",
+    ),
+    (
         Kind::Gauge,
         BUILD_INFO,
         "Always 1; the version label says which weir is running.",

@@ -10,7 +10,7 @@ use tokio::net::TcpSocket;
 use tokio::net::TcpStream;
 
 use crate::backend::ConnGuard;
-use crate::net::{describe, set_keepalive};
+use crate::net::{self, describe, set_keepalive};
 use crate::pool::PoolSnapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,9 @@ pub enum ConnectError {
     NoBackend,
     #[error("every backend tried failed, last {backend}: {reason}")]
     AllFailed { backend: String, reason: String },
+    /// weir is out of descriptors or memory: no backend is blamed, none is tried.
+    #[error("weir is out of resources: {0}")]
+    Exhausted(String),
 }
 
 /// Connects to an eligible backend for `client`. On success the guard holds the
@@ -47,6 +50,10 @@ pub async fn connect(
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
                 return Ok((stream, guard));
+            }
+            Ok(Err(e)) if net::is_resource_exhaustion(&e) => {
+                net::report_exhaustion("connect", &e);
+                return Err(ConnectError::Exhausted(describe(&e)));
             }
             Ok(Err(e)) => describe(&e),
             Err(_) => format!(

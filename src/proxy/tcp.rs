@@ -72,6 +72,11 @@ fn handle(
             // enlarging every connection's task for its whole life.
             r = Box::pin(connect::connect(&snapshot, peer.ip())) => match r {
                 Ok(connected) => connected,
+                Err(ConnectError::Exhausted(_)) => {
+                    // Logged and counted by `net::report_exhaustion`.
+                    listener.metrics.rejected_resources.increment(1);
+                    return;
+                }
                 Err(e) => {
                     listener.metrics.rejected_no_backend.increment(1);
                     match e {
@@ -79,7 +84,7 @@ fn handle(
                             listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
                             "connection closed: no backend available"
                         ),
-                        ConnectError::AllFailed { .. } => tracing::warn!(
+                        ConnectError::AllFailed { .. } | ConnectError::Exhausted(_) => tracing::warn!(
                             listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
                             "connection closed: {e}"
                         ),
