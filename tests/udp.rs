@@ -755,3 +755,136 @@ async fn clients_spread_over_the_listeners_sockets_keep_one_session_each() {
         CLIENTS as u64
     );
 }
+
+/// A client that sends a datagram every 100 ms, each answered before the next, until
+/// told to stop; returns who answered each one, in order.
+fn steady_client(
+    front: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let client = udp_client("127.0.0.1").await;
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        let mut answers = Vec::new();
+        while !stop.is_cancelled() {
+            every.tick().await;
+            let answer =
+                udp_exchange(&client, front, format!("{}", answers.len()).as_bytes()).await;
+            answers.push(answered_by(&answer).to_string());
+        }
+        answers
+    })
+}
+
+/// The contract: a udp session on a drained backend lasts at most idle_timeout after the
+/// drain began, even while its client keeps sending, so `drain --wait` returns; the
+/// client's next datagram is a new session on another backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_wait_returns_while_the_client_keeps_sending() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let dir = TempDir::new("udp-drain");
+    let socket = dir.join("admin.sock");
+    let idle = Duration::from_secs(1);
+    let mut config = udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    );
+    config.listeners[0].idle_timeout = idle;
+    config.admin_socket = Some(socket.clone());
+    let (server, front) = start(config).await;
+    let l = listener(&server);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = steady_client(front, stop.clone());
+    wait_until(DEADLINE, "the client's session", || {
+        let l = l.clone();
+        async move { l.active() == 1 }
+    })
+    .await;
+    let on = ["a", "b"]
+        .into_iter()
+        .find(|name| server.backend("pool", name).unwrap().active() == 1)
+        .expect("the session's backend");
+    let other = if on == "a" { "b" } else { "a" };
+    let drained = server.backend("pool", on).unwrap();
+
+    let began = Instant::now();
+    let command = ["drain", &format!("pool/{on}"), "--wait", "--timeout", "5s"];
+    let outcome = weir::ctl::run(
+        Some(socket.clone()),
+        None,
+        command.iter().map(|w| w.to_string()).collect(),
+    )
+    .await;
+    let took = began.elapsed();
+    assert_eq!(
+        outcome,
+        weir::ctl::Outcome::Success,
+        "drain --wait returned"
+    );
+    assert!(took >= idle, "the session lasted idle_timeout: {took:?}");
+    assert!(
+        took < idle + Duration::from_secs(1),
+        "and not much longer: {took:?}"
+    );
+    assert_eq!(drained.active(), 0);
+    assert_eq!(drained.state(), State::Drained);
+
+    // The client keeps going, now answered by the other backend.
+    let answered = b.received() + a.received();
+    wait_until(DEADLINE, "five more answers", || {
+        let done = b.received() + a.received() >= answered + 5;
+        async move { done }
+    })
+    .await;
+    stop.cancel();
+    let answers = client.await.expect("the client never went unanswered");
+    let switched = answers
+        .iter()
+        .position(|name| name == other)
+        .expect("answers from the other backend");
+    assert!(
+        switched >= 5,
+        "the session stayed on {on} at first: {answers:?}"
+    );
+    assert!(
+        answers[..switched].iter().all(|name| name == on)
+            && answers[switched..].iter().all(|name| name == other),
+        "one switch, from {on} to {other}: {answers:?}"
+    );
+    assert_eq!(server.backend("pool", other).unwrap().active(), 1);
+    assert_eq!(l.active(), 1);
+    assert_eq!(l.total(), 2, "the client's next datagram was a new session");
+}
+
+/// Ending sessions of drained backends leaves alone a busy session on an enabled one,
+/// and one on a backend drained and enabled again before idle_timeout passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_session_on_an_enabled_backend_is_not_ended() {
+    let a = UdpTestBackend::start("a").await;
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
+    let idle = Duration::from_secs(1);
+    config.listeners[0].idle_timeout = idle;
+    let (server, front) = start(config).await;
+    let l = listener(&server);
+    let backend = server.backend("pool", "a").unwrap();
+
+    // Watched for a while: nothing to wait for, the point is that nothing happens.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = steady_client(front, stop.clone());
+    tokio::time::sleep(idle * 2).await;
+    backend.set_admin(Admin::Drain);
+    tokio::time::sleep(idle / 5).await;
+    backend.set_admin(Admin::Enabled);
+    tokio::time::sleep(idle * 2).await;
+    stop.cancel();
+    let answers = client.await.unwrap();
+    assert!(answers.len() >= 30, "{} answers", answers.len());
+    assert_eq!(l.total(), 1, "one session all along");
+    assert_eq!(backend.total(), 1);
+    assert_eq!(backend.active(), 1);
+}

@@ -15,7 +15,9 @@
 //!
 //! Re-pick rule: a session whose backend's health is *down* (health check or passive
 //! checking) moves to a newly picked backend on its next client datagram. A backend that
-//! is only draining or disabled by an operator keeps its sessions until they go idle. A
+//! is only draining or disabled by an operator (or removed by a reload) keeps its sessions
+//! until they go idle, but for at most `idle_timeout` after it left rotation: then they end
+//! at the sweep or their next datagram, which opens a new session elsewhere. A
 //! backend that answers with ICMP port unreachable shows up as `ConnectionRefused` on the
 //! connected upstream socket: it counts as a failed connect (`Backend::connect_failed`,
 //! which feeds passive checking), nothing more.

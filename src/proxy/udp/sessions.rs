@@ -2,6 +2,13 @@
 //! one (pick a backend, admit against `max_connections`, open the upstream socket and its
 //! reply task), a session on a backend that went down moves on its next datagram, and the
 //! sweep ends idle sessions. A plain `HashMap` only its receive loop touches: no lock.
+//!
+//! A session on a backend out of rotation (drained, disabled, removed by a reload) ends
+//! once the backend has been out for `idle_timeout`, at the sweep or at its client's next
+//! datagram, whichever comes first; that datagram then opens a new session on an eligible
+//! backend. Without this a client that never pauses (syslog, statsd, SIP) would hold its
+//! session forever and `drain --wait` would never return. It costs one atomic load per
+//! datagram (`Backend::out_of_rotation_for` reads one `AtomicU64`, 0 while enabled).
 
 use std::collections::HashMap;
 use std::io;
@@ -41,6 +48,35 @@ struct Upstream {
     guard: ConnGuard,
     started: Instant,
     _reply_task: DropGuard,
+}
+
+/// Why the table ends a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// No datagram either way for `idle_timeout`.
+    Idle,
+    /// Its backend has been out of rotation for `idle_timeout`.
+    OutOfRotation,
+}
+
+impl Session {
+    /// Whether the session must end before it carries another datagram: its backend left
+    /// rotation `idle` or longer ago.
+    fn must_end(&self, idle: Duration) -> Option<End> {
+        let backend = self.upstream.guard.backend();
+        let out = backend.out_of_rotation_for();
+        out.is_some_and(|out| out >= idle)
+            .then_some(End::OutOfRotation)
+    }
+
+    /// Whether the sweep ends the session: idle for `idle` (`idle_ms` in `Clock`
+    /// milliseconds) at `now`, or `must_end`.
+    fn ends_at_sweep(&self, now: u64, idle: Duration, idle_ms: u64) -> Option<End> {
+        if now.saturating_sub(self.activity.load(Ordering::Relaxed)) >= idle_ms {
+            return Some(End::Idle);
+        }
+        self.must_end(idle)
+    }
 }
 
 impl Drop for Upstream {
@@ -84,6 +120,18 @@ impl Opener {
             );
         } else {
             tracing::debug!(listener = %self.listener.name, client = %client, "udp datagram dropped ({}): {detail}", reason.as_str());
+        }
+    }
+
+    /// Notes the end of a session (the caller drops it, which releases its counts).
+    fn ended(&self, session: &Session, client: SocketAddr, end: End) {
+        let backend = session.upstream.guard.backend();
+        match end {
+            End::Idle => {}
+            End::OutOfRotation => tracing::debug!(
+                listener = %self.listener.name, client = %client, pool = %backend.pool,
+                "udp session on {} ended: out of rotation ({}) for idle_timeout", backend.name, backend.state()
+            ),
         }
     }
 
@@ -136,6 +184,8 @@ impl Opener {
 pub struct Table {
     sessions: HashMap<SocketAddr, Session>,
     opener: Opener,
+    /// The listener's `idle_timeout` as of the last sweep.
+    idle: Duration,
 }
 
 impl Table {
@@ -151,6 +201,7 @@ impl Table {
                 tracker: shutdown.tracker.clone(),
                 next_warning: [started; DropReason::ALL.len()],
             },
+            idle: listener.idle_timeout(),
         }
     }
 
@@ -168,22 +219,31 @@ impl Table {
     }
 
     /// Sends a client's datagram to its session's backend, opening the session first if
-    /// it has none: `local` is the address it was sent to (wildcard binds on Linux).
+    /// it has none (or the one it had must end): `local` is the address it was sent to
+    /// (wildcard binds on Linux).
     pub fn on_datagram(&mut self, data: &[u8], client: SocketAddr, local: Option<pktinfo::Local>) {
         let now = self.opener.clock.now();
-        let session = match self.sessions.get_mut(&client) {
-            Some(session) => {
-                if session.upstream.guard.backend().health() == Health::Down {
-                    Self::repick(&self.opener, session, client);
+        if let Some(session) = self.sessions.get_mut(&client) {
+            match session.must_end(self.idle) {
+                None => {
+                    if session.upstream.guard.backend().health() == Health::Down {
+                        Self::repick(&self.opener, session, client);
+                    }
+                    session.activity.store(now, Ordering::Relaxed);
+                    forward(&self.opener, &session.upstream, data);
+                    return;
                 }
-                session
+                Some(end) => {
+                    // Ended (guards released) before the new one is admitted and picked.
+                    let session = self.sessions.remove(&client).expect("found above");
+                    self.opener.ended(&session, client, end);
+                }
             }
-            None => match self.open_session(client, local, now) {
-                Some(session) => self.sessions.entry(client).insert_entry(session).into_mut(),
-                None => return,
-            },
+        }
+        let Some(session) = self.open_session(client, local, now) else {
+            return;
         };
-        session.activity.store(now, Ordering::Relaxed);
+        let session = self.sessions.entry(client).insert_entry(session).into_mut();
         forward(&self.opener, &session.upstream, data);
     }
 
@@ -261,16 +321,30 @@ impl Table {
         }
     }
 
-    /// Ends sessions with no datagram either way for `idle`.
+    /// Ends sessions with no datagram either way for `idle`, and those whose backend has
+    /// been out of rotation that long; `idle` holds for the next datagrams too.
     pub fn expire(&mut self, idle: Duration) {
+        self.idle = idle;
         let now = self.opener.clock.now();
-        let idle = idle.as_millis() as u64;
+        let idle_ms = idle.as_millis() as u64;
         let before = self.sessions.len();
+        let opener = &self.opener;
+        let mut out_of_rotation = 0;
         self.sessions
-            .retain(|_, s| now.saturating_sub(s.activity.load(Ordering::Relaxed)) < idle);
+            .retain(|client, s| match s.ends_at_sweep(now, idle, idle_ms) {
+                None => true,
+                Some(end) => {
+                    out_of_rotation += usize::from(end == End::OutOfRotation);
+                    opener.ended(s, *client, end);
+                    false
+                }
+            });
         let expired = before - self.sessions.len();
+        if out_of_rotation > 0 {
+            tracing::info!(listener = %self.opener.listener.name, sessions = out_of_rotation, "udp sessions ended: their backend was out of rotation (drained, disabled or removed) for idle_timeout");
+        }
         if expired > 0 {
-            tracing::debug!(listener = %self.opener.listener.name, expired, open = self.sessions.len(), "udp sessions expired");
+            tracing::debug!(listener = %self.opener.listener.name, expired, out_of_rotation, open = self.sessions.len(), "udp sessions ended");
             // Give back the memory of a burst, without shrinking on every sweep.
             let capacity = self.sessions.capacity();
             if capacity > 1024 && self.sessions.len() * 4 < capacity {
