@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use weir::backend::{Admin, Health, State};
 use weir::balance::Strategy;
+use weir::config::HealthCheckConfig;
 use weir::proxy::Listener;
 use weir::proxy::udp::DropReason;
 
@@ -887,4 +888,172 @@ async fn a_busy_session_on_an_enabled_backend_is_not_ended() {
     assert_eq!(l.total(), 1, "one session all along");
     assert_eq!(backend.total(), 1);
     assert_eq!(backend.active(), 1);
+}
+
+/// `on_down: close` ends a backend's sessions as soon as it is marked down, without a
+/// datagram from their clients; the default (keep) leaves them to move on their next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marked_down_under_on_down_close_ends_sessions_at_once_and_keep_leaves_them() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let c = UdpTestBackend::start("c").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+            backend_config("c", c.addr, 1),
+        ],
+    ))
+    .await;
+    let l = listener(&server);
+    let backend = |name: &str| server.backend("pool", name).unwrap();
+    let mut clients = BTreeMap::new();
+    for i in 0..3 {
+        let client = udp_client("127.0.0.1").await;
+        let answer = udp_exchange(&client, front, format!("{i}").as_bytes()).await;
+        clients.insert(answered_by(&answer).to_string(), client);
+    }
+    assert_eq!(clients.len(), 3, "one session on each backend");
+    backend("a").set_close_on_down(true);
+
+    assert!(backend("a").mark_down());
+    assert!(backend("b").mark_down());
+    wait_until(Duration::from_millis(500), "a's session to end", || {
+        let a = backend("a");
+        async move { a.active() == 0 }
+    })
+    .await;
+    assert_eq!(l.active(), 2, "a's session ended, the others are open");
+    assert_eq!(
+        backend("b").active(),
+        1,
+        "b (on_down: keep) keeps its session"
+    );
+
+    // a's client gets a new session, b's moves (the same session), both to c.
+    let answer = udp_exchange(&clients["a"], front, b"again").await;
+    assert_eq!(answer, "c:again");
+    let answer = udp_exchange(&clients["b"], front, b"again").await;
+    assert_eq!(answer, "c:again");
+    assert_eq!(backend("b").active(), 0);
+    assert_eq!(backend("c").active(), 3);
+    assert_eq!(l.total(), 4, "a new session for a's client only");
+}
+
+/// A UDP backend with a health endpoint: it answers "PING" with "PONG" while `healthy`,
+/// and every other datagram with `NAME:` and the datagram.
+struct CheckedUdpBackend {
+    addr: SocketAddr,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CheckedUdpBackend {
+    async fn start(name: &str) -> CheckedUdpBackend {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let up = Arc::clone(&healthy);
+        let prefix = format!("{name}:").into_bytes();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let answer = if &buf[..n] == b"PING" {
+                    if !up.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue;
+                    }
+                    b"PONG".to_vec()
+                } else {
+                    [&prefix[..], &buf[..n]].concat()
+                };
+                let _ = socket.send_to(&answer, peer).await;
+            }
+        });
+        CheckedUdpBackend {
+            addr,
+            healthy,
+            task,
+        }
+    }
+}
+
+impl Drop for CheckedUdpBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// End to end: a udp health check marks a backend down under `on_down: close`; its
+/// sessions end at once and are counted in weir_backend_closed_on_down_total; the clients'
+/// next datagrams open sessions on the other backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_udp_health_check_under_on_down_close_ends_the_backends_sessions() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = CheckedUdpBackend::start("on_down_a").await;
+    let b = CheckedUdpBackend::start("on_down_b").await;
+    let mut config = udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("on_down_a", a.addr, 1),
+            backend_config("on_down_b", b.addr, 1),
+        ],
+    );
+    let interval = Duration::from_millis(100);
+    config.pools[0].health_check = Some(HealthCheckConfig {
+        send: Some(b"PING".to_vec()),
+        expect: Some(b"PONG".to_vec()),
+        ..health_check(interval, interval, 1, 1)
+    });
+    config.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    let server = weir::server::Server::start(config, None).await.unwrap();
+    let front = server.listener_addr("front").unwrap();
+    for name in ["on_down_a", "on_down_b"] {
+        wait_for_state(&server, "pool", name, State::Up, DEADLINE).await;
+        server
+            .backend("pool", name)
+            .unwrap()
+            .set_close_on_down(true);
+    }
+    let closing = server.backend("pool", "on_down_a").unwrap();
+    let mut on_a = Vec::new();
+    for i in 0..4 {
+        let client = udp_client("127.0.0.1").await;
+        let answer = udp_exchange(&client, front, format!("{i}").as_bytes()).await;
+        if answered_by(&answer) == "on_down_a" {
+            on_a.push(client);
+        }
+    }
+    assert_eq!(on_a.len(), 2, "round-robin: two sessions on each");
+    assert_eq!(closing.active(), 2);
+
+    a.healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for_state(&server, "pool", "on_down_a", State::Down, DEADLINE).await;
+    wait_until(Duration::from_millis(500), "its sessions to end", || {
+        let closing = closing.clone();
+        async move { closing.active() == 0 }
+    })
+    .await;
+
+    let mut stream = tokio::net::TcpStream::connect(server.metrics_addr().unwrap())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut text))
+        .await
+        .expect("scrape in time")
+        .unwrap();
+    let line = r#"weir_backend_closed_on_down_total{pool="pool",backend="on_down_a"} 2"#;
+    assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+
+    for client in &on_a {
+        let answer = udp_exchange(client, front, b"next").await;
+        assert_eq!(answer, "on_down_b:next");
+    }
+    assert_eq!(server.backend("pool", "on_down_b").unwrap().active(), 4);
+    assert_eq!(listener(&server).total(), 6, "two new sessions");
 }

@@ -14,7 +14,8 @@
 //! ending a session drops its guards and cancels its reply task.
 //!
 //! Re-pick rule: a session whose backend's health is *down* (health check or passive
-//! checking) moves to a newly picked backend on its next client datagram. A backend that
+//! checking) moves to a newly picked backend on its next client datagram; under
+//! `on_down: close` its sessions end as it is marked down instead. A backend that
 //! is only draining or disabled by an operator (or removed by a reload) keeps its sessions
 //! until they go idle, but for at most `idle_timeout` after it left rotation: then they end
 //! at the sweep or their next datagram, which opens a new session elsewhere. A
@@ -164,12 +165,16 @@ pub async fn receive_loop(
         }
     });
     let mut next_receive_error = Instant::now();
+    // Reply tasks of sessions closed on down ask for a sweep now.
+    let sweep_signal = table.sweep_signal();
+    let mut sweep_asked = pin!(sweep_signal.notified());
 
     let mut unchecked = 0;
     'receiving: loop {
         // Biased: while datagrams are queued, readiness is ready at once and neither the
-        // timer nor the stop tokens (a mutex each) are polled; they are checked by hand
-        // below after every batch.
+        // timers nor the stop tokens (a mutex each) are polled; the stop tokens are
+        // checked by hand below after every batch, the sweep's time too.
+        let mut sweep_now = false;
         tokio::select! {
             biased;
             ready = front.readable() => {
@@ -180,10 +185,14 @@ pub async fn receive_loop(
             }
             () = &mut stopped => break 'receiving,
             () = &mut sweep => {}
+            () = &mut sweep_asked => sweep_now = true,
+        }
+        if sweep_now {
+            sweep_asked.set(sweep_signal.notified());
         }
         let handled = receive_queued(&front, &mut table, with_pktinfo, &mut next_receive_error);
         let now = tokio::time::Instant::now();
-        if now >= next_sweep {
+        if sweep_now || now >= next_sweep {
             idle = listener.idle_timeout();
             sweep_every = sweep_interval(idle);
             table.expire(idle);

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use socket2::SockAddr;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BUDGET, Batch, with_batch};
@@ -40,6 +41,11 @@ pub struct ReplyTask {
     pub activity: Arc<AtomicU64>,
     pub clock: Clock,
     pub cancel: CancellationToken,
+    /// The backend's down signal when the session opened (fired under `on_down: close`).
+    pub down: CancellationToken,
+    /// The receive loop's "sweep now": told when the task ends on `down`, so the session
+    /// and its counts go at once, not at the next sweep.
+    pub sweep_now: Arc<Notify>,
 }
 
 impl ReplyTask {
@@ -49,6 +55,7 @@ impl ReplyTask {
         // comes with it.
         let interest = Interest::READABLE | Interest::ERROR;
         let mut cancelled = pin!(self.cancel.cancelled());
+        let mut down = pin!(self.down.cancelled());
         let mut unchecked = 0;
         loop {
             tokio::select! {
@@ -59,6 +66,11 @@ impl ReplyTask {
                     }
                 }
                 () = &mut cancelled => return,
+                () = &mut down => {
+                    // No reply passes any more; the table ends the session.
+                    self.sweep_now.notify_one();
+                    return;
+                }
             }
             let mut handled = 0;
             while handled < BUDGET {
@@ -93,6 +105,10 @@ impl ReplyTask {
             if unchecked >= BUDGET {
                 unchecked = 0;
                 if self.cancel.is_cancelled() {
+                    return;
+                }
+                if self.down.is_cancelled() {
+                    self.sweep_now.notify_one();
                     return;
                 }
             }

@@ -9,6 +9,12 @@
 //! backend. Without this a client that never pauses (syslog, statsd, SIP) would hold its
 //! session forever and `drain --wait` would never return. It costs one atomic load per
 //! datagram (`Backend::out_of_rotation_for` reads one `AtomicU64`, 0 while enabled).
+//!
+//! Under `on_down: close` a backend marked down fires the down signal each of its sessions
+//! took when it opened: the reply task stops and asks the loop to sweep now, and the sweep
+//! (or the client's next datagram, if it comes first) ends the session, counted in
+//! `closed_on_down`. A session whose reply task has ended for any other reason is ended the
+//! same way, so no session is left that forwards datagrams whose answers nobody reads.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
@@ -47,6 +55,10 @@ struct Upstream {
     socket: Arc<UdpSocket>,
     guard: ConnGuard,
     started: Instant,
+    /// The backend's down signal as of the session's start.
+    down: CancellationToken,
+    /// Finished: no reply reaches the client any more, the session is dead.
+    reply: JoinHandle<()>,
     _reply_task: DropGuard,
 }
 
@@ -57,25 +69,39 @@ enum End {
     Idle,
     /// Its backend has been out of rotation for `idle_timeout`.
     OutOfRotation,
+    /// Its backend was marked down under `on_down: close`.
+    ClosedOnDown,
+    /// Its reply task ended on its own (the upstream socket failed).
+    ReplyEnded,
 }
 
 impl Session {
-    /// Whether the session must end before it carries another datagram: its backend left
-    /// rotation `idle` or longer ago.
+    /// Whether the session must end before it carries another datagram: its backend was
+    /// marked down under `on_down: close`, its reply task is gone, or its backend left
+    /// rotation `idle` or longer ago. Three atomic loads while all is well; the down
+    /// signal (a mutex) is read only when the backend is down or the reply task gone.
     fn must_end(&self, idle: Duration) -> Option<End> {
-        let backend = self.upstream.guard.backend();
+        let upstream = &self.upstream;
+        let backend = upstream.guard.backend();
+        let gone = upstream.reply.is_finished();
+        if (gone || backend.health() == Health::Down) && upstream.down.is_cancelled() {
+            return Some(End::ClosedOnDown);
+        }
+        if gone {
+            return Some(End::ReplyEnded);
+        }
         let out = backend.out_of_rotation_for();
         out.is_some_and(|out| out >= idle)
             .then_some(End::OutOfRotation)
     }
 
-    /// Whether the sweep ends the session: idle for `idle` (`idle_ms` in `Clock`
-    /// milliseconds) at `now`, or `must_end`.
+    /// Whether the sweep ends the session: `must_end`, or idle for `idle` (`idle_ms` in
+    /// `Clock` milliseconds) at `now`.
     fn ends_at_sweep(&self, now: u64, idle: Duration, idle_ms: u64) -> Option<End> {
-        if now.saturating_sub(self.activity.load(Ordering::Relaxed)) >= idle_ms {
-            return Some(End::Idle);
-        }
-        self.must_end(idle)
+        self.must_end(idle).or_else(|| {
+            let quiet = now.saturating_sub(self.activity.load(Ordering::Relaxed));
+            (quiet >= idle_ms).then_some(End::Idle)
+        })
     }
 }
 
@@ -97,6 +123,8 @@ struct Opener {
     clock: Clock,
     hard: CancellationToken,
     tracker: TaskTracker,
+    /// Told by a reply task that ended on its backend's down signal.
+    sweep_now: Arc<Notify>,
     next_warning: [Instant; DropReason::ALL.len()],
 }
 
@@ -126,13 +154,19 @@ impl Opener {
     /// Notes the end of a session (the caller drops it, which releases its counts).
     fn ended(&self, session: &Session, client: SocketAddr, end: End) {
         let backend = session.upstream.guard.backend();
-        match end {
-            End::Idle => {}
-            End::OutOfRotation => tracing::debug!(
-                listener = %self.listener.name, client = %client, pool = %backend.pool,
-                "udp session on {} ended: out of rotation ({}) for idle_timeout", backend.name, backend.state()
-            ),
-        }
+        let why = match end {
+            End::Idle => return,
+            End::OutOfRotation => "out of rotation for idle_timeout",
+            End::ClosedOnDown => {
+                backend.metrics.closed_on_down.increment(1);
+                "marked down (on_down: close)"
+            }
+            End::ReplyEnded => "its upstream socket failed",
+        };
+        tracing::debug!(
+            listener = %self.listener.name, client = %client, pool = %backend.pool,
+            "udp session on {} ended: {why}", backend.name
+        );
     }
 
     /// Picks an eligible backend for `client`; None when there is none.
@@ -153,6 +187,7 @@ impl Opener {
     ) -> io::Result<Upstream> {
         let socket = Arc::new(upstream_socket(backend.addr)?);
         let guard = backend.connect_guard();
+        let down = backend.down_signal();
         // A child of `hard`: shutdown's end reaches every reply task, and each task polls
         // only its own token (no mutex shared across sessions).
         let cancel = self.hard.child_token();
@@ -169,12 +204,16 @@ impl Opener {
             activity: Arc::clone(activity),
             clock: self.clock,
             cancel: cancel.clone(),
+            down: down.clone(),
+            sweep_now: Arc::clone(&self.sweep_now),
         };
-        self.tracker.spawn(reply.run());
+        let reply = self.tracker.spawn(reply.run());
         Ok(Upstream {
             socket,
             guard,
             started: Instant::now(),
+            down,
+            reply,
             _reply_task: cancel.drop_guard(),
         })
     }
@@ -199,10 +238,17 @@ impl Table {
                 clock: Clock(started),
                 hard: shutdown.hard.clone(),
                 tracker: shutdown.tracker.clone(),
+                sweep_now: Arc::new(Notify::new()),
                 next_warning: [started; DropReason::ALL.len()],
             },
             idle: listener.idle_timeout(),
         }
+    }
+
+    /// Notified when sessions wait to be ended (their backend was marked down under
+    /// `on_down: close`): the receive loop sweeps then, not only on its timer.
+    pub fn sweep_signal(&self) -> Arc<Notify> {
+        Arc::clone(&self.opener.sweep_now)
     }
 
     pub fn listener_name(&self) -> &str {
@@ -329,19 +375,24 @@ impl Table {
         let idle_ms = idle.as_millis() as u64;
         let before = self.sessions.len();
         let opener = &self.opener;
-        let mut out_of_rotation = 0;
+        let (mut out_of_rotation, mut closed_on_down) = (0, 0);
         self.sessions
             .retain(|client, s| match s.ends_at_sweep(now, idle, idle_ms) {
                 None => true,
                 Some(end) => {
                     out_of_rotation += usize::from(end == End::OutOfRotation);
+                    closed_on_down += usize::from(end == End::ClosedOnDown);
                     opener.ended(s, *client, end);
                     false
                 }
             });
         let expired = before - self.sessions.len();
+        let name = &self.opener.listener.name;
         if out_of_rotation > 0 {
-            tracing::info!(listener = %self.opener.listener.name, sessions = out_of_rotation, "udp sessions ended: their backend was out of rotation (drained, disabled or removed) for idle_timeout");
+            tracing::info!(listener = %name, sessions = out_of_rotation, "udp sessions ended: their backend was out of rotation (drained, disabled or removed) for idle_timeout");
+        }
+        if closed_on_down > 0 {
+            tracing::info!(listener = %name, sessions = closed_on_down, "udp sessions closed: their backend was marked down (on_down: close)");
         }
         if expired > 0 {
             tracing::debug!(listener = %self.opener.listener.name, expired, out_of_rotation, open = self.sessions.len(), "udp sessions ended");
