@@ -1057,3 +1057,109 @@ async fn a_failed_udp_health_check_under_on_down_close_ends_the_backends_session
     assert_eq!(server.backend("pool", "on_down_b").unwrap().active(), 4);
     assert_eq!(listener(&server).total(), 6, "two new sessions");
 }
+
+/// weir running out of file descriptors is weir's problem: the datagrams that find no
+/// socket for their session are dropped as `reason="resources"`, the backend's health and
+/// connect errors are untouched, and clients are served again once descriptors are back.
+/// The open-file limit is the process's, so this runs in a child process of its own
+/// (`out_of_descriptors_in_a_child_process`).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_not_held_against_the_backend() {
+    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "out_of_descriptors_in_a_child_process"])
+        .args(["--ignored", "--nocapture", "--test-threads=1"])
+        .env("WEIR_UDP_FD_CHILD", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), child)
+        .await
+        .expect("the child in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{stderr}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "lowers the process's open-file limit: run by running_out_of_descriptors_is_not_held_against_the_backend"]
+async fn out_of_descriptors_in_a_child_process() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    if std::env::var_os("WEIR_UDP_FD_CHILD").is_none() {
+        return;
+    }
+    let a = UdpTestBackend::start("a").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("a", a.addr, 1)],
+    ))
+    .await;
+    let backend = server.backend("pool", "a").unwrap();
+    let l = listener(&server);
+    let stats = l.udp.as_ref().unwrap();
+    const CLIENTS: usize = 40;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(udp_client("127.0.0.1").await);
+    }
+
+    // Room for two more descriptors: the limit is one above the second free number (those
+    // open above it stay open; a new one must be below it).
+    let open: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    // read_dir's own descriptor is in the list but closed by now: not counted as open.
+    let free =
+        |fd: &u64| !open.contains(fd) || std::fs::metadata(format!("/proc/self/fd/{fd}")).is_err();
+    let limit = (0u64..).filter(free).nth(1).unwrap() + 1;
+    let saved = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(limit),
+            maximum: saved.maximum,
+        },
+    )
+    .unwrap();
+    for client in &clients {
+        client.send_to(b"x", front).await.unwrap();
+    }
+    wait_until(DEADLINE, "every datagram sent on or dropped", || {
+        let handled = stats.datagrams_to_backend() + stats.dropped(DropReason::Resources);
+        let done = handled + stats.dropped(DropReason::UpstreamSocket) >= CLIENTS as u64;
+        async move { done }
+    })
+    .await;
+    setrlimit(Resource::Nofile, saved).unwrap();
+
+    let dropped = stats.dropped(DropReason::Resources);
+    assert!(dropped > 0, "some sessions found no descriptor");
+    assert_eq!(stats.dropped(DropReason::UpstreamSocket), 0);
+    assert_eq!(l.active() + dropped, CLIENTS as u64);
+    assert_eq!(
+        backend.metrics_connect_errors(),
+        0,
+        "not the backend's fault"
+    );
+    assert_eq!(backend.health(), Health::Up);
+    // Descriptors are back: every client is served (those that got a session may see the
+    // answer to their first datagram first).
+    for client in &clients {
+        let mut answer = udp_exchange(client, front, b"y").await;
+        if answer == "a:x" {
+            let mut buf = [0u8; 16];
+            let (n, _) = tokio::time::timeout(DEADLINE, client.recv_from(&mut buf))
+                .await
+                .expect("the answer in time")
+                .unwrap();
+            answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+        assert_eq!(answer, "a:y");
+    }
+    assert_eq!(l.active(), CLIENTS as u64);
+}

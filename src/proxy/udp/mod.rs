@@ -21,7 +21,9 @@
 //! at the sweep or their next datagram, which opens a new session elsewhere. A
 //! backend that answers with ICMP port unreachable shows up as `ConnectionRefused` on the
 //! connected upstream socket: it counts as a failed connect (`Backend::connect_failed`,
-//! which feeds passive checking), nothing more.
+//! which feeds passive checking), nothing more. weir's own shortage of descriptors,
+//! buffers or memory (`upstream::Fault::Weir`) is never counted against a backend: those
+//! datagrams are dropped as `reason="resources"`, with a warning at most every 10 s.
 //!
 //! Several datagrams per system call (`batch`): the receive loop reads what is queued on
 //! the listener's socket with one `recvmmsg`, a reply task reads its backend's answers the
@@ -41,7 +43,7 @@
 //! mod.rs       bind, the receive loop (this file): the public API
 //! sessions.rs  the session table: lookup, open (pick, admit), re-pick, sweep
 //! reply.rs     a session's reply task: backend → client
-//! upstream.rs  a session's upstream socket; ICMP errors as failed connects
+//! upstream.rs  a session's upstream socket; whose fault an error is (ICMP: the backend's)
 //! stats.rs     UdpStats, DropReason, the activity clock
 //! batch.rs     recvmmsg/sendmmsg (batch/linux.rs, batch/fallback.rs)
 //! pktinfo.rs   IP_PKTINFO control messages (pktinfo/linux.rs, pktinfo/fallback.rs)

@@ -16,10 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BUDGET, Batch, with_batch};
 use super::pktinfo;
-use super::stats::{Clock, DropReason, stats};
-use super::upstream::backend_unreachable;
+use super::stats::{Clock, stats, warning_due};
+use super::upstream::{Fault, backend_unreachable};
 use crate::backend::Backend;
-use crate::net::is_unreachable;
 use crate::proxy::Listener;
 
 /// Where a reply goes and which source address it carries.
@@ -91,10 +90,11 @@ impl ReplyTask {
                 match received {
                     Ok(n) => handled += n.max(1),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if is_unreachable(&e) => {
+                    Err(e) if Fault::of(&e) == Fault::Backend => {
                         backend_unreachable(&self.listener, &self.backend, self.clock, &e);
                     }
                     Err(e) => {
+                        // Out of memory or buffers (Fault::Weir) included: never the backend's.
                         tracing::debug!(listener = %self.listener.name, backend = %self.backend.name, "udp receive from backend: {e}");
                         break;
                     }
@@ -151,11 +151,17 @@ impl ReplyTask {
         if let Some(e) = error {
             // The datagram that failed and those after it in this batch are dropped.
             let dropped = (count - sent) as u64;
-            if e.kind() == io::ErrorKind::WouldBlock {
-                stats.count_drops(DropReason::BufferFull, dropped);
-            } else {
-                stats.count_drops(DropReason::SendError, dropped);
-                tracing::debug!(listener = %self.listener.name, "udp send to client: {e}");
+            let fault = Fault::of(&e);
+            stats.count_drops(fault.when_sending(), dropped);
+            match fault {
+                Fault::BufferFull => {}
+                Fault::Weir if warning_due(&stats.next_resources_warning, self.clock) => {
+                    tracing::warn!(
+                        listener = %self.listener.name, client = %self.to.client_addr,
+                        "udp reply dropped (resources): sending to the client failed: {e}: weir is out of socket buffers or memory (further drops are counted in weir_udp_dropped_total, logged at debug)"
+                    );
+                }
+                _ => tracing::debug!(listener = %self.listener.name, "udp send to client: {e}"),
             }
         }
     }

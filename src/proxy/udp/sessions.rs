@@ -33,9 +33,8 @@ use tokio_util::task::TaskTracker;
 use super::pktinfo;
 use super::reply::{ReplyTask, ReplyTo};
 use super::stats::{Clock, DropReason, WARN_EVERY, stats};
-use super::upstream::{backend_unreachable, upstream_socket};
+use super::upstream::{Fault, backend_unreachable, upstream_socket};
 use crate::backend::{Backend, ConnGuard, Health};
-use crate::net::is_unreachable;
 use crate::proxy::{Listener, ListenerGuard};
 use crate::shutdown::Shutdown;
 
@@ -137,10 +136,7 @@ impl Opener {
         detail: &dyn std::fmt::Display,
     ) {
         stats(&self.listener).count_drop(reason);
-        let now = Instant::now();
-        let next = &mut self.next_warning[reason as usize];
-        if now >= *next {
-            *next = now + WARN_EVERY;
+        if self.warning_due(reason) {
             tracing::warn!(
                 listener = %self.listener.name, client = %client, pool = %self.listener.pool.load().name,
                 "udp datagram dropped ({}): {detail} (further drops for this reason are counted in weir_udp_dropped_total, logged at debug)",
@@ -149,6 +145,17 @@ impl Opener {
         } else {
             tracing::debug!(listener = %self.listener.name, client = %client, "udp datagram dropped ({}): {detail}", reason.as_str());
         }
+    }
+
+    /// Whether a warning about `reason` may be logged now (at most every `WARN_EVERY`).
+    fn warning_due(&mut self, reason: DropReason) -> bool {
+        let now = Instant::now();
+        let next = &mut self.next_warning[reason as usize];
+        if now < *next {
+            return false;
+        }
+        *next = now + WARN_EVERY;
+        true
     }
 
     /// Notes the end of a session (the caller drops it, which releases its counts).
@@ -273,10 +280,10 @@ impl Table {
             match session.must_end(self.idle) {
                 None => {
                     if session.upstream.guard.backend().health() == Health::Down {
-                        Self::repick(&self.opener, session, client);
+                        Self::repick(&mut self.opener, session, client);
                     }
                     session.activity.store(now, Ordering::Relaxed);
-                    forward(&self.opener, &session.upstream, data);
+                    forward(&mut self.opener, &session.upstream, client, data);
                     return;
                 }
                 Some(end) => {
@@ -290,7 +297,7 @@ impl Table {
             return;
         };
         let session = self.sessions.entry(client).insert_entry(session).into_mut();
-        forward(&self.opener, &session.upstream, data);
+        forward(&mut self.opener, &session.upstream, client, data);
     }
 
     fn open_session(
@@ -333,11 +340,22 @@ impl Table {
                 })
             }
             Err(e) => {
-                self.opener.drop_datagram(
-                    DropReason::UpstreamSocket,
-                    client,
-                    &format_args!("cannot open a socket to {}: {e} (raise the open-file limit or lower max_connections)", backend.addr),
-                );
+                let fault = Fault::of(&e);
+                let reason = fault.when_opening();
+                if fault == Fault::Weir {
+                    let detail = format_args!(
+                        "cannot open a socket to {}: {e}: weir is out of file descriptors or memory, not the backend's fault (raise the open-file limit or lower max_connections)",
+                        backend.addr
+                    );
+                    self.opener.drop_datagram(reason, client, &detail);
+                } else {
+                    if fault == Fault::Backend {
+                        let o = &self.opener;
+                        backend_unreachable(&o.listener, &backend, o.clock, &e);
+                    }
+                    let detail = format_args!("cannot open a socket to {}: {e}", backend.addr);
+                    self.opener.drop_datagram(reason, client, &detail);
+                }
                 None
             }
         }
@@ -345,7 +363,7 @@ impl Table {
 
     /// The session's backend is down: move the session to a backend picked now. With none
     /// eligible, or if the new socket can't be opened, it stays where it is.
-    fn repick(opener: &Opener, session: &mut Session, client: SocketAddr) {
+    fn repick(opener: &mut Opener, session: &mut Session, client: SocketAddr) {
         let Some(backend) = opener.pick(client) else {
             return;
         };
@@ -360,6 +378,9 @@ impl Table {
                     "udp session moved from {} (down) to {}", old.name, backend.name
                 );
                 session.upstream = upstream;
+            }
+            Err(e) if Fault::of(&e) == Fault::Weir && opener.warning_due(DropReason::Resources) => {
+                tracing::warn!(listener = %opener.listener.name, client = %client, "udp session stays on {} (down): cannot open a socket to {}: {e}: weir is out of file descriptors or memory", old.name, backend.name);
             }
             Err(e) => {
                 tracing::debug!(listener = %opener.listener.name, client = %client, "udp session stays on {}: {e}", old.name);
@@ -408,24 +429,35 @@ impl Table {
 /// Sends a client's datagram to its session's backend. A pending ICMP error from an
 /// earlier datagram surfaces here instead of in the reply task: count it, then send again
 /// (the error was reported instead of sending).
-fn forward(opener: &Opener, upstream: &Upstream, data: &[u8]) {
+fn forward(opener: &mut Opener, upstream: &Upstream, client: SocketAddr, data: &[u8]) {
     let backend = upstream.guard.backend();
-    let stats = stats(&opener.listener);
     let mut result = SockRef::from(&*upstream.socket).send(data);
     if let Err(e) = &result
-        && is_unreachable(e)
+        && Fault::of(e) == Fault::Backend
     {
         backend_unreachable(&opener.listener, backend, opener.clock, e);
         result = SockRef::from(&*upstream.socket).send(data);
     }
-    match result {
+    let e = match result {
         Ok(_) => {
-            stats.count_to_backend();
+            stats(&opener.listener).count_to_backend();
             backend.metrics.bytes_sent.increment(data.len() as u64);
+            return;
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stats.count_drop(DropReason::BufferFull),
-        Err(e) => {
-            stats.count_drop(DropReason::SendError);
+        Err(e) => e,
+    };
+    let fault = Fault::of(&e);
+    match fault {
+        Fault::Weir => {
+            let detail = format_args!(
+                "sending to {} failed: {e}: weir is out of socket buffers or memory, not the backend's fault",
+                backend.name
+            );
+            opener.drop_datagram(fault.when_sending(), client, &detail);
+        }
+        Fault::BufferFull => stats(&opener.listener).count_drop(fault.when_sending()),
+        Fault::Backend | Fault::Other => {
+            stats(&opener.listener).count_drop(fault.when_sending());
             tracing::debug!(listener = %opener.listener.name, backend = %backend.name, "udp send to backend: {e}");
         }
     }
