@@ -1,6 +1,7 @@
 //! The UDP data path over real sockets: session affinity, balancing of sessions, expiry,
-//! the session cap, maximum-size datagrams, drain, ICMP unreachable and re-pick, reply
-//! source addresses on wildcard binds, shutdown.
+//! the session cap, maximum-size datagrams, drain (also of clients that never pause, and
+//! removal by a reload), ICMP unreachable and re-pick, `on_down: close`, running out of
+//! file descriptors, reply source addresses on wildcard binds, shutdown.
 //!
 //! Every test runs on a runtime with two worker threads, so each listener receives on two
 //! SO_REUSEPORT sockets (one per worker), as it does in production on a multi-core host:
@@ -361,7 +362,8 @@ async fn icmp_unreachable_counts_a_connect_error_and_a_down_backend_loses_its_se
     )
     .await;
     assert_eq!(dead_backend.active(), 1, "the session is still on it");
-    // Without a health check nothing marks it down: the session stays, each ICMP counts.
+    // Two errors mark nothing down (fewer than passive checking needs): the session
+    // stays, each ICMP counts.
     client.send_to(b"anyone?", front).await.unwrap();
     wait_until(DEADLINE, "a second connect error", || {
         let d = dead_backend.clone();
@@ -1162,4 +1164,75 @@ async fn out_of_descriptors_in_a_child_process() {
         assert_eq!(answer, "a:y");
     }
     assert_eq!(l.active(), CLIENTS as u64);
+}
+
+/// A backend removed by a reload is retired like a drained one: its busy session ends
+/// idle_timeout after the reload, the client's next datagram goes to a backend that stays,
+/// and the removed backend leaves its pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_removed_by_a_reload_loses_its_busy_session_after_idle_timeout() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let dir = TempDir::new("udp-retire");
+    let path = dir.join("weir.yaml");
+    let yaml = |backends: &[&UdpTestBackend]| {
+        let mut text = "listeners:\n  front:\n    bind: 127.0.0.1:0\n    protocol: udp\n    pool: pool\n    idle_timeout: 1s\npools:\n  pool:\n    backends:\n".to_string();
+        for backend in backends {
+            text += &format!(
+                "      - address: {}\n        name: {}\n",
+                backend.addr, backend.name
+            );
+        }
+        text
+    };
+    std::fs::write(&path, yaml(&[&a, &b])).unwrap();
+    let config = weir::config::load(&path).expect("valid config");
+    let server = weir::server::Server::start(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let front = server.listener_addr("front").unwrap();
+    let l = listener(&server);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = steady_client(front, stop.clone());
+    wait_until(DEADLINE, "the client's session", || {
+        let l = l.clone();
+        async move { l.active() == 1 }
+    })
+    .await;
+    let (removed, stays) = if server.backend("pool", "a").unwrap().active() == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let retired = server.backend("pool", &removed.name).unwrap();
+    std::fs::write(&path, yaml(&[stays])).unwrap();
+    let began = Instant::now();
+    server.handle.reload().await.expect("reload");
+    wait_until(DEADLINE, "the removed backend's session to end", || {
+        let retired = retired.clone();
+        async move { retired.active() == 0 }
+    })
+    .await;
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "kept for idle_timeout: {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "not much longer: {took:?}");
+    wait_until(DEADLINE, "the removed backend to leave its pool", || {
+        let gone = server.backend("pool", &removed.name).is_none();
+        async move { gone }
+    })
+    .await;
+
+    let answered = stays.received();
+    wait_until(DEADLINE, "answers from the backend that stays", || {
+        let more = stays.received() >= answered + 3;
+        async move { more }
+    })
+    .await;
+    stop.cancel();
+    let answers = client.await.expect("the client never went unanswered");
+    assert_eq!(answers.last().unwrap(), &stays.name);
 }
