@@ -192,7 +192,7 @@ const HELP: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         UDP_DROPPED,
-        "UDP datagrams dropped, by reason: max_connections, no_backend, upstream_socket, buffer_full, send_error.",
+        "UDP datagrams dropped, by reason: max_connections, no_backend, upstream_socket, resources, buffer_full, send_error.",
     ),
     (
         Kind::Gauge,
