@@ -119,9 +119,7 @@ impl ControlTask {
                 reply,
             } => {
                 let result = self.set_weight(&pool, &backend, weight);
-                if result.is_ok() {
-                    self.save_state();
-                }
+                let result = result.and_then(|()| self.save_state());
                 let _ = reply.send(result);
             }
             Command::Reload { reply } => {
@@ -135,7 +133,9 @@ impl ControlTask {
                 }
                 let _ = reply.send(result);
             }
-            Command::AdminChanged => self.save_state(),
+            Command::AdminChanged { reply } => {
+                let _ = reply.send(self.save_state());
+            }
         }
     }
 
@@ -170,16 +170,19 @@ impl ControlTask {
         Ok(())
     }
 
-    /// Writes the state file, when one is configured. A failure is logged, never fatal.
-    fn save_state(&self) {
+    /// Writes the state file, when one is configured, and returns once it is on disk.
+    /// A failure is logged (and counted by `state_file`), never fatal: the change stays in
+    /// force, and the caller says it was not saved.
+    fn save_state(&self) -> Result<(), ControlError> {
         let config = self.config.load();
         let Some(path) = &config.state_file else {
-            return;
+            return Ok(());
         };
         let state = state_file::capture(&self.tables.load(), &config);
-        if let Err(e) = state_file::write(path, &state) {
-            tracing::error!("state file {}: cannot write: {e}", path.display());
-        }
+        state_file::write(path, &state).map_err(|e| {
+            tracing::error!("state file: {e}");
+            ControlError::NotSaved(e)
+        })
     }
 
     /// Starts the health checkers of `pool` (replacing any running ones); returns the

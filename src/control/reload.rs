@@ -54,7 +54,8 @@ impl ControlTask {
         }
         self.tables.store(Arc::new(tables));
         self.config.store(Arc::new(new));
-        self.save_state();
+        // A state file that cannot be written is logged; the reload is in force anyway.
+        let _ = self.save_state();
         let mut summary = plan.changes.to_string();
         for note in plan.notes {
             summary.push_str("; ");

@@ -201,6 +201,11 @@ const HELP: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Counter,
+        STATE_FILE_ERRORS,
+        "Admin state file reads (at start: unreadable, empty, malformed or a symlink) and writes that failed, by op.",
+    ),
+    (
+        Kind::Counter,
         RESOURCE_EXHAUSTION,
         "Operations that failed because weir ran out of file descriptors or memory (accept, connect, health check, udp socket); never counted against a backend.",
     ),
