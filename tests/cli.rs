@@ -548,6 +548,27 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Logs written to a file or a pipe (`weir run … 2> weir.log`, the journal) carry no
+/// terminal colour codes.
+#[test]
+fn logs_into_a_pipe_have_no_colour_codes() {
+    let dir = temp_dir("colour");
+    let config = write_config(
+        &dir,
+        "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
+    let (child, _front, logs, mut lines) =
+        spawn_weir_keeping_start_log(weir().args(["run", "-c"]).arg(&config));
+    let _child = KillOnDrop(child);
+    // The line after "accepting on …": "weir … running".
+    lines.push(logs.recv_timeout(common::DEADLINE).expect("weir says it runs"));
+    assert!(lines.iter().any(|l| l.contains("INFO")), "{lines:?}");
+    for line in &lines {
+        assert!(!line.contains('\u{1b}'), "a colour code in {line:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_second_sigterm_closes_open_connections_at_once() {
     let backend_addr = echo_backend_thread();
