@@ -390,6 +390,39 @@ async fn icmp_unreachable_counts_a_connect_error_and_a_down_backend_loses_its_se
     }
 }
 
+/// Without a health check, ICMP errors are passive checking's failed connects too:
+/// three in a row mark the backend down, and its client's next datagram moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_health_check_three_icmp_errors_mark_a_udp_backend_down() {
+    let dead = dead_udp_address().await;
+    let live = UdpTestBackend::start("live").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("dead", dead, 1),
+            backend_config("live", live.addr, 1),
+        ],
+    ))
+    .await;
+    let dead_backend = server.backend("pool", "dead").unwrap();
+    let live_backend = server.backend("pool", "live").unwrap();
+    live_backend.set_admin(Admin::Drain);
+    let client = udp_client("127.0.0.1").await;
+    for n in 1..=3u64 {
+        client.send_to(b"hello?", front).await.unwrap();
+        wait_until(DEADLINE, "an ICMP error counted", || {
+            let d = dead_backend.clone();
+            async move { d.metrics_connect_errors() >= n }
+        })
+        .await;
+    }
+    assert_eq!(dead_backend.state(), State::Down, "three ICMP errors in a row");
+    live_backend.set_admin(Admin::Enabled);
+    let answer = udp_exchange(&client, front, b"now?").await;
+    assert_eq!(answer, "live:now?");
+    assert_eq!(dead_backend.active(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_backend_that_goes_down_loses_its_sessions_too() {
     let (_a, _b, server, front) = round_robin_over_a_and_b().await;
