@@ -7,7 +7,7 @@
 //! Besides that the connection ends when:
 //! - one side resets: the other side is reset at once (SO_LINGER 0, then close);
 //! - no byte moved either way for `idle_timeout`;
-//! - one direction finished and the other has not within `half_close_linger`;
+//! - one direction finished and the other has not within `half_close_timeout`;
 //! - shutdown's grace period ran out (`hard` token).
 //!
 //! How bytes move (like HAProxy's `splice-auto`): a burst starts with a `read` into a
@@ -52,7 +52,7 @@ use watch::Watch;
 
 pub struct SpliceOptions {
     pub idle_timeout: Duration,
-    pub half_close_linger: Duration,
+    pub half_close_timeout: Duration,
 }
 
 /// How a connection ended.
@@ -111,7 +111,7 @@ pub fn splice<'a>(
         last_activity: Instant::now(),
         linger_until: None,
         idle_timeout: options.idle_timeout,
-        half_close_linger: options.half_close_linger,
+        half_close_timeout: options.half_close_timeout,
     };
     async move {
         // One timer for both the idle timeout and the half-close linger. It is registered
@@ -136,7 +136,7 @@ struct Conn<'a> {
     last_activity: Instant,
     linger_until: Option<Instant>,
     idle_timeout: Duration,
-    half_close_linger: Duration,
+    half_close_timeout: Duration,
 }
 
 impl Conn<'_> {
@@ -188,7 +188,7 @@ impl Conn<'_> {
             return Poll::Ready(End::Done);
         }
         if finished_now && self.linger_until.is_none() {
-            let until = Instant::now() + self.half_close_linger;
+            let until = Instant::now() + self.half_close_timeout;
             self.linger_until = Some(until);
             if TokioInstant::from_std(until) < timer.deadline() {
                 timer.as_mut().reset(TokioInstant::from_std(until));
@@ -251,7 +251,7 @@ mod tests {
     fn options() -> SpliceOptions {
         SpliceOptions {
             idle_timeout: Duration::from_secs(60),
-            half_close_linger: Duration::from_secs(60),
+            half_close_timeout: Duration::from_secs(60),
         }
     }
 
@@ -308,7 +308,7 @@ mod tests {
     async fn half_closed_connection_ends_after_the_linger() {
         let options = SpliceOptions {
             idle_timeout: Duration::from_secs(60),
-            half_close_linger: Duration::from_millis(200),
+            half_close_timeout: Duration::from_millis(200),
         };
         let (mut client, _backend, running) = spliced(options, CancellationToken::new()).await;
         client.shutdown().await.unwrap();
@@ -329,7 +329,7 @@ mod tests {
     async fn traffic_pushes_the_idle_timeout_back() {
         let options = SpliceOptions {
             idle_timeout: Duration::from_millis(300),
-            half_close_linger: Duration::from_secs(60),
+            half_close_timeout: Duration::from_secs(60),
         };
         let (mut client, mut backend, running) = spliced(options, CancellationToken::new()).await;
         let started = Instant::now();

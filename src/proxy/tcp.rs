@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -12,11 +11,6 @@ use super::connect::{self, ConnectError};
 use super::splice::{self, Counters, SpliceOptions};
 use crate::net;
 use crate::shutdown::Shutdown;
-
-/// A half-closed connection (one direction finished) may wait this long for the other.
-/// Long enough for a server to answer a request whose sender already shut down writing;
-/// short enough that abandoned half-open connections don't pile up.
-pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(60);
 
 /// Accepts until `stop` fires (a child of shutdown's stop-accepting token), then drops
 /// the socket so new connections are refused. Never exits on a transient error
@@ -94,7 +88,7 @@ fn handle(
         let started = std::time::Instant::now();
         let options = SpliceOptions {
             idle_timeout: listener.idle_timeout(),
-            half_close_linger: HALF_CLOSE_LINGER,
+            half_close_timeout: listener.half_close_timeout(),
         };
         let counters = Counters {
             to_backend: &backend.metrics.bytes_sent,
@@ -123,6 +117,8 @@ fn handle(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// What `handle` relies on to skip setting them per connection.
