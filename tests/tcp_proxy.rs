@@ -364,3 +364,89 @@ async fn ipv6_listener_and_backend() {
     let (_s, name) = connect_named(front).await;
     assert_eq!(name, "v6");
 }
+
+/// Half-close: the client sends a request and shuts down writing; the backend answers with
+/// `chunks` small writes `every` apart, then closes. Returns the listener's address.
+async fn trickling_backend(chunks: usize, every: Duration) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                stream.read_to_end(&mut request).await.unwrap();
+                let mut tick = tokio::time::interval(every);
+                for i in 0..chunks {
+                    tick.tick().await;
+                    if stream.write_all(&[i as u8; 100]).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_half_closed_connection_stays_open_while_the_other_side_keeps_sending() {
+    // 16 chunks 100 ms apart: 1.5 s of answer, five times half_close_timeout.
+    let backend = trickling_backend(16, Duration::from_millis(100)).await;
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", backend, 1)]);
+    config.listeners[0].half_close_timeout = Duration::from_millis(300);
+    let (_server, front) = start(config).await;
+
+    let mut client = TcpStream::connect(front).await.unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer))
+        .await
+        .expect("the answer ends in time")
+        .expect("a clean end, not a reset");
+    let expected: Vec<u8> = (0..16u8).flat_map(|i| [i; 100]).collect();
+    assert_eq!(answer.len(), expected.len(), "the whole answer arrives");
+    assert!(answer == expected);
+}
+
+#[tokio::test]
+async fn a_half_closed_connection_with_nothing_sent_ends_after_half_close_timeout() {
+    // The backend reads the request to its EOF, then sends nothing and keeps the socket.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, got) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).await.unwrap();
+        let _ = got_tx.send((request, stream));
+    });
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", addr, 1)]);
+    config.listeners[0].half_close_timeout = Duration::from_millis(300);
+    let (_server, front) = start(config).await;
+
+    let mut client = TcpStream::connect(front).await.unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, client.read_to_end(&mut rest))
+        .await
+        .expect("closed by half_close_timeout")
+        .expect("a clean close");
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before half_close_timeout: {:?}",
+        started.elapsed()
+    );
+    let (request, mut backend) = tokio::time::timeout(DEADLINE, got).await.unwrap().unwrap();
+    assert_eq!(request, b"request");
+    // weir closed its backend socket too: a byte sent to it is answered with a reset.
+    let _ = backend.write_all(b"late").await;
+    tokio::time::timeout(DEADLINE, backend.ready(tokio::io::Interest::ERROR))
+        .await
+        .expect("weir's backend socket is closed")
+        .unwrap();
+}

@@ -7,7 +7,9 @@
 //! Besides that the connection ends when:
 //! - one side resets: the other side is reset at once (SO_LINGER 0, then close);
 //! - no byte moved either way for `idle_timeout`;
-//! - one direction finished and the other has not within `half_close_timeout`;
+//! - one direction finished and the other moved no byte for `half_close_timeout` (an
+//!   inactivity timeout of the direction still open, counted from the EOF and from each
+//!   byte after it: a reply that keeps trickling is never cut);
 //! - shutdown's grace period ran out (`hard` token).
 //!
 //! How bytes move (like HAProxy's `splice-auto`): a burst starts with a `read` into a
@@ -23,7 +25,7 @@
 //! back as soon as they are empty and the pump waits again, so an idle connection holds
 //! neither. A pipe that still holds bytes (a connection cut mid-transfer) is closed, never
 //! pooled. The whole connection is one hand-written future over owned streams — no
-//! per-direction sub-futures, one timer for idle and linger — which keeps an idle
+//! per-direction sub-futures, one timer for both timeouts — which keeps an idle
 //! connection's task small.
 //!
 //! Files: `pump.rs` (one direction), `pool.rs` (the buffer pool), `pipes.rs` (the pipe
@@ -61,7 +63,8 @@ pub enum End {
     /// Both sides finished sending.
     Done,
     IdleTimeout,
-    HalfCloseLinger,
+    /// One side finished sending and the other sent nothing for `half_close_timeout`.
+    HalfCloseTimeout,
     ClientReset(io::Error),
     BackendReset(io::Error),
     Shutdown,
@@ -72,7 +75,7 @@ impl End {
         match self {
             End::Done => "closed".into(),
             End::IdleTimeout => "idle timeout".into(),
-            End::HalfCloseLinger => "half-closed for too long".into(),
+            End::HalfCloseTimeout => "half-closed and quiet for half_close_timeout".into(),
             End::ClientReset(e) => format!("client: {}", crate::net::describe(e)),
             End::BackendReset(e) => format!("backend: {}", crate::net::describe(e)),
             End::Shutdown => "shutdown grace period ended".into(),
@@ -109,14 +112,13 @@ pub fn splice<'a>(
         upstream: Pump::new(counters.to_backend),
         downstream: Pump::new(counters.to_client),
         last_activity: Instant::now(),
-        linger_until: None,
         idle_timeout: options.idle_timeout,
         half_close_timeout: options.half_close_timeout,
     };
     async move {
-        // One timer for both the idle timeout and the half-close linger. It is registered
-        // once and, when it fires, pushed back to the last activity instead of being reset
-        // on every byte.
+        // One timer for both the idle and the half-close timeout. It is registered once
+        // and, when it fires, pushed back to the last activity instead of being reset on
+        // every byte.
         let mut timer = pin!(sleep_until(TokioInstant::from_std(
             conn.last_activity + conn.idle_timeout
         )));
@@ -133,8 +135,8 @@ struct Conn<'a> {
     backend: TcpStream,
     upstream: Pump<'a>,
     downstream: Pump<'a>,
+    /// When a byte last moved (and when the first direction finished).
     last_activity: Instant,
-    linger_until: Option<Instant>,
     idle_timeout: Duration,
     half_close_timeout: Duration,
 }
@@ -187,26 +189,43 @@ impl Conn<'_> {
         if self.upstream.done && self.downstream.done {
             return Poll::Ready(End::Done);
         }
-        if finished_now && self.linger_until.is_none() {
-            let until = Instant::now() + self.half_close_timeout;
-            self.linger_until = Some(until);
-            if TokioInstant::from_std(until) < timer.deadline() {
-                timer.as_mut().reset(TokioInstant::from_std(until));
+        if finished_now {
+            // Half-closed from now: the quiet time of the direction still open counts from
+            // this EOF, and may be shorter than the idle timeout.
+            self.last_activity = Instant::now();
+            let deadline = TokioInstant::from_std(self.deadline());
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
             }
         }
+        self.poll_timer(cx, timer)
+    }
+
+    /// How long the connection may stay quiet now: `idle_timeout`, or once half-closed
+    /// the shorter of it and `half_close_timeout`.
+    fn quiet_limit(&self) -> (Duration, End) {
+        let half_closed = self.upstream.done || self.downstream.done;
+        if half_closed && self.half_close_timeout < self.idle_timeout {
+            (self.half_close_timeout, End::HalfCloseTimeout)
+        } else {
+            (self.idle_timeout, End::IdleTimeout)
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.last_activity + self.quiet_limit().0
+    }
+
+    /// Ends the connection when it has been quiet for too long; otherwise pushes the
+    /// timer back to the deadline that the bytes moved since it was set make.
+    fn poll_timer(&self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<End> {
         while timer.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            if self.linger_until.is_some_and(|until| now >= until) {
-                return Poll::Ready(End::HalfCloseLinger);
+            let (limit, end) = self.quiet_limit();
+            let deadline = self.last_activity + limit;
+            if Instant::now() >= deadline {
+                return Poll::Ready(end);
             }
-            let idle_deadline = self.last_activity + self.idle_timeout;
-            if now >= idle_deadline {
-                return Poll::Ready(End::IdleTimeout);
-            }
-            let next = self
-                .linger_until
-                .map_or(idle_deadline, |until| until.min(idle_deadline));
-            timer.as_mut().reset(TokioInstant::from_std(next));
+            timer.as_mut().reset(TokioInstant::from_std(deadline));
         }
         Poll::Pending
     }
@@ -305,7 +324,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn half_closed_connection_ends_after_the_linger() {
+    async fn half_closed_connection_ends_after_half_close_timeout() {
         let options = SpliceOptions {
             idle_timeout: Duration::from_secs(60),
             half_close_timeout: Duration::from_millis(200),
@@ -315,14 +334,29 @@ mod tests {
         let started = Instant::now();
         let outcome = tokio::time::timeout(Duration::from_secs(5), running)
             .await
-            .expect("the linger ends it")
+            .expect("half_close_timeout ends it")
             .unwrap();
         assert!(
-            matches!(outcome.end, End::HalfCloseLinger),
+            matches!(outcome.end, End::HalfCloseTimeout),
             "{:?}",
             outcome.end
         );
         assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    #[tokio::test]
+    async fn a_shorter_idle_timeout_still_ends_a_half_closed_connection() {
+        let options = SpliceOptions {
+            idle_timeout: Duration::from_millis(200),
+            half_close_timeout: Duration::from_secs(60),
+        };
+        let (mut client, _backend, running) = spliced(options, CancellationToken::new()).await;
+        client.shutdown().await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("the idle timeout ends it")
+            .unwrap();
+        assert!(matches!(outcome.end, End::IdleTimeout), "{:?}", outcome.end);
     }
 
     #[tokio::test]

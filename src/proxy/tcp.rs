@@ -103,7 +103,7 @@ fn handle(
             splice::End::Done => {}
             end @ (splice::End::ClientReset(_)
             | splice::End::IdleTimeout
-            | splice::End::HalfCloseLinger) => {
+            | splice::End::HalfCloseTimeout) => {
                 tracing::debug!(listener = %listener.name, client = %peer, backend = %backend.name, "connection ended: {}", end.describe())
             }
             end => tracing::info!(

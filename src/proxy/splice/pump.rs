@@ -72,7 +72,7 @@ impl<'a> Pump<'a> {
     ) -> Poll<Result<(), PumpError>> {
         loop {
             if self.chunk > 0 {
-                ready!(self.poll_write_out(cx, to))?;
+                ready!(self.poll_write_out(cx, to, last_activity))?;
                 self.counter.increment(self.chunk as u64);
                 self.total += self.chunk as u64;
                 self.chunk = 0;
@@ -159,11 +159,13 @@ impl<'a> Pump<'a> {
         self.copy_in(cx, from)
     }
 
-    /// Writes the current chunk out, from the buffer or the pipe.
+    /// Writes the current chunk out, from the buffer or the pipe. A part of it written
+    /// counts as activity: a slow reader that keeps taking bytes is not idle.
     fn poll_write_out(
         &mut self,
         cx: &mut Context<'_>,
         to: &mut TcpStream,
+        last_activity: &mut Instant,
     ) -> Poll<Result<(), PumpError>> {
         #[cfg(target_os = "linux")]
         while self.pipe.pending() > 0 {
@@ -171,6 +173,7 @@ impl<'a> Pump<'a> {
                 return Poll::Ready(Err(PumpError::Write(e)));
             }
             match to.try_io(tokio::io::Interest::WRITABLE, || self.pipe.splice_out(to)) {
+                Ok(_) if self.pipe.pending() > 0 => *last_activity = Instant::now(),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -187,7 +190,12 @@ impl<'a> Pump<'a> {
                 Ok(0) => {
                     return Poll::Ready(Err(PumpError::Write(io::ErrorKind::WriteZero.into())));
                 }
-                Ok(n) => self.start += n as u32,
+                Ok(n) => {
+                    self.start += n as u32;
+                    if self.start < self.end {
+                        *last_activity = Instant::now();
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(PumpError::Write(e))),
             }
