@@ -450,3 +450,106 @@ async fn a_half_closed_connection_with_nothing_sent_ends_after_half_close_timeou
         .expect("weir's backend socket is closed")
         .unwrap();
 }
+
+/// Writes to `stream` until a write makes no progress for 200 ms: everything between it
+/// and a peer that doesn't read is full (its buffers, weir's pipe and buffers). Returns
+/// the bytes written.
+async fn write_until_stalled(stream: &mut TcpStream) -> usize {
+    let chunk = vec![0x5a; 64 * 1024];
+    let mut written = 0;
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), stream.write(&chunk)).await {
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => panic!("write failed after {written} bytes: {e}"),
+            Err(_) => return written,
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "still writing after {DEADLINE:?}"
+        );
+    }
+}
+
+/// Reads until EOF or an error; returns the bytes read and how it ended.
+async fn read_until_end(stream: &mut TcpStream) -> (usize, Result<(), std::io::ErrorKind>) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut read = 0;
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("the stream ends in time")
+        {
+            Ok(0) => return (read, Ok(())),
+            Ok(n) => read += n,
+            Err(e) => return (read, Err(e.kind())),
+        }
+    }
+}
+
+/// A backend that accepts one connection, never reads, and hands it over.
+async fn idle_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Receiver<TcpStream>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let _ = tx.send(stream);
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn bytes_cut_off_by_the_idle_timeout_end_in_a_reset_not_a_clean_eof() {
+    // Client → backend: the backend doesn't read, so weir still holds bytes for it when
+    // the idle timeout fires.
+    let (addr, accepted) = idle_backend().await;
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", addr, 1)]);
+    config.listeners[0].idle_timeout = Duration::from_millis(500);
+    let (_server, front) = start(config).await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    let sent = write_until_stalled(&mut client).await;
+    // weir closing the client socket with bytes unread in it resets the client: the sign
+    // that the idle timeout fired.
+    tokio::time::timeout(DEADLINE, client.ready(tokio::io::Interest::ERROR))
+        .await
+        .expect("the idle timeout ends the connection")
+        .unwrap();
+    let (got, end) = read_until_end(&mut backend).await;
+    assert!(got < sent, "weir held bytes back: got {got} of {sent}");
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a stream cut short ends in a reset (got {got} of {sent} bytes)"
+    );
+
+    // Backend → client: the same the other way.
+    let (addr, accepted) = idle_backend().await;
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", addr, 1)]);
+    config.listeners[0].idle_timeout = Duration::from_millis(500);
+    let (_server, front) = start(config).await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    let sent = write_until_stalled(&mut backend).await;
+    tokio::time::timeout(DEADLINE, backend.ready(tokio::io::Interest::ERROR))
+        .await
+        .expect("the idle timeout ends the connection")
+        .unwrap();
+    let (got, end) = read_until_end(&mut client).await;
+    assert!(got < sent, "weir held bytes back: got {got} of {sent}");
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a stream cut short ends in a reset (got {got} of {sent} bytes)"
+    );
+}

@@ -12,6 +12,10 @@
 //!   byte after it: a reply that keeps trickling is never cut);
 //! - shutdown's grace period ran out (`hard` token).
 //!
+//! A connection that ends for any reason but a reset closes with a FIN towards each side
+//! that got every byte read for it; a side whose peer stopped reading, so that bytes for
+//! it are still held, is reset instead: a stream cut short never looks complete.
+//!
 //! How bytes move (like HAProxy's `splice-auto`): a burst starts with a `read` into a
 //! small buffer and a `write` out of it. A read that comes back short proves the socket
 //! drained, so tokio clears its readiness without another `read` that would only say
@@ -230,18 +234,26 @@ impl Conn<'_> {
         Poll::Pending
     }
 
+    /// Closes the connection (the streams drop after this) the way `end` calls for.
+    ///
+    /// A reset is passed on as a reset: SO_LINGER 0 makes the close send RST. (Zero linger
+    /// never blocks, unlike the non-zero linger tokio warns about.) Any other end closes
+    /// with a FIN, except towards a side whose pump still holds bytes it read but could
+    /// not write (its peer stopped reading): those bytes can't be delivered any more, and
+    /// a FIN after a stream cut short would look like a complete one, so that side is
+    /// reset instead (and loses what its send buffer still held, which the reset makes
+    /// plain too).
     fn finish(self, end: End) -> Outcome {
-        // A reset is passed on as a reset: SO_LINGER 0 makes the close (when the streams
-        // drop) send RST. (Zero linger never blocks, unlike the non-zero linger tokio
-        // warns about.)
-        match &end {
-            End::ClientReset(_) => {
-                let _ = SockRef::from(&self.backend).set_linger(Some(Duration::ZERO));
-            }
-            End::BackendReset(_) => {
-                let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
-            }
-            _ => {}
+        let (reset_client, reset_backend) = match &end {
+            End::ClientReset(_) => (false, true),
+            End::BackendReset(_) => (true, false),
+            _ => (self.downstream.holds_bytes(), self.upstream.holds_bytes()),
+        };
+        if reset_client {
+            let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
+        }
+        if reset_backend {
+            let _ = SockRef::from(&self.backend).set_linger(Some(Duration::ZERO));
         }
         Outcome {
             end,

@@ -203,6 +203,11 @@ impl<'a> Pump<'a> {
         Poll::Ready(Ok(()))
     }
 
+    /// Whether bytes read are still waiting to be written (in the buffer or the pipe).
+    pub(super) fn holds_bytes(&self) -> bool {
+        self.chunk > 0
+    }
+
     /// Returns the (empty) buffer and pipe to this thread's pools.
     fn give_back(&mut self) {
         if let Some(buffer) = self.buffer.take() {
