@@ -553,3 +553,130 @@ async fn bytes_cut_off_by_the_idle_timeout_end_in_a_reset_not_a_clean_eof() {
         "a stream cut short ends in a reset (got {got} of {sent} bytes)"
     );
 }
+
+/// Resets `stream`: SO_LINGER 0, then close.
+fn reset(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+/// Waits up to a second for `stream` to be reset by its peer (without reading: what it
+/// holds stays unread), then reads it to its end, which must be the reset.
+async fn assert_reset_within_a_second(mut stream: TcpStream, what: &str) {
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{what}: no reset within a second"))
+    .unwrap();
+    let (_, end) = read_until_end(&mut stream).await;
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{what}: reset after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_reset_reaches_a_backend_that_is_not_reading() {
+    let (addr, accepted) = idle_backend().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    // weir's write to the backend blocks: its pump waits on the backend, not the client.
+    write_until_stalled(&mut client).await;
+    reset(client);
+    assert_reset_within_a_second(backend, "backend").await;
+}
+
+#[tokio::test]
+async fn a_backend_reset_reaches_a_client_that_is_not_reading() {
+    let (addr, accepted) = idle_backend().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    write_until_stalled(&mut backend).await;
+    reset(backend);
+    assert_reset_within_a_second(client, "client").await;
+}
+
+#[tokio::test]
+async fn a_reset_after_a_half_close_is_passed_on() {
+    // The client finishes sending, then resets while the backend is still to answer.
+    let (addr, accepted) = idle_backend().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut request = [0u8; 7];
+    backend.read_exact(&mut request).await.unwrap();
+    let mut eof = [0u8; 1];
+    assert_eq!(
+        backend.read(&mut eof).await.unwrap(),
+        0,
+        "the EOF passed on"
+    );
+    reset(client);
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        backend.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .expect("the reset passed on within a second")
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // The backend finishes sending, then resets while the client is still to send.
+    let (addr, accepted) = idle_backend().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    backend.write_all(b"greeting").await.unwrap();
+    backend.shutdown().await.unwrap();
+    let mut greeting = Vec::new();
+    client.read_to_end(&mut greeting).await.unwrap();
+    assert_eq!(greeting, b"greeting");
+    reset(backend);
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        client.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .expect("the reset passed on within a second")
+    .unwrap();
+}

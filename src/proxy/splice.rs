@@ -5,7 +5,9 @@
 //! one side becomes a write shutdown on the other while the other direction keeps flowing
 //! (the half-close bug of an early `select!` over two copies is the one to never write).
 //! Besides that the connection ends when:
-//! - one side resets: the other side is reset at once (SO_LINGER 0, then close);
+//! - one side resets: the other side is reset at once (SO_LINGER 0, then close), whatever
+//!   the pumps are doing: a socket that neither pump watches just then (its reader is
+//!   blocked writing, or done) gets a watch on its error readiness (`Conn::poll_reset`);
 //! - no byte moved either way for `idle_timeout`;
 //! - one direction finished and the other moved no byte for `half_close_timeout` (an
 //!   inactivity timeout of the direction still open, counted from the EOF and from each
@@ -44,11 +46,12 @@ mod watch;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use socket2::SockRef;
+use tokio::io::{Interest, Ready};
 use tokio::net::TcpStream;
 use tokio::time::{Instant as TokioInstant, Sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -110,88 +113,83 @@ pub fn splice<'a>(
     counters: Counters<'a>,
     hard: &'a CancellationToken,
 ) -> impl Future<Output = Outcome> + 'a {
-    let mut conn = Conn {
-        client,
-        backend,
-        upstream: Pump::new(counters.to_backend),
-        downstream: Pump::new(counters.to_client),
-        last_activity: Instant::now(),
-        idle_timeout: options.idle_timeout,
-        half_close_timeout: options.half_close_timeout,
-    };
+    let (idle_timeout, half_close_timeout) = (options.idle_timeout, options.half_close_timeout);
     async move {
+        let mut conn = Conn {
+            client: &client,
+            backend: &backend,
+            upstream: Pump::new(counters.to_backend),
+            downstream: Pump::new(counters.to_client),
+            last_activity: Instant::now(),
+            idle_timeout,
+            half_close_timeout,
+            watching: None,
+        };
         // One timer for both the idle and the half-close timeout. It is registered once
         // and, when it fires, pushed back to the last activity instead of being reset on
         // every byte.
         let mut timer = pin!(sleep_until(TokioInstant::from_std(
-            conn.last_activity + conn.idle_timeout
+            conn.last_activity + idle_timeout
         )));
         let cancelled = pin!(hard.cancelled());
         let mut hard = Watch::new(cancelled);
-        let end = poll_fn(|cx| conn.poll(cx, timer.as_mut(), &mut hard)).await;
+        // Armed only when a socket needs it (see `Conn::poll_reset`).
+        let mut reset = pin!(None);
+        let end =
+            poll_fn(|cx| conn.poll(cx, timer.as_mut(), &mut hard, reset.as_mut(), reset_of)).await;
         conn.finish(end)
     }
 }
 
+/// A socket's error readiness: what a reset (or another fatal error) raises.
+fn reset_of(socket: &TcpStream) -> impl Future<Output = io::Result<Ready>> + '_ {
+    socket.ready(Interest::ERROR)
+}
+
+/// One side of the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
 /// One connection's state, polled by `splice`'s future.
-struct Conn<'a> {
-    client: TcpStream,
-    backend: TcpStream,
+struct Conn<'s, 'a> {
+    client: &'s TcpStream,
+    backend: &'s TcpStream,
     upstream: Pump<'a>,
     downstream: Pump<'a>,
     /// When a byte last moved (and when the first direction finished).
     last_activity: Instant,
     idle_timeout: Duration,
     half_close_timeout: Duration,
+    /// The socket the reset watch is armed for.
+    watching: Option<Side>,
 }
 
-impl Conn<'_> {
-    fn poll<F: Future>(
+impl<'s> Conn<'s, '_> {
+    /// `reset` is the reset watch of one socket, when armed (`watching` says which), and
+    /// `arm` makes one (`reset_of`).
+    fn poll<H: Future, R: Future<Output = io::Result<Ready>>>(
         &mut self,
         cx: &mut Context<'_>,
         mut timer: Pin<&mut Sleep>,
-        hard: &mut Watch<'_, F>,
+        hard: &mut Watch<'_, H>,
+        reset: Pin<&mut Option<R>>,
+        arm: fn(&'s TcpStream) -> R,
     ) -> Poll<End> {
         if hard.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Shutdown);
         }
-        let mut finished_now = false;
-        if !self.upstream.done {
-            let polled = self.upstream.poll(
-                cx,
-                &mut self.client,
-                &mut self.backend,
-                &mut self.last_activity,
-                self.downstream.done,
-            );
-            match polled {
-                Poll::Ready(Ok(())) => finished_now = true,
-                Poll::Ready(Err(PumpError::Read(e))) => return Poll::Ready(End::ClientReset(e)),
-                Poll::Ready(Err(PumpError::Write(e))) => {
-                    return Poll::Ready(End::BackendReset(e));
-                }
-                Poll::Pending => {}
-            }
-        }
-        if !self.downstream.done {
-            let polled = self.downstream.poll(
-                cx,
-                &mut self.backend,
-                &mut self.client,
-                &mut self.last_activity,
-                self.upstream.done,
-            );
-            match polled {
-                Poll::Ready(Ok(())) => finished_now = true,
-                Poll::Ready(Err(PumpError::Read(e))) => {
-                    return Poll::Ready(End::BackendReset(e));
-                }
-                Poll::Ready(Err(PumpError::Write(e))) => return Poll::Ready(End::ClientReset(e)),
-                Poll::Pending => {}
-            }
-        }
+        let finished_now = match self.poll_pumps(cx) {
+            Ok(finished_now) => finished_now,
+            Err(end) => return Poll::Ready(end),
+        };
         if self.upstream.done && self.downstream.done {
             return Poll::Ready(End::Done);
+        }
+        if let Poll::Ready(end) = self.poll_reset(cx, reset, arm) {
+            return Poll::Ready(end);
         }
         if finished_now {
             // Half-closed from now: the quiet time of the direction still open counts from
@@ -203,6 +201,97 @@ impl Conn<'_> {
             }
         }
         self.poll_timer(cx, timer)
+    }
+
+    /// Polls the pumps that are not done: Ok(whether one finished now), or how the
+    /// connection ended.
+    fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        let mut finished_now = false;
+        if !self.upstream.done {
+            let (client, backend, last) = (self.client, self.backend, self.downstream.done);
+            match self
+                .upstream
+                .poll(cx, client, backend, &mut self.last_activity, last)
+            {
+                Poll::Ready(Ok(())) => finished_now = true,
+                Poll::Ready(Err(PumpError::Read(e))) => return Err(End::ClientReset(e)),
+                Poll::Ready(Err(PumpError::Write(e))) => return Err(End::BackendReset(e)),
+                Poll::Pending => {}
+            }
+        }
+        if !self.downstream.done {
+            let (client, backend, last) = (self.client, self.backend, self.upstream.done);
+            match self
+                .downstream
+                .poll(cx, backend, client, &mut self.last_activity, last)
+            {
+                Poll::Ready(Ok(())) => finished_now = true,
+                Poll::Ready(Err(PumpError::Read(e))) => return Err(End::BackendReset(e)),
+                Poll::Ready(Err(PumpError::Write(e))) => return Err(End::ClientReset(e)),
+                Poll::Pending => {}
+            }
+        }
+        Ok(finished_now)
+    }
+
+    /// The socket, if any, that no pump would notice a reset on now. A pump waiting for
+    /// bytes notices a reset of the socket it reads, one waiting to write notices a reset
+    /// of the socket it writes to; a pump that is done, or blocked writing, doesn't watch
+    /// the socket it reads. (At most one socket is left unwatched: the client is when
+    /// neither the upstream pump reads it nor the downstream pump is blocked writing to
+    /// it, and then the downstream pump watches the backend.)
+    fn unwatched(&self) -> Option<Side> {
+        if !self.upstream.waits_to_read() && !self.downstream.waits_to_write() {
+            Some(Side::Client)
+        } else if !self.downstream.waits_to_read() && !self.upstream.waits_to_write() {
+            Some(Side::Backend)
+        } else {
+            None
+        }
+    }
+
+    /// Passes on a reset of the socket no pump watches (`unwatched`): a client that
+    /// resets while weir waits to write to a backend that doesn't read, or after it sent
+    /// its EOF, is passed on at once, not when the backend reads again or a timeout
+    /// fires. The watch waits on the socket's error readiness: no system call until it
+    /// fires, and it is armed (or moved to the other socket) only when needed, then left
+    /// armed, so a request/response connection never arms one.
+    fn poll_reset<R: Future<Output = io::Result<Ready>>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reset: Pin<&mut Option<R>>,
+        arm: fn(&'s TcpStream) -> R,
+    ) -> Poll<End> {
+        let Some(side) = self.unwatched() else {
+            return Poll::Pending;
+        };
+        let socket = self.socket(side);
+        if self.watching != Some(side) {
+            reset.set(Some(arm(socket)));
+            self.watching = Some(side);
+        }
+        let Some(watch) = reset.as_pin_mut() else {
+            return Poll::Pending;
+        };
+        if ready!(watch.poll(cx)).is_err() {
+            // The runtime is shutting down.
+            return Poll::Ready(End::Shutdown);
+        }
+        let error = match socket.take_error() {
+            Ok(Some(e)) | Err(e) => e,
+            Ok(None) => io::ErrorKind::ConnectionReset.into(),
+        };
+        Poll::Ready(match side {
+            Side::Client => End::ClientReset(error),
+            Side::Backend => End::BackendReset(error),
+        })
+    }
+
+    fn socket(&self, side: Side) -> &'s TcpStream {
+        match side {
+            Side::Client => self.client,
+            Side::Backend => self.backend,
+        }
     }
 
     /// How long the connection may stay quiet now: `idle_timeout`, or once half-closed
@@ -250,10 +339,10 @@ impl Conn<'_> {
             _ => (self.downstream.holds_bytes(), self.upstream.holds_bytes()),
         };
         if reset_client {
-            let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(self.client).set_linger(Some(Duration::ZERO));
         }
         if reset_backend {
-            let _ = SockRef::from(&self.backend).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(self.backend).set_linger(Some(Duration::ZERO));
         }
         Outcome {
             end,

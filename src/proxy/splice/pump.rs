@@ -1,15 +1,18 @@
 //! One direction of a connection: reads from one socket and writes to the other, copying
 //! small bursts through a pooled buffer and splicing bulk transfers through a pooled pipe
 //! (see `splice`'s module docs).
+//!
+//! Both sockets are used through shared references (`try_io` and readiness polls, as
+//! tokio's own `poll_read`/`poll_write` do inside), so that `splice` can also wait on a
+//! socket's error readiness while a pump has it.
 
 use std::io;
-use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use metrics::Counter;
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 #[cfg(target_os = "linux")]
@@ -65,8 +68,8 @@ impl<'a> Pump<'a> {
     pub(super) fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &mut TcpStream,
-        to: &mut TcpStream,
+        from: &TcpStream,
+        to: &TcpStream,
         last_activity: &mut Instant,
         last: bool,
     ) -> Poll<Result<(), PumpError>> {
@@ -87,9 +90,8 @@ impl<'a> Pump<'a> {
                     return Poll::Pending;
                 }
             }
-            let read = self.read(cx, from);
-            match read {
-                Poll::Ready(Ok(0)) => {
+            match self.read(from) {
+                Ok(0) => {
                     self.done = true;
                     self.give_back();
                     if last {
@@ -97,66 +99,61 @@ impl<'a> Pump<'a> {
                     }
                     // EOF: pass it on as a write shutdown; the other direction goes on.
                     return Poll::Ready(
-                        match SockRef::from(&*to).shutdown(std::net::Shutdown::Write) {
+                        match SockRef::from(to).shutdown(std::net::Shutdown::Write) {
                             Ok(()) => Ok(()),
                             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
                             Err(e) => Err(PumpError::Write(e)),
                         },
                     );
                 }
-                Poll::Ready(Ok(n)) => {
+                Ok(n) => {
                     // At most a buffer or a pipe's worth.
                     self.chunk = n as u32;
                     *last_activity = Instant::now();
                 }
-                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::Read(e))),
-                // Nothing to read after all (splicing stays on: see `read`).
-                Poll::Pending => {}
+                // Nothing to read after all (the readiness is cleared; splicing stays on:
+                // see `read`).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(PumpError::Read(e))),
             }
         }
     }
 
-    /// One `read` into the buffer. A short read clears the socket's readiness (tokio does
-    /// that in `poll_read`); a full one switches to splicing.
-    fn copy_in(&mut self, cx: &mut Context<'_>, from: &mut TcpStream) -> Poll<io::Result<usize>> {
+    /// One `read` into the buffer (see `once` for its readiness); a full one switches to
+    /// splicing.
+    fn copy_in(&mut self, from: &TcpStream) -> io::Result<usize> {
         let buffer = self.buffer.get_or_insert_with(pool::take_buffer);
-        let mut read = ReadBuf::new(&mut buffer[..]);
-        ready!(Pin::new(from).poll_read(cx, &mut read))?;
-        let n = read.filled().len();
+        let n = once(from, Interest::READABLE, BUFFER_SIZE, || {
+            from.try_read(&mut buffer[..])
+        })?;
         self.start = 0;
         self.end = n as u32;
         #[cfg(target_os = "linux")]
         if n == BUFFER_SIZE {
             self.splicing = true;
         }
-        Poll::Ready(Ok(n))
+        Ok(n)
     }
 
     /// Reads one chunk: spliced into the pipe while a bulk transfer is under way,
-    /// copied into the buffer otherwise. Pending: nothing to read (readiness cleared).
-    fn read(&mut self, cx: &mut Context<'_>, from: &mut TcpStream) -> Poll<io::Result<usize>> {
+    /// copied into the buffer otherwise. WouldBlock: nothing to read (readiness cleared).
+    fn read(&mut self, from: &TcpStream) -> io::Result<usize> {
         #[cfg(target_os = "linux")]
         if self.splicing {
             if self.pipe.fill() {
-                let result =
-                    from.try_io(tokio::io::Interest::READABLE, || self.pipe.splice_in(from));
-                return match result {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
-                    result => {
-                        // The socket waiting in between a bulk transfer's chunks doesn't end
-                        // it; a small chunk does: the next burst starts with a copy again.
-                        if result.as_ref().is_ok_and(|&n| n < BUFFER_SIZE) {
-                            self.splicing = false;
-                        }
-                        Poll::Ready(result)
-                    }
-                };
+                let result = from.try_io(Interest::READABLE, || self.pipe.splice_in(from));
+                // The socket waiting in between a bulk transfer's chunks doesn't end it; a
+                // small chunk does: the next burst starts with a copy again.
+                if result.as_ref().is_ok_and(|&n| n < BUFFER_SIZE) {
+                    self.splicing = false;
+                }
+                return result;
             }
             // No pipe to be had (out of descriptors): keep copying.
             self.splicing = false;
         }
-        self.copy_in(cx, from)
+        self.copy_in(from)
     }
 
     /// Writes the current chunk out, from the buffer or the pipe. A part of it written
@@ -164,7 +161,7 @@ impl<'a> Pump<'a> {
     fn poll_write_out(
         &mut self,
         cx: &mut Context<'_>,
-        to: &mut TcpStream,
+        to: &TcpStream,
         last_activity: &mut Instant,
     ) -> Poll<Result<(), PumpError>> {
         #[cfg(target_os = "linux")]
@@ -172,7 +169,7 @@ impl<'a> Pump<'a> {
             if let Err(e) = ready!(to.poll_write_ready(cx)) {
                 return Poll::Ready(Err(PumpError::Write(e)));
             }
-            match to.try_io(tokio::io::Interest::WRITABLE, || self.pipe.splice_out(to)) {
+            match to.try_io(Interest::WRITABLE, || self.pipe.splice_out(to)) {
                 Ok(_) if self.pipe.pending() > 0 => *last_activity = Instant::now(),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -181,12 +178,17 @@ impl<'a> Pump<'a> {
             }
         }
         while self.start < self.end {
+            if let Err(e) = ready!(to.poll_write_ready(cx)) {
+                return Poll::Ready(Err(PumpError::Write(e)));
+            }
             let buffer = self
                 .buffer
                 .as_ref()
                 .expect("a buffer holds the bytes to write");
             let unwritten = &buffer[self.start as usize..self.end as usize];
-            match ready!(Pin::new(&mut *to).poll_write(cx, unwritten)) {
+            match once(to, Interest::WRITABLE, unwritten.len(), || {
+                to.try_write(unwritten)
+            }) {
                 Ok(0) => {
                     return Poll::Ready(Err(PumpError::Write(io::ErrorKind::WriteZero.into())));
                 }
@@ -196,11 +198,22 @@ impl<'a> Pump<'a> {
                         *last_activity = Instant::now();
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(PumpError::Write(e))),
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Not done, and waiting for bytes to read (its source is watched).
+    pub(super) fn waits_to_read(&self) -> bool {
+        !self.done && self.chunk == 0
+    }
+
+    /// Not done, and waiting to write what it read (its destination is watched).
+    pub(super) fn waits_to_write(&self) -> bool {
+        !self.done && self.chunk > 0
     }
 
     /// Whether bytes read are still waiting to be written (in the buffer or the pipe).
@@ -215,6 +228,33 @@ impl<'a> Pump<'a> {
         }
         #[cfg(target_os = "linux")]
         self.pipe.release();
+    }
+}
+
+/// One read or write of up to `len` bytes (`op`), through tokio's readiness like its
+/// `poll_read`/`poll_write`: WouldBlock clears the readiness, and so does a short result,
+/// which proves the socket drained (or its buffer full) without another system call that
+/// would only say EAGAIN. The readiness cleared is the one from before the call, so an
+/// event that came in meanwhile is kept.
+fn once(
+    socket: &TcpStream,
+    interest: Interest,
+    len: usize,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut short = None;
+    let result = socket.try_io(interest, || {
+        let n = op()?;
+        if n > 0 && n < len {
+            // Reported as WouldBlock only so that try_io clears the readiness.
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => result,
     }
 }
 
@@ -241,8 +281,8 @@ mod tests {
     /// Polls `pump` (from → to) until `reader` got `len` bytes; returns them.
     async fn pump_until_read(
         pump: &mut Pump<'_>,
-        from: &mut TcpStream,
-        to: &mut TcpStream,
+        from: &TcpStream,
+        to: &TcpStream,
         reader: &mut TcpStream,
         len: usize,
     ) -> Vec<u8> {
@@ -257,13 +297,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_pump_waiting_for_bytes_holds_no_buffer_and_no_pipe() {
-        let (mut writer, mut from) = pair().await;
-        let (mut reader, mut to) = pair().await;
+        let (mut writer, from) = pair().await;
+        let (mut reader, to) = pair().await;
         let counter = Counter::noop();
         let mut pump = Pump::new(&counter);
 
         writer.write_all(b"PING").await.unwrap();
-        let got = pump_until_read(&mut pump, &mut from, &mut to, &mut reader, 4).await;
+        let got = pump_until_read(&mut pump, &from, &to, &mut reader, 4).await;
         assert_eq!(got, b"PING");
         assert!(
             pump.buffer.is_none(),
@@ -275,15 +315,14 @@ mod tests {
             writer.write_all(&bulk).await.unwrap();
             writer
         });
-        let got =
-            pump_until_read(&mut pump, &mut from, &mut to, &mut reader, 2 * 1024 * 1024).await;
+        let got = pump_until_read(&mut pump, &from, &to, &mut reader, 2 * 1024 * 1024).await;
         assert!(got.iter().all(|&b| b == 5));
         let _writer = sending.await.unwrap();
         // The pump may still be between a read and the wait: let it reach the wait.
         let mut last = Instant::now();
         let _ = tokio::time::timeout(
             Duration::from_millis(50),
-            poll_fn(|cx| pump.poll(cx, &mut from, &mut to, &mut last, false)),
+            poll_fn(|cx| pump.poll(cx, &from, &to, &mut last, false)),
         )
         .await;
         assert!(
