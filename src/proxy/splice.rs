@@ -113,31 +113,48 @@ pub fn splice<'a>(
     counters: Counters<'a>,
     hard: &'a CancellationToken,
 ) -> impl Future<Output = Outcome> + 'a {
-    let (idle_timeout, half_close_timeout) = (options.idle_timeout, options.half_close_timeout);
+    // Built out here and moved in whole: the task holds one copy of each.
+    let sockets = Sockets { client, backend };
+    let mut conn = Conn {
+        upstream: Pump::new(counters.to_backend),
+        downstream: Pump::new(counters.to_client),
+        last_activity: Instant::now(),
+        idle_timeout: options.idle_timeout,
+        half_close_timeout: options.half_close_timeout,
+        watching: None,
+    };
     async move {
-        let mut conn = Conn {
-            client: &client,
-            backend: &backend,
-            upstream: Pump::new(counters.to_backend),
-            downstream: Pump::new(counters.to_client),
-            last_activity: Instant::now(),
-            idle_timeout,
-            half_close_timeout,
-            watching: None,
-        };
         // One timer for both the idle and the half-close timeout. It is registered once
         // and, when it fires, pushed back to the last activity instead of being reset on
         // every byte.
         let mut timer = pin!(sleep_until(TokioInstant::from_std(
-            conn.last_activity + idle_timeout
+            conn.last_activity + conn.idle_timeout
         )));
         let cancelled = pin!(hard.cancelled());
         let mut hard = Watch::new(cancelled);
         // Armed only when a socket needs it (see `Conn::poll_reset`).
         let mut reset = pin!(None);
-        let end =
-            poll_fn(|cx| conn.poll(cx, timer.as_mut(), &mut hard, reset.as_mut(), reset_of)).await;
-        conn.finish(end)
+        let end = poll_fn(|cx| {
+            let reset = reset.as_mut();
+            conn.poll(cx, &sockets, timer.as_mut(), &mut hard, reset, reset_of)
+        })
+        .await;
+        conn.finish(end, &sockets)
+    }
+}
+
+/// The connection's two sockets, shared by the pumps and the reset watch.
+struct Sockets {
+    client: TcpStream,
+    backend: TcpStream,
+}
+
+impl Sockets {
+    fn get(&self, side: Side) -> &TcpStream {
+        match side {
+            Side::Client => &self.client,
+            Side::Backend => &self.backend,
+        }
     }
 }
 
@@ -154,9 +171,7 @@ enum Side {
 }
 
 /// One connection's state, polled by `splice`'s future.
-struct Conn<'s, 'a> {
-    client: &'s TcpStream,
-    backend: &'s TcpStream,
+struct Conn<'a> {
     upstream: Pump<'a>,
     downstream: Pump<'a>,
     /// When a byte last moved (and when the first direction finished).
@@ -167,12 +182,13 @@ struct Conn<'s, 'a> {
     watching: Option<Side>,
 }
 
-impl<'s> Conn<'s, '_> {
+impl Conn<'_> {
     /// `reset` is the reset watch of one socket, when armed (`watching` says which), and
     /// `arm` makes one (`reset_of`).
-    fn poll<H: Future, R: Future<Output = io::Result<Ready>>>(
+    fn poll<'s, H: Future, R: Future<Output = io::Result<Ready>>>(
         &mut self,
         cx: &mut Context<'_>,
+        sockets: &'s Sockets,
         mut timer: Pin<&mut Sleep>,
         hard: &mut Watch<'_, H>,
         reset: Pin<&mut Option<R>>,
@@ -181,14 +197,14 @@ impl<'s> Conn<'s, '_> {
         if hard.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Shutdown);
         }
-        let finished_now = match self.poll_pumps(cx) {
+        let finished_now = match self.poll_pumps(cx, sockets) {
             Ok(finished_now) => finished_now,
             Err(end) => return Poll::Ready(end),
         };
         if self.upstream.done && self.downstream.done {
             return Poll::Ready(End::Done);
         }
-        if let Poll::Ready(end) = self.poll_reset(cx, reset, arm) {
+        if let Poll::Ready(end) = self.poll_reset(cx, sockets, reset, arm) {
             return Poll::Ready(end);
         }
         if finished_now {
@@ -205,10 +221,11 @@ impl<'s> Conn<'s, '_> {
 
     /// Polls the pumps that are not done: Ok(whether one finished now), or how the
     /// connection ended.
-    fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+    fn poll_pumps(&mut self, cx: &mut Context<'_>, sockets: &Sockets) -> Result<bool, End> {
+        let (client, backend) = (&sockets.client, &sockets.backend);
         let mut finished_now = false;
         if !self.upstream.done {
-            let (client, backend, last) = (self.client, self.backend, self.downstream.done);
+            let last = self.downstream.done;
             match self
                 .upstream
                 .poll(cx, client, backend, &mut self.last_activity, last)
@@ -220,7 +237,7 @@ impl<'s> Conn<'s, '_> {
             }
         }
         if !self.downstream.done {
-            let (client, backend, last) = (self.client, self.backend, self.upstream.done);
+            let last = self.upstream.done;
             match self
                 .downstream
                 .poll(cx, backend, client, &mut self.last_activity, last)
@@ -256,16 +273,17 @@ impl<'s> Conn<'s, '_> {
     /// fires. The watch waits on the socket's error readiness: no system call until it
     /// fires, and it is armed (or moved to the other socket) only when needed, then left
     /// armed, so a request/response connection never arms one.
-    fn poll_reset<R: Future<Output = io::Result<Ready>>>(
+    fn poll_reset<'s, R: Future<Output = io::Result<Ready>>>(
         &mut self,
         cx: &mut Context<'_>,
+        sockets: &'s Sockets,
         mut reset: Pin<&mut Option<R>>,
         arm: fn(&'s TcpStream) -> R,
     ) -> Poll<End> {
         let Some(side) = self.unwatched() else {
             return Poll::Pending;
         };
-        let socket = self.socket(side);
+        let socket = sockets.get(side);
         if self.watching != Some(side) {
             reset.set(Some(arm(socket)));
             self.watching = Some(side);
@@ -285,13 +303,6 @@ impl<'s> Conn<'s, '_> {
             Side::Client => End::ClientReset(error),
             Side::Backend => End::BackendReset(error),
         })
-    }
-
-    fn socket(&self, side: Side) -> &'s TcpStream {
-        match side {
-            Side::Client => self.client,
-            Side::Backend => self.backend,
-        }
     }
 
     /// How long the connection may stay quiet now: `idle_timeout`, or once half-closed
@@ -332,17 +343,17 @@ impl<'s> Conn<'s, '_> {
     /// a FIN after a stream cut short would look like a complete one, so that side is
     /// reset instead (and loses what its send buffer still held, which the reset makes
     /// plain too).
-    fn finish(self, end: End) -> Outcome {
+    fn finish(self, end: End, sockets: &Sockets) -> Outcome {
         let (reset_client, reset_backend) = match &end {
             End::ClientReset(_) => (false, true),
             End::BackendReset(_) => (true, false),
             _ => (self.downstream.holds_bytes(), self.upstream.holds_bytes()),
         };
         if reset_client {
-            let _ = SockRef::from(self.client).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(&sockets.client).set_linger(Some(Duration::ZERO));
         }
         if reset_backend {
-            let _ = SockRef::from(self.backend).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(&sockets.backend).set_linger(Some(Duration::ZERO));
         }
         Outcome {
             end,
