@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use weir::backend::{Admin, State};
 use weir::balance::Strategy;
+use weir::config::OnDown;
 
 /// A backend that reads until EOF, then answers with `answer_len` bytes derived from what it got.
 async fn answer_after_eof_backend(answer_len: usize) -> std::net::SocketAddr {
@@ -679,4 +681,159 @@ async fn a_reset_after_a_half_close_is_passed_on() {
     .await
     .expect("the reset passed on within a second")
     .unwrap();
+}
+
+/// `weir_backend_closed_on_down_total` of `pool/backend`, from this process's recorder.
+fn closed_on_down(pool: &str, backend: &str) -> f64 {
+    let text = weir::metrics::recorder().expect("weir's recorder").render();
+    let series =
+        format!("weir_backend_closed_on_down_total{{pool=\"{pool}\",backend=\"{backend}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// A pool `pool` with `on_down` and a fast health check on a port of its own (the
+/// returned listener: close it and the checks fail while the data port stays up), one
+/// connection open through weir to its backend `name`, which is up.
+async fn connection_to_a_checked_backend(
+    pool: &str,
+    on_down: OnDown,
+) -> (
+    weir::server::Server,
+    TestBackend,
+    std::net::TcpListener,
+    TcpStream,
+) {
+    let backend = TestBackend::start(pool).await;
+    let check_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config(pool, backend.addr, 1)],
+    );
+    config.listeners[0].pool = pool.to_string();
+    config.pools[0].name = pool.to_string();
+    config.pools[0].on_down = on_down;
+    let mut check = health_check(Duration::from_millis(100), Duration::from_millis(100), 1, 2);
+    check.port = Some(check_port.local_addr().unwrap().port());
+    config.pools[0].health_check = Some(check);
+    let (server, front) = start(config).await;
+    wait_for_state(&server, pool, pool, State::Up, DEADLINE).await;
+    let (stream, name) = connect_named(front).await;
+    assert_eq!(name, pool);
+    (server, backend, check_port, stream)
+}
+
+/// The connection still carries bytes both ways.
+async fn assert_open(stream: &mut TcpStream) {
+    stream.write_all(b"still open").await.unwrap();
+    let mut echoed = [0u8; 10];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+        .await
+        .expect("echoed in time")
+        .expect("the connection is open");
+    assert_eq!(&echoed, b"still open");
+}
+
+#[tokio::test]
+async fn on_down_close_resets_the_connections_of_a_backend_marked_down() {
+    let pool = "on_down_close";
+    let (server, _backend, check_port, mut stream) =
+        connection_to_a_checked_backend(pool, OnDown::Close).await;
+    assert_open(&mut stream).await;
+    drop(check_port);
+    let started = Instant::now();
+    // interval × fall + 1 s
+    let within = Duration::from_millis(100 * 2) + Duration::from_secs(1);
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no reset within {within:?}"));
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "reset after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(state(&server, pool, pool), State::Down);
+    assert_eq!(closed_on_down(pool, pool), 1.0);
+}
+
+#[tokio::test]
+async fn on_down_keep_leaves_the_connections_of_a_backend_marked_down_open() {
+    let pool = "on_down_keep";
+    let (server, _backend, check_port, mut stream) =
+        connection_to_a_checked_backend(pool, OnDown::Keep).await;
+    drop(check_port);
+    wait_for_state(&server, pool, pool, State::Down, DEADLINE).await;
+    assert_open(&mut stream).await;
+    assert_eq!(closed_on_down(pool, pool), 0.0);
+}
+
+#[tokio::test]
+async fn on_down_close_never_closes_a_drained_or_disabled_backend_s_connections() {
+    for (pool, admin, shown) in [
+        ("on_down_drain", Admin::Drain, State::Draining),
+        ("on_down_disable", Admin::Disabled, State::Disabled),
+    ] {
+        let (server, _backend, _check_port, mut stream) =
+            connection_to_a_checked_backend(pool, OnDown::Close).await;
+        server.backend(pool, pool).unwrap().set_admin(admin);
+        assert_eq!(state(&server, pool, pool), shown);
+        // A few check rounds go by (they pass: the check port is still open).
+        let checks = || async {
+            let text = weir::metrics::recorder().unwrap().render();
+            let series = format!(
+                "weir_health_checks_total{{pool=\"{pool}\",backend=\"{pool}\",result=\"pass\"}} "
+            );
+            text.lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .map_or(0.0, |v| v.parse::<f64>().unwrap())
+        };
+        let before = checks().await;
+        if admin == Admin::Drain {
+            wait_until(DEADLINE, "three more checks", || async {
+                checks().await >= before + 3.0
+            })
+            .await;
+        }
+        assert_open(&mut stream).await;
+        assert_eq!(closed_on_down(pool, pool), 0.0);
+    }
+}
+
+#[tokio::test]
+async fn a_reload_to_on_down_close_applies_to_open_connections() {
+    let dir = TempDir::new("on-down-reload");
+    let path = dir.join("weir.yaml");
+    let backend = TestBackend::start("b").await;
+    let check_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let file = |on_down: &str| {
+        format!(
+            "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: on_down_reload\npools:\n  on_down_reload:\n    on_down: {on_down}\n    health_check:\n      interval: 100ms\n      timeout: 100ms\n      rise: 1\n      fall: 2\n      port: {}\n    backends:\n      - address: {}\n        name: b\n",
+            check_port.local_addr().unwrap().port(),
+            backend.addr
+        )
+    };
+    std::fs::write(&path, file("keep")).unwrap();
+    let config = weir::config::load(&path).unwrap();
+    let server = weir::server::Server::start(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let front = server.listener_addr("front").unwrap();
+    wait_for_state(&server, "on_down_reload", "b", State::Up, DEADLINE).await;
+    let (mut stream, _) = connect_named(front).await;
+
+    std::fs::write(&path, file("close")).unwrap();
+    server.handle.reload().await.unwrap();
+    drop(check_port);
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_millis(1200), stream.read(&mut buf))
+        .await
+        .expect("reset once marked down");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    assert_eq!(closed_on_down("on_down_reload", "b"), 1.0);
 }

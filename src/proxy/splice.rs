@@ -12,7 +12,9 @@
 //! - one direction finished and the other moved no byte for `half_close_timeout` (an
 //!   inactivity timeout of the direction still open, counted from the EOF and from each
 //!   byte after it: a reply that keeps trickling is never cut);
-//! - shutdown's grace period ran out (`hard` token).
+//! - shutdown's grace period ran out (`hard` token);
+//! - the backend was marked down under `on_down: close` (its `down` token): both sides
+//!   are reset.
 //!
 //! A connection that ends for any reason but a reset closes with a FIN towards each side
 //! that got every byte read for it; a side whose peer stopped reading, so that bytes for
@@ -75,6 +77,8 @@ pub enum End {
     ClientReset(io::Error),
     BackendReset(io::Error),
     Shutdown,
+    /// The backend was marked down under `on_down: close`.
+    BackendDown,
 }
 
 impl End {
@@ -86,6 +90,20 @@ impl End {
             End::ClientReset(e) => format!("client: {}", crate::net::describe(e)),
             End::BackendReset(e) => format!("backend: {}", crate::net::describe(e)),
             End::Shutdown => "shutdown grace period ended".into(),
+            End::BackendDown => "backend marked down (on_down: close)".into(),
+        }
+    }
+
+    /// Its name in access logs (`end`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            End::Done => "closed",
+            End::IdleTimeout => "idle_timeout",
+            End::HalfCloseTimeout => "half_close_timeout",
+            End::ClientReset(_) => "client_reset",
+            End::BackendReset(_) => "backend_reset",
+            End::Shutdown => "shutdown",
+            End::BackendDown => "backend_down",
         }
     }
 }
@@ -112,6 +130,7 @@ pub fn splice<'a>(
     options: &SpliceOptions,
     counters: Counters<'a>,
     hard: &'a CancellationToken,
+    down: &'a CancellationToken,
 ) -> impl Future<Output = Outcome> + 'a {
     // Built out here and moved in whole: the task holds one copy of each.
     let sockets = Sockets { client, backend };
@@ -130,16 +149,38 @@ pub fn splice<'a>(
         let mut timer = pin!(sleep_until(TokioInstant::from_std(
             conn.last_activity + conn.idle_timeout
         )));
-        let cancelled = pin!(hard.cancelled());
-        let mut hard = Watch::new(cancelled);
+        let (hard, down) = (pin!(hard.cancelled()), pin!(down.cancelled()));
+        let mut stops = pin!(Stops { hard, down });
+        let mut stops = Watch::new(stops.as_mut());
         // Armed only when a socket needs it (see `Conn::poll_reset`).
         let mut reset = pin!(None);
         let end = poll_fn(|cx| {
             let reset = reset.as_mut();
-            conn.poll(cx, &sockets, timer.as_mut(), &mut hard, reset, reset_of)
+            conn.poll(cx, &sockets, timer.as_mut(), &mut stops, reset, reset_of)
         })
         .await;
         conn.finish(end, &sockets)
+    }
+}
+
+/// Shutdown's hard stop and the backend's down signal, polled as one: each token is shared
+/// by many connections, so both are polled through one `Watch`.
+struct Stops<'p, H, D> {
+    hard: Pin<&'p mut H>,
+    down: Pin<&'p mut D>,
+}
+
+impl<H: Future, D: Future> Future for Stops<'_, H, D> {
+    type Output = End;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
+        if self.hard.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Shutdown);
+        }
+        if self.down.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::BackendDown);
+        }
+        Poll::Pending
     }
 }
 
@@ -185,17 +226,17 @@ struct Conn<'a> {
 impl Conn<'_> {
     /// `reset` is the reset watch of one socket, when armed (`watching` says which), and
     /// `arm` makes one (`reset_of`).
-    fn poll<'s, H: Future, R: Future<Output = io::Result<Ready>>>(
+    fn poll<'s, S: Future<Output = End>, R: Future<Output = io::Result<Ready>>>(
         &mut self,
         cx: &mut Context<'_>,
         sockets: &'s Sockets,
         mut timer: Pin<&mut Sleep>,
-        hard: &mut Watch<'_, H>,
+        stops: &mut Watch<'_, S>,
         reset: Pin<&mut Option<R>>,
         arm: fn(&'s TcpStream) -> R,
     ) -> Poll<End> {
-        if hard.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::Shutdown);
+        if let Poll::Ready(end) = stops.as_mut().poll(cx) {
+            return Poll::Ready(end);
         }
         let finished_now = match self.poll_pumps(cx, sockets) {
             Ok(finished_now) => finished_now,
@@ -347,6 +388,7 @@ impl Conn<'_> {
         let (reset_client, reset_backend) = match &end {
             End::ClientReset(_) => (false, true),
             End::BackendReset(_) => (true, false),
+            End::BackendDown => (true, true),
             _ => (self.downstream.holds_bytes(), self.upstream.holds_bytes()),
         };
         if reset_client {
@@ -391,6 +433,15 @@ mod tests {
         options: SpliceOptions,
         hard: CancellationToken,
     ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
+        spliced_watching(options, hard, CancellationToken::new()).await
+    }
+
+    /// `spliced` with the backend's down signal.
+    async fn spliced_watching(
+        options: SpliceOptions,
+        hard: CancellationToken,
+        down: CancellationToken,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
         let (client, client_side) = pair().await;
         let (backend, backend_side) = pair().await;
         let running = tokio::spawn(async move {
@@ -400,7 +451,7 @@ mod tests {
                 to_backend: &to_backend,
                 to_client: &to_client,
             };
-            splice(client_side, backend_side, &options, counters, &hard).await
+            splice(client_side, backend_side, &options, counters, &hard, &down).await
         });
         (client, backend, running)
     }
@@ -454,6 +505,33 @@ mod tests {
             outcome.end
         );
         assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    #[tokio::test]
+    async fn the_down_signal_resets_both_sides() {
+        let down = CancellationToken::new();
+        let (mut client, mut backend, running) =
+            spliced_watching(options(), CancellationToken::new(), down.clone()).await;
+        client.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        backend.read_exact(&mut got).await.unwrap();
+        down.cancel();
+        let outcome = tokio::time::timeout(Duration::from_secs(2), running)
+            .await
+            .expect("the down signal ends the connection at once")
+            .unwrap();
+        assert!(matches!(outcome.end, End::BackendDown), "{:?}", outcome.end);
+        assert_eq!(outcome.end.name(), "backend_down");
+        for peer in [&mut client, &mut backend] {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(2), peer.read(&mut byte))
+                .await
+                .expect("the peer sees the end");
+            assert_eq!(
+                read.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionReset)
+            );
+        }
     }
 
     #[tokio::test]

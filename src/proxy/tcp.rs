@@ -61,7 +61,11 @@ fn handle(
             let _ = net::set_keepalive(&client);
         }
         let snapshot = listener.pool.load().load_full();
-        let (upstream, guard) = tokio::select! {
+        let connect::Connected {
+            stream: upstream,
+            guard,
+            down,
+        } = tokio::select! {
             // Boxed: the connect attempt's state lives only while it runs, instead of
             // enlarging every connection's task for its whole life.
             r = Box::pin(connect::connect(&snapshot, peer.ip())) => match r {
@@ -94,11 +98,14 @@ fn handle(
             to_backend: &backend.metrics.bytes_sent,
             to_client: &backend.metrics.bytes_received,
         };
-        let outcome = splice::splice(client, upstream, &options, counters, &hard).await;
+        let outcome = splice::splice(client, upstream, &options, counters, &hard, &down).await;
         backend
             .metrics
             .connection_duration
             .record(started.elapsed().as_secs_f64());
+        if matches!(outcome.end, splice::End::BackendDown) {
+            backend.metrics.closed_on_down.increment(1);
+        }
         match &outcome.end {
             splice::End::Done => {}
             end @ (splice::End::ClientReset(_)

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
-/// Polls a future (here shutdown's `hard.cancelled()`) without touching it again until it
-/// has woken us.
+/// Polls a future (here shutdown's `hard.cancelled()` and the backend's down signal)
+/// without touching it again until it has woken us.
 ///
 /// Every connection waits on the same `CancellationToken`, and polling its future locks
 /// the token's mutexes each time: polled on every wakeup of every connection, that would
