@@ -33,7 +33,7 @@ pub use handle::{ControlError, ControlHandle};
 
 use crate::backend::Backend;
 use crate::balance::WEIGHT_RANGE;
-use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig};
+use crate::config::{BackendConfig, Config, ListenerConfig, OnDown, PoolConfig};
 use crate::health;
 use crate::metrics::ReloadMetrics;
 use crate::pool::{Pool, PoolSnapshot};
@@ -290,12 +290,14 @@ pub fn build_pool(config: &PoolConfig) -> Arc<Pool> {
 
 /// A backend with a health check starts down: its first probe decides.
 fn new_backend(pool: &PoolConfig, backend: &BackendConfig) -> Arc<Backend> {
-    Backend::new(
+    let new = Backend::new(
         &pool.name,
         &backend.name,
         &backend.address,
         backend.addr,
         backend.weight,
         pool.health_check.is_none(),
-    )
+    );
+    new.set_close_on_down(pool.on_down == OnDown::Close);
+    new
 }

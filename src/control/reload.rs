@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::plan::{self, BackendStep, ListenerStep, PoolStep, PoolUpdate};
 use super::{ControlError, ControlTask, build_pool, new_backend};
 use crate::backend::{Admin, Health};
-use crate::config::Config;
+use crate::config::{Config, OnDown};
 use crate::pool::{Pool, PoolSnapshot};
 use crate::proxy::{self, BoundSocket};
 use crate::tables::Tables;
@@ -109,6 +109,12 @@ impl ControlTask {
                 }
                 for backend in &update.forget {
                     self.stop_retiring(backend);
+                }
+                // The pool's on_down applies to the backends that stay (and their open
+                // connections) too.
+                let close_on_down = config.on_down == OnDown::Close;
+                for backend in &backends {
+                    backend.set_close_on_down(close_on_down);
                 }
                 pool.publish(PoolSnapshot::new(config, backends));
                 if update.mark_all_up {
