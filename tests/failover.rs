@@ -89,6 +89,14 @@ async fn switchover_loses_no_acknowledged_write_and_none_reaches_the_old_primary
         Arc::clone(&stop),
         Arc::clone(&attempts),
     ));
+    // What Patroni's REST API says on /primary, for the report: weir's share of the
+    // outage is the time from the new leader answering 200 to the first write there.
+    let rest: Vec<(String, SocketAddr)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.rest))
+        .collect();
+    let patroni_said = tokio::spawn(watch_primary(rest, Arc::clone(&stop)));
     // Some acknowledged writes before the switchover.
     let acked = |attempts: &Mutex<Vec<Attempt>>| {
         attempts
@@ -138,7 +146,17 @@ async fn switchover_loses_no_acknowledged_write_and_none_reaches_the_old_primary
 
     let figures = Figures::measure(&attempts, switch_start, switch_end);
     figures.print(&attempts, switch_start);
-    weir.print_state_changes(switch_start);
+    // One timeline of what Patroni said and what weir did.
+    let mut timeline = weir.state_changes();
+    for (at, node, status) in patroni_said.await.expect("the /primary watcher") {
+        let status = status.map_or("no answer".to_string(), |s| s.to_string());
+        timeline.push((at, format!("Patroni: {node} /primary {status}")));
+    }
+    timeline.retain(|(at, _)| *at >= switch_start);
+    timeline.sort_by_key(|(at, _)| *at);
+    for (at, line) in timeline {
+        eprintln!("  +{} ms {line}", ms(at, switch_start));
+    }
 
     // Straight from the new primary, for (3) below: it is the only leader now.
     let leaders: Vec<&str> = cluster
@@ -315,16 +333,18 @@ impl Weir {
             .join("\n")
     }
 
-    /// weir's `up`/`down` lines since `since`, with their time relative to it.
-    fn print_state_changes(&self, since: Instant) {
-        for (at, line) in self.log.lock().unwrap().iter() {
-            if *at >= since && (line.contains(" up: ") || line.contains(" down: ")) {
+    /// weir's `up`/`down` lines, with the time each arrived.
+    fn state_changes(&self) -> Vec<(Instant, String)> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(_, line)| line.contains(" up: ") || line.contains(" down: "))
+            .map(|(at, line)| {
                 let text = line
                     .split_once("primary/")
                     .map_or(line.as_str(), |(_, t)| t);
-                eprintln!("  weir at +{} ms: {text}", ms(*at, since));
-            }
-        }
+                (*at, format!("weir: {text}"))
+            })
+            .collect()
     }
 }
 
@@ -426,6 +446,27 @@ async fn insert(
     )
     .await?;
     tx.commit().await
+}
+
+/// Polls `GET /primary` on every node's REST API every 50 ms until `stop`; returns each
+/// change of a node's answer (status code, None: no answer) with its time.
+async fn watch_primary(
+    nodes: Vec<(String, SocketAddr)>,
+    stop: Arc<AtomicBool>,
+) -> Vec<(Instant, String, Option<u16>)> {
+    let mut changes = Vec::new();
+    let mut last: Vec<Option<Option<u16>>> = vec![None; nodes.len()];
+    while !stop.load(Ordering::SeqCst) {
+        for (i, (name, rest)) in nodes.iter().enumerate() {
+            let status = patroni::http_status(*rest, "/primary").await;
+            if last[i] != Some(status) {
+                last[i] = Some(status);
+                changes.push((Instant::now(), name.clone(), status));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    changes
 }
 
 /// A client whose connection runs on its own task.
