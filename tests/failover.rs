@@ -48,19 +48,49 @@ const TABLE: &str = "CREATE TABLE writes (
     written_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )";
 
+/// The leader at the start, and the node that takes over.
+const OLD: &str = "node1";
+const NEW: &str = "node2";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_loses_no_acknowledged_write_and_none_reaches_the_old_primary() {
-    if !patroni::available() {
-        return;
+    if patroni::available() {
+        run(Disruption::Switchover).await;
     }
+}
+
+/// The same writer through a crash of the primary (its Patroni killed, its PostgreSQL
+/// stopped at once): the replica takes over only once the old leader's key expired
+/// (Patroni's ttl), so this takes ~25 s and only measures; docs/failover.md quotes it.
+/// Every acknowledged row is not asserted here: with asynchronous replication Patroni may
+/// promote a replica that lacks the last commits (up to maximum_lag_on_failover); the
+/// count is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow (Patroni's ttl): a measurement for docs/failover.md; run with --ignored"]
+async fn crash_of_the_primary_moves_writes_to_the_replica_once_patroni_promotes_it() {
+    if patroni::available() {
+        run(Disruption::Crash).await;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Disruption {
+    /// `patronictl switchover --leader OLD --candidate NEW --force`.
+    Switchover,
+    /// OLD's Patroni killed and its PostgreSQL stopped at once.
+    Crash,
+}
+
+async fn run(disruption: Disruption) {
     let began = Instant::now();
-    let cluster = Cluster::start(&["node1", "node2"]).await;
+    let mut cluster = Cluster::start(&[OLD, NEW]).await;
     eprintln!(
         "etcd, node1 (leader) and node2 (replica) up in {:?}",
         began.elapsed()
     );
-    let (old, new) = (cluster.node("node1"), cluster.node("node2"));
-    let setup = connect(&old.dsn()).await.expect("connect to node1");
+    let setup = connect(&cluster.node(OLD).dsn())
+        .await
+        .expect("connect to node1");
     setup.batch_execute(TABLE).await.expect("create the table");
     drop(setup);
 
@@ -112,16 +142,23 @@ async fn switchover_loses_no_acknowledged_write_and_none_reaches_the_old_primary
     .await;
 
     let switch_start = Instant::now();
-    let said = cluster.switchover(&old.name, &new.name).await;
+    let said = match disruption {
+        Disruption::Switchover => cluster.switchover(OLD, NEW).await,
+        Disruption::Crash => {
+            cluster.crash(OLD);
+            String::new()
+        }
+    };
     let switch_end = Instant::now();
-    let said = said
+    if let Some(said) = said
         .lines()
         .find(|l| l.contains("Successfully switched over"))
-        .unwrap_or_default();
-    eprintln!("patronictl: {said}");
+    {
+        eprintln!("patronictl: {said}");
+    }
 
     // Keep writing until writes have been back for 5 s (and at least 5 s after
-    // patronictl returned), at most 30 s after the switchover.
+    // patronictl returned or the crash), at most 30 s after that.
     let end = switch_end + Duration::from_secs(30);
     loop {
         let back_since = attempts
@@ -145,7 +182,7 @@ async fn switchover_loses_no_acknowledged_write_and_none_reaches_the_old_primary
     let attempts = attempts.lock().unwrap().clone();
 
     let figures = Figures::measure(&attempts, switch_start, switch_end);
-    figures.print(&attempts, switch_start);
+    figures.print(&attempts, switch_start, disruption);
     // One timeline of what Patroni said and what weir did.
     let mut timeline = weir.state_changes();
     for (at, node, status) in patroni_said.await.expect("the /primary watcher") {
@@ -165,12 +202,10 @@ async fn switchover_loses_no_acknowledged_write_and_none_reaches_the_old_primary
         .iter()
         .map(|n| n.name.as_str())
         .collect();
-    assert_eq!(
-        leaders,
-        [new.name.as_str()],
-        "the candidate is the only leader"
-    );
-    let direct = connect(&new.dsn()).await.expect("connect to node2");
+    assert_eq!(leaders, [NEW], "the candidate is the only leader");
+    let direct = connect(&cluster.node(NEW).dsn())
+        .await
+        .expect("connect to node2");
     let present: HashSet<i64> = direct
         .query("SELECT id FROM writes", &[])
         .await
@@ -200,13 +235,18 @@ async fn switchover_loses_no_acknowledged_write_and_none_reaches_the_old_primary
         lost.len()
     );
 
-    // (1) Writes come back within RECOVERY_BOUND of patronictl returning.
+    // (1) Writes come back within RECOVERY_BOUND of patronictl returning (after a
+    // crash: of Patroni's ttl passing).
     let recovered = figures
         .recovered
         .expect("writes through weir succeed again after the switchover");
+    let bound = match disruption {
+        Disruption::Switchover => RECOVERY_BOUND,
+        Disruption::Crash => patroni::TTL + RECOVERY_BOUND,
+    };
     assert!(
-        recovered <= switch_end + RECOVERY_BOUND,
-        "writes came back {:?} after patronictl returned (bound {RECOVERY_BOUND:?})",
+        recovered <= switch_end + bound,
+        "writes came back {:?} after {disruption:?} (bound {bound:?})",
         recovered - switch_end
     );
     // (2) Once back, no write reaches the demoted primary.
@@ -222,9 +262,10 @@ async fn switchover_loses_no_acknowledged_write_and_none_reaches_the_old_primary
         ms(misrouted[0].started, switch_start),
         misrouted[0].error.as_deref().unwrap_or_default()
     );
-    // (3) Every acknowledged row is on the new primary.
+    // (3) Every acknowledged row is on the new primary (after a switchover: the old
+    // primary shuts down cleanly, and PostgreSQL sends its replicas all WAL first).
     assert!(
-        lost.is_empty(),
+        disruption == Disruption::Crash || lost.is_empty(),
         "{} acknowledged rows are not on the new primary: {lost:?}",
         lost.len()
     );
@@ -551,17 +592,18 @@ impl Figures {
         }
     }
 
-    fn print(&self, attempts: &[Attempt], t0: Instant) {
+    fn print(&self, attempts: &[Attempt], t0: Instant, disruption: Disruption) {
         let at =
             |t: Option<Instant>| t.map_or("never".to_string(), |t| format!("{:+} ms", ms(t, t0)));
-        eprintln!("failover figures (times from the start of `patronictl switchover`):");
-        eprintln!(
-            "  switchover command: +0 ms .. {}",
-            at(Some(self.switch_end))
-        );
+        let (what, done) = match disruption {
+            Disruption::Switchover => ("`patronictl switchover`", "patronictl returned"),
+            Disruption::Crash => ("the crash of node1", "node1 was gone"),
+        };
+        eprintln!("failover figures (times from the start of {what}):");
+        eprintln!("  {done} at {}", at(Some(self.switch_end)));
         eprintln!("  first failed write started: {}", at(self.first_failure));
         eprintln!(
-            "  first write acknowledged after it: {} ({} ms after patronictl returned)",
+            "  first write acknowledged after it: {} ({} ms after {done})",
             at(self.recovered),
             self.recovered.map_or(0, |r| ms(r, self.switch_end))
         );
@@ -569,7 +611,7 @@ impl Figures {
             eprintln!("  writes unavailable: {} ms", ms(r, f));
         }
         eprintln!(
-            "  failed writes: {} ({} before the switchover); max gap between acknowledged writes: {} ms",
+            "  failed writes: {} ({} before {what}); max gap between acknowledged writes: {} ms",
             self.failed,
             self.failed_before_switch,
             self.max_gap.as_millis()

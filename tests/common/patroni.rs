@@ -24,6 +24,10 @@ use super::{TempDir, require_program};
 /// How long a node may take to come up: initdb or a base backup on a busy machine.
 const START_DEADLINE: Duration = Duration::from_secs(90);
 
+/// Patroni's `ttl`: a leader that stops renewing its key (a crash) loses it after this
+/// long, and only then does a replica take over.
+pub const TTL: Duration = Duration::from_secs(10);
+
 /// The unprivileged user that runs etcd, Patroni and PostgreSQL when the tests run as root.
 const DB_USER: &str = "postgres";
 
@@ -361,6 +365,21 @@ impl Cluster {
         leaders
     }
 
+    /// Kills `name`'s Patroni (SIGKILL) and its PostgreSQL (immediate shutdown), as a
+    /// crash of that node would: its REST API and PostgreSQL stop answering, and its
+    /// leader key (if it holds it) expires after `ttl`.
+    pub fn crash(&mut self, name: &str) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        if let Some(mut child) = node.patroni.take() {
+            kill(&mut child);
+        }
+        stop_postmaster(&node.data_dir);
+    }
+
     /// `patronictl switchover --leader LEADER --candidate CANDIDATE --force`; returns its
     /// combined output, panicking when it fails. patronictl returns once the candidate
     /// has taken over (or the switchover failed).
@@ -483,7 +502,7 @@ etcd3:
   hosts: 127.0.0.1:{etcd_port}
 bootstrap:
   dcs:
-    ttl: 10
+    ttl: {ttl}
     loop_wait: 1
     retry_timeout: 4
     maximum_lag_on_failover: 1048576
@@ -516,6 +535,7 @@ postgresql:
         data = node.data_dir.display(),
         bin = bin_dir.display(),
         dir = node_dir.display(),
+        ttl = TTL.as_secs(),
     )
 }
 
