@@ -119,14 +119,15 @@ async fn run(disruption: Disruption) {
         Arc::clone(&stop),
         Arc::clone(&attempts),
     ));
-    // What Patroni's REST API says on /primary, for the report: weir's share of the
-    // outage is the time from the new leader answering 200 to the first write there.
+    // What Patroni's REST API says, for the report: weir's share of the outage is the
+    // time from the new leader answering 200 on /primary to the first write there, and
+    // /replica shows when the old leader serves again, read-only.
     let rest: Vec<(String, SocketAddr)> = cluster
         .nodes
         .iter()
         .map(|n| (n.name.clone(), n.rest))
         .collect();
-    let patroni_said = tokio::spawn(watch_primary(rest, Arc::clone(&stop)));
+    let patroni_said = tokio::spawn(watch_patroni(rest, Arc::clone(&stop)));
     // Some acknowledged writes before the switchover.
     let acked = |attempts: &Mutex<Vec<Attempt>>| {
         attempts
@@ -185,9 +186,9 @@ async fn run(disruption: Disruption) {
     figures.print(&attempts, switch_start, disruption);
     // One timeline of what Patroni said and what weir did.
     let mut timeline = weir.state_changes();
-    for (at, node, status) in patroni_said.await.expect("the /primary watcher") {
+    for (at, what, status) in patroni_said.await.expect("the Patroni watcher") {
         let status = status.map_or("no answer".to_string(), |s| s.to_string());
-        timeline.push((at, format!("Patroni: {node} /primary {status}")));
+        timeline.push((at, format!("Patroni: {what} {status}")));
     }
     timeline.retain(|(at, _)| *at >= switch_start);
     timeline.sort_by_key(|(at, _)| *at);
@@ -489,20 +490,27 @@ async fn insert(
     tx.commit().await
 }
 
-/// Polls `GET /primary` on every node's REST API every 50 ms until `stop`; returns each
-/// change of a node's answer (status code, None: no answer) with its time.
-async fn watch_primary(
+/// Polls `GET /primary` and `GET /replica` on every node's REST API every 50 ms until
+/// `stop`; returns each change of an answer (node and path, status code or None: no
+/// answer) with its time.
+async fn watch_patroni(
     nodes: Vec<(String, SocketAddr)>,
     stop: Arc<AtomicBool>,
 ) -> Vec<(Instant, String, Option<u16>)> {
+    let probes: Vec<(String, SocketAddr, &str)> = nodes
+        .iter()
+        .flat_map(|(name, rest)| {
+            ["/primary", "/replica"].map(|path| (format!("{name} {path}"), *rest, path))
+        })
+        .collect();
     let mut changes = Vec::new();
-    let mut last: Vec<Option<Option<u16>>> = vec![None; nodes.len()];
+    let mut last: Vec<Option<Option<u16>>> = vec![None; probes.len()];
     while !stop.load(Ordering::SeqCst) {
-        for (i, (name, rest)) in nodes.iter().enumerate() {
-            let status = patroni::http_status(*rest, "/primary").await;
+        for (i, (what, rest, path)) in probes.iter().enumerate() {
+            let status = patroni::http_status(*rest, path).await;
             if last[i] != Some(status) {
                 last[i] = Some(status);
-                changes.push((Instant::now(), name.clone(), status));
+                changes.push((Instant::now(), what.clone(), status));
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
