@@ -2,6 +2,8 @@
 //! and polling with a deadline (never sleep-and-hope).
 #![allow(dead_code)]
 
+pub mod patroni;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
