@@ -28,7 +28,8 @@
 //! the **connect duration** (or a connect error, which feeds passive checking) →
 //! `proxy::splice` moves bytes both ways, bumping the **splice byte counters**
 //! (`weir_backend_bytes_sent_total`/`_received_total`) as they pass, until both sides are
-//! done, an idle timeout, a half-close linger or shutdown's hard token → `proxy::tcp`
+//! done, an idle timeout, a half-close timeout, a reset, the backend's down signal
+//! (`on_down: close`) or shutdown's hard token → `proxy::tcp`
 //! records the **connection duration**; dropping the guards releases the active counts.
 //!
 //! UDP: one receive loop per socket (one per worker thread) owns its session table; a new

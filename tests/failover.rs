@@ -296,7 +296,7 @@ pools:
     connect_timeout: 1s
 {on_down}    health_check:
       interval: 500ms
-      timeout: 1s
+      timeout: 500ms
       rise: 1
       fall: 1
       port: {rest_port}
