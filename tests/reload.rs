@@ -476,3 +476,130 @@ async fn a_backend_moved_to_another_address_under_the_same_name() {
     let (_s, name) = connect_named(front).await;
     assert_eq!(name, "new");
 }
+
+/// `yaml` with `check` (one line, indented for the pool) as the pool's health check.
+fn with_check(text: String, check: &str) -> String {
+    text.replacen(
+        "    backends:\n",
+        &format!("    health_check: {check}\n    backends:\n"),
+        1,
+    )
+}
+
+/// A port nothing listens on (yet).
+fn unused_port() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}
+
+/// A reload that adds a backend keeps the checker of the backend that stays, and with it
+/// its rise progress: one that had 1 of rise=3 passes comes up on its third pass, not on a
+/// fourth after a restarted checker counted from zero (and probed it again at once).
+#[tokio::test]
+async fn a_reload_that_adds_a_backend_keeps_the_other_checker_and_its_rise_progress() {
+    let dir = TempDir::new("reload-checker-kept");
+    let check = "{ interval: 300ms, timeout: 200ms, rise: 3, fall: 1 }";
+    let a_addr = unused_port();
+    let c = TestBackend::start("c").await;
+    let (server, front, path) = start_file(
+        &dir,
+        &with_check(
+            yaml("127.0.0.1:0", "round-robin", &[("a", a_addr, 1)], ""),
+            check,
+        ),
+    )
+    .await;
+    assert_eq!(
+        state_of(&server, "a"),
+        State::Down,
+        "its first probe failed"
+    );
+
+    // a starts listening: its next probe passes, 1 of 3.
+    let a = TestBackend::restart("a", a_addr).await;
+    wait_until(DEADLINE, "a's first passing probe", || {
+        let n = a.accepted();
+        async move { n >= 1 }
+    })
+    .await;
+    std::fs::write(
+        &path,
+        with_check(
+            yaml(
+                &front.to_string(),
+                "round-robin",
+                &[("a", a_addr, 1), ("c", c.addr, 1)],
+                "",
+            ),
+            check,
+        ),
+    )
+    .unwrap();
+    let reply = server.handle.reload().await.expect("the reload applies");
+    assert!(reply.contains("1 backend added"), "{reply}");
+
+    wait_for_state(&server, "pool", "a", State::Up, DEADLINE).await;
+    assert_eq!(
+        a.accepted(),
+        3,
+        "a came up on its third pass: the reload neither probed it again nor reset its count"
+    );
+}
+
+/// A backend whose greeting comes `delay` after each connect (a probe expecting it takes
+/// that long), then echoes.
+async fn slow_greeter(name: &'static str, delay: std::time::Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if stream
+                    .write_all(format!("{name}\n").as_bytes())
+                    .await
+                    .is_ok()
+                {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A pool added by a reload is published once its first round of probes is done, as at
+/// startup: its first client, right after the reload returns, is served.
+#[tokio::test]
+async fn a_pool_added_by_a_reload_serves_its_first_client_right_after_the_reload() {
+    let dir = TempDir::new("reload-pool-added");
+    let a = TestBackend::start("a").await;
+    let (server, front, path) = start_file(
+        &dir,
+        &yaml("127.0.0.1:0", "round-robin", &[("a", a.addr, 1)], ""),
+    )
+    .await;
+    // Its probe waits 150 ms for the greeting it expects.
+    let slow = slow_greeter("slow", std::time::Duration::from_millis(150)).await;
+    let second = unused_port();
+    let text = yaml(&front.to_string(), "round-robin", &[("a", a.addr, 1)], "").replace(
+        "pools:\n",
+        &format!("  second:\n    bind: {second}\n    pool: added\npools:\n"),
+    ) + &format!(
+        "  added:\n    health_check: {{ interval: 5s, timeout: 2s, expect: \"slow\" }}\n    backends:\n      - address: {slow}\n        name: slow\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let reply = server.handle.reload().await.expect("the reload applies");
+    assert!(reply.contains("1 pool added"), "{reply}");
+    assert_eq!(state_of_in(&server, "added", "slow"), State::Up);
+    let (_client, name) = connect_named(second).await;
+    assert_eq!(name, "slow");
+}
+
+fn state_of_in(server: &Server, pool: &str, backend: &str) -> State {
+    server.backend(pool, backend).unwrap().state()
+}

@@ -6,6 +6,7 @@
 //! single atomics on each backend and need no message.
 //!
 //! - `handle.rs`: [`ControlHandle`], what others hold, and [`ControlError`].
+//! - `checks.rs`: the health checkers it runs, one per backend.
 //! - `plan.rs`: a reload as a plan, computed by a pure function (unit-tested without sockets).
 //! - `reload.rs`: applying it, in two phases: first everything that can fail (reading and
 //!   validating the file, binding new listener sockets), with nothing changed yet; then
@@ -15,6 +16,7 @@
 //! and open connections carry over. A removed backend is drained and stays visible until
 //! its last connection closes.
 
+mod checks;
 mod handle;
 pub mod plan;
 mod reload;
@@ -28,13 +30,13 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use checks::Checkers;
 use handle::Command;
 pub use handle::{ControlError, ControlHandle};
 
 use crate::backend::Backend;
 use crate::balance::WEIGHT_RANGE;
 use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig};
-use crate::health;
 use crate::metrics::ReloadMetrics;
 use crate::pool::{Pool, PoolSnapshot};
 use crate::proxy::{self, BoundSocket, Listener};
@@ -50,8 +52,8 @@ pub struct ControlTask {
     config: Arc<ArcSwap<Config>>,
     config_path: Option<PathBuf>,
     shutdown: Shutdown,
-    /// Per pool: the token its health checkers stop on (a reload replaces them).
-    pool_checks: BTreeMap<String, CancellationToken>,
+    /// One health checker per checked backend that isn't retiring.
+    checkers: Checkers,
     /// Per listener: the token its accept or receive loop stops on.
     listener_stops: BTreeMap<String, CancellationToken>,
     /// Backends a reload removed that still have open connections. Held by identity, not
@@ -68,7 +70,7 @@ impl ControlTask {
             config: Arc::new(ArcSwap::from_pointee(config.clone())),
             config_path,
             shutdown: shutdown.clone(),
-            pool_checks: BTreeMap::new(),
+            checkers: Checkers::default(),
             listener_stops: BTreeMap::new(),
             retiring: Vec::new(),
             metrics: ReloadMetrics::default(),
@@ -182,32 +184,23 @@ impl ControlTask {
         }
     }
 
-    /// Starts the health checkers of `pool` (replacing any running ones); returns the
-    /// first-round receivers. Retiring backends are not checked.
+    /// Starts a health checker for every backend of `pool`, each probing at once (a new
+    /// pool: at startup or added by a reload); returns the first-round receivers.
     pub fn start_checks(&mut self, pool: &Pool, config: &PoolConfig) -> Vec<oneshot::Receiver<()>> {
-        if let Some(old) = self.pool_checks.remove(&pool.name) {
-            old.cancel();
-        }
         let Some(check) = &config.health_check else {
             return Vec::new();
         };
-        let stop = self.shutdown.stop_accepting.child_token();
-        let receivers = pool
-            .load_full()
-            .backends
-            .iter()
-            .filter(|b| !self.is_retiring(b))
-            .map(|backend| {
-                health::spawn_checker(
-                    Arc::clone(backend),
-                    check.clone(),
-                    pool.protocol,
-                    &self.shutdown,
-                    stop.clone(),
-                )
-            })
-            .collect();
-        self.pool_checks.insert(pool.name.clone(), stop);
+        let mut receivers = Vec::new();
+        for backend in &pool.load_full().backends {
+            let rx = self.checkers.start(
+                backend,
+                check,
+                pool.protocol,
+                &self.shutdown,
+                Duration::ZERO,
+            );
+            receivers.push(rx);
+        }
         receivers
     }
 

@@ -14,6 +14,10 @@
 //! - A listener is rebound when it is new, its protocol changed, or its address changed
 //!   (the address it actually bound counts as unchanged: port 0 became a real port).
 //! - A pool whose protocol changed is a new pool.
+//! - Health checkers are per backend: while a pool's check stays the same, a backend that
+//!   stays keeps its checker (and its rise/fall progress); one that comes (or comes back
+//!   from retiring) gets one, one that goes or retires loses its own. A changed check
+//!   restarts them all; a removed one stops them all before the backends are set up.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,10 +64,34 @@ pub struct PoolUpdate {
     /// Retiring backends that left for good (their last connection closed): no longer
     /// tracked.
     pub forget: Vec<Arc<Backend>>,
-    /// The backend set or the health check changed: checkers start again.
-    pub restart_checks: bool,
-    /// The health check was removed: every backend is up unless connects fail.
-    pub mark_all_up: bool,
+    /// What happens to the pool's health checkers.
+    pub checks: Checks,
+}
+
+/// What a reload does to a pool's health checkers: one per backend that is not retiring
+/// (a retiring backend is not checked), while the pool has a health check.
+#[derive(Debug)]
+pub enum Checks {
+    /// No health check, before or after.
+    Off,
+    /// The same health check: every running checker goes on untouched, with its rise/fall
+    /// progress.
+    Keep {
+        /// Positions in `backends` whose checker starts: backends that are new, or back
+        /// from retiring. Their first probe comes after a random share of the interval,
+        /// so that they are not all probed at once.
+        start: Vec<usize>,
+        /// Backends whose checker stops: removed by this reload (retiring or gone).
+        stop: Vec<Arc<Backend>>,
+    },
+    /// The check changed or was added: every checker of the pool stops, and one starts
+    /// (spread over the interval) for every backend that is not retiring. A backend that
+    /// was checked before goes on by rise/fall from its current health.
+    Restart,
+    /// The check was removed: every checker stops, and only once they have all ended are
+    /// the backends set up, so that no probe finishing in between can leave a backend down
+    /// with no checker left to undo it.
+    Remove,
 }
 
 #[derive(Debug)]
@@ -207,11 +235,13 @@ fn plan_pool(
         name: config.name.clone(),
         backends: Vec::with_capacity(config.backends.len()),
         forget: Vec::new(),
-        restart_checks: false,
-        mark_all_up: false,
+        checks: Checks::Off,
     };
     let mut set_changed = false;
     let mut kept: Vec<&Arc<Backend>> = Vec::new();
+    // Checkers to start (positions in the new list) and stop, when the check stays.
+    let mut start = Vec::new();
+    let mut stop = Vec::new();
     for (index, backend_config) in config.backends.iter().enumerate() {
         let found = current
             .iter()
@@ -219,12 +249,16 @@ fn plan_pool(
         let Some(backend) = found else {
             changes.backends_added += 1;
             set_changed = true;
+            start.push(update.backends.len());
             update.backends.push(BackendStep::Add(index));
             continue;
         };
         kept.push(backend);
         let unretire = is_retiring(backend);
         set_changed |= unretire;
+        if unretire {
+            start.push(update.backends.len());
+        }
         let weight_edited = old_weight(&backend_config.name) != Some(backend_config.weight);
         let set_weight = (weight_edited && backend.weight() != backend_config.weight)
             .then_some(backend_config.weight);
@@ -237,36 +271,65 @@ fn plan_pool(
             unretire,
         });
     }
+    let removed = plan_removed(changes, current, &kept, retiring, &mut update, &mut stop);
+    set_changed |= removed;
+    update.checks = checks(was, config, start, stop);
+    if was != Some(config) && !set_changed {
+        changes.pools_changed += 1;
+    }
+    update
+}
+
+/// The backends of `current` that the new config no longer has (not `kept`): retired
+/// when connections are open, else gone (forgotten when an earlier reload removed them).
+/// Their checkers stop (`stop`). Returns whether there was any.
+fn plan_removed(
+    changes: &mut Changes,
+    current: &[Arc<Backend>],
+    kept: &[&Arc<Backend>],
+    retiring: &[Arc<Backend>],
+    update: &mut PoolUpdate,
+    stop: &mut Vec<Arc<Backend>>,
+) -> bool {
+    let mut any = false;
     for backend in current {
         if kept.iter().any(|k| Arc::ptr_eq(k, backend)) {
             continue;
         }
-        set_changed = true;
-        let newly = !is_retiring(backend);
+        any = true;
+        let newly = !retiring.iter().any(|r| Arc::ptr_eq(r, backend));
+        if newly {
+            changes.backends_removed += 1;
+            stop.push(Arc::clone(backend));
+        }
         if backend.active() > 0 {
-            if newly {
-                changes.backends_removed += 1;
-            }
             update.backends.push(BackendStep::Retire {
                 backend: Arc::clone(backend),
                 newly,
             });
-        } else if newly {
-            changes.backends_removed += 1;
-        } else {
+        } else if !newly {
             update.forget.push(Arc::clone(backend));
         }
     }
-    let settings_changed = was != Some(config);
+    any
+}
+
+/// What happens to the checkers of a pool that stays (`start` and `stop` apply when its
+/// check is unchanged).
+fn checks(
+    was: Option<&PoolConfig>,
+    config: &PoolConfig,
+    start: Vec<usize>,
+    stop: Vec<Arc<Backend>>,
+) -> Checks {
+    let had_check = was.is_some_and(|w| w.health_check.is_some());
     let check_changed = was.map(|w| &w.health_check) != Some(&config.health_check);
-    if settings_changed || set_changed {
-        update.mark_all_up = check_changed && config.health_check.is_none();
-        update.restart_checks = check_changed || set_changed;
-        if settings_changed && !set_changed {
-            changes.pools_changed += 1;
-        }
+    match &config.health_check {
+        None if had_check => Checks::Remove,
+        None => Checks::Off,
+        Some(_) if check_changed => Checks::Restart,
+        Some(_) => Checks::Keep { start, stop },
     }
-    update
 }
 
 impl std::fmt::Display for Changes {
@@ -354,7 +417,7 @@ mod tests {
         assert_eq!(plan.changes, Changes::default());
         assert_eq!(plan.listeners, vec![ListenerStep::Keep("l".into())]);
         let update = update(&plan);
-        assert!(!update.restart_checks);
+        assert!(matches!(update.checks, Checks::Off));
         let kept: Vec<_> = update
             .backends
             .iter()
@@ -424,7 +487,6 @@ mod tests {
         let plan = plan(&current, &old, &new, &[]);
         let update = update(&plan);
         assert_eq!(plan.changes.backends_removed, 2);
-        assert!(update.restart_checks, "the backend set changed");
         assert!(matches!(
             &update.backends[..],
             [BackendStep::Keep { .. }, BackendStep::Retire { backend, newly: true }] if Arc::ptr_eq(backend, &running[1])
@@ -477,15 +539,114 @@ mod tests {
     }
 
     #[test]
-    fn removing_the_health_check_marks_backends_up_and_restarts_checks() {
+    fn removing_the_health_check_stops_the_checkers() {
         let check = "    health_check: { interval: 1s }\n";
         let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], check);
         let current = tables(&old, "127.0.0.1:7000");
         let new = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
         let plan = plan(&current, &old, &new, &[]);
         let update = update(&plan);
-        assert!(update.mark_all_up && update.restart_checks);
+        assert!(matches!(update.checks, Checks::Remove));
         assert_eq!(plan.changes.pools_changed, 1);
+    }
+
+    const CHECK: &str = "    health_check: { interval: 1s, rise: 3 }\n";
+
+    fn positions_and_stopped(checks: &Checks) -> (Vec<usize>, Vec<String>) {
+        match checks {
+            Checks::Keep { start, stop } => {
+                (start.clone(), stop.iter().map(|b| b.name.clone()).collect())
+            }
+            other => panic!("expected the checkers kept, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unchanged_check_keeps_every_checker_of_a_backend_that_stays() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 1)], CHECK);
+        let current = tables(&old, "127.0.0.1:7000");
+        // The same file: nothing starts, nothing stops.
+        let same = plan(&current, &old, &old.clone(), &[]);
+        assert_eq!(
+            positions_and_stopped(&update(&same).checks),
+            (vec![], vec![])
+        );
+        // A backend added in the middle: only its checker starts.
+        let added = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1), ("c", 3, 1), ("b", 2, 1)],
+            CHECK,
+        );
+        let plan_added = plan(&current, &old, &added, &[]);
+        assert_eq!(
+            positions_and_stopped(&update(&plan_added).checks),
+            (vec![1], vec![])
+        );
+        // Another strategy, the same check: the checkers stay.
+        let strategy = CHECK.to_string() + "    strategy: least-connections\n";
+        let restrategised = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 1)], &strategy);
+        let plan_strategy = plan(&current, &old, &restrategised, &[]);
+        assert_eq!(
+            positions_and_stopped(&update(&plan_strategy).checks),
+            (vec![], vec![])
+        );
+        assert_eq!(plan_strategy.changes.pools_changed, 1);
+    }
+
+    #[test]
+    fn a_removed_backend_loses_its_checker_whether_it_retires_or_goes() {
+        let old = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1), ("b", 2, 1), ("c", 3, 1)],
+            CHECK,
+        );
+        let current = tables(&old, "127.0.0.1:7000");
+        let running = current.pools["p"].load_full().backends.clone();
+        let _open = running[1].connect_guard(); // b retires, c goes at once
+        let new = yaml("127.0.0.1:7000", &[("a", 1, 1)], CHECK);
+        let plan = plan(&current, &old, &new, &[]);
+        assert_eq!(
+            positions_and_stopped(&update(&plan).checks),
+            (vec![], vec!["b".to_string(), "c".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_backend_back_from_retiring_gets_a_checker_and_one_still_retiring_none() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 1)], CHECK);
+        let current = tables(&old, "127.0.0.1:7000");
+        let running = current.pools["p"].load_full().backends.clone();
+        let _open = running[1].connect_guard();
+        // a and b were removed by an earlier reload and are still retiring.
+        let retiring = running.clone();
+        let new = yaml("127.0.0.1:7000", &[("a", 1, 1)], CHECK);
+        let plan = plan(&current, &old, &new, &retiring);
+        let update = update(&plan);
+        assert_eq!(positions_and_stopped(&update.checks), (vec![0], vec![]));
+        assert!(matches!(
+            &update.backends[..],
+            [
+                BackendStep::Keep { unretire: true, .. },
+                BackendStep::Retire { newly: false, .. }
+            ]
+        ));
+    }
+
+    #[test]
+    fn a_changed_or_added_check_restarts_the_checkers() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], CHECK);
+        let current = tables(&old, "127.0.0.1:7000");
+        let changed = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1)],
+            "    health_check: { interval: 2s, rise: 3 }\n",
+        );
+        let plan_changed = plan(&current, &old, &changed, &[]);
+        assert!(matches!(update(&plan_changed).checks, Checks::Restart));
+        let unchecked = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let current = tables(&unchecked, "127.0.0.1:7000");
+        let plan_added = plan(&current, &unchecked, &old, &[]);
+        assert!(matches!(update(&plan_added).checks, Checks::Restart));
     }
 
     #[test]
