@@ -92,6 +92,9 @@ pub struct Backend {
     admin_since_ms: AtomicU64,
     /// The pool's `on_down: close` (written by the control task).
     close_on_down: AtomicBool,
+    /// Removed by a reload, kept until its last connection closes (written by the control
+    /// task). Its metrics series may be shared with a live backend of the same name.
+    retiring: AtomicBool,
     /// Fired, and replaced by a fresh one, when the backend is marked down while
     /// `close_on_down` holds: every connection and session opened on it watches the one
     /// current when it started, and ends at once.
@@ -138,6 +141,7 @@ impl Backend {
             last_check: ArcSwap::from_pointee(String::new()),
             admin_since_ms: AtomicU64::new(0),
             close_on_down: AtomicBool::new(false),
+            retiring: AtomicBool::new(false),
             down: ArcSwap::from_pointee(CancellationToken::new()),
             metrics: BackendMetrics::new(pool, name),
         })
@@ -217,6 +221,16 @@ impl Backend {
     /// connection and session at once.
     pub fn set_close_on_down(&self, close: bool) {
         self.close_on_down.store(close, Ordering::Relaxed);
+    }
+
+    /// Control task only: removed by a reload (and kept until its last connection closes),
+    /// or back in the config.
+    pub fn set_retiring(&self, retiring: bool) {
+        self.retiring.store(retiring, Ordering::Relaxed);
+    }
+
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(Ordering::Relaxed)
     }
 
     /// What a connection or session opened now watches: fired when this backend is

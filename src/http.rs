@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Backend;
 use crate::control::ControlHandle;
 use crate::metrics::{Recorder, handles::listener_max_connections, recorder};
 use crate::net;
@@ -27,9 +28,24 @@ const REFRESH_EVERY: Duration = Duration::from_secs(1);
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Writes the gauges derived from state: backend up/state/weight, listener limits.
+///
+/// A backend's series are named by pool and backend name, so a backend that a reload moved
+/// to another address shares them with its retiring predecessor until that one's last
+/// connection closes: the series show the live backend only (a retiring one writes them
+/// only while no live backend of its pool has its name).
 fn refresh_tables(tables: &Tables) {
     for pool in tables.pools.values() {
-        for backend in &pool.snapshot().backends {
+        let snapshot = pool.snapshot();
+        let succeeded = |retiring: &Backend| {
+            snapshot
+                .backends
+                .iter()
+                .any(|b| !b.is_retiring() && b.name == retiring.name)
+        };
+        for backend in &snapshot.backends {
+            if backend.is_retiring() && succeeded(backend) {
+                continue;
+            }
             backend
                 .metrics
                 .show_state(backend.state() as usize, backend.weight());

@@ -957,3 +957,95 @@ async fn a_real_prometheus_scrapes_weir() {
         "p99 connect time: {q:?}"
     );
 }
+
+/// A config file: listener `{tag}_front` on `bind` before pool `{tag}` with `backends`
+/// (name, address), metrics on 127.0.0.1:0.
+fn tagged_yaml(tag: &str, bind: &str, backends: &[(&str, SocketAddr)]) -> String {
+    let mut text = format!(
+        "metrics:\n  bind: 127.0.0.1:0\nlisteners:\n  {tag}_front:\n    bind: {bind}\n    pool: {tag}\npools:\n  {tag}:\n    backends:\n"
+    );
+    for (name, addr) in backends {
+        text += &format!("      - address: {addr}\n        name: {name}\n");
+    }
+    text
+}
+
+/// Starts weir from `text` written to `dir/weir.yaml`, so that it can be reloaded.
+async fn start_file(
+    dir: &TempDir,
+    tag: &str,
+    text: &str,
+) -> (Server, SocketAddr, SocketAddr, PathBuf) {
+    let path = dir.join("weir.yaml");
+    std::fs::write(&path, text).unwrap();
+    let config = weir::config::load(&path).expect("valid config");
+    let server = Server::start(config, Some(path.clone()))
+        .await
+        .expect("weir starts");
+    let front = server.listener_addr(&format!("{tag}_front")).unwrap();
+    let metrics = server.metrics_addr().expect("metrics address");
+    (server, front, metrics, path)
+}
+
+/// The series of a backend are named by pool and backend name: a backend moved to a new
+/// address by a reload shares them with its predecessor while that one retires. They show
+/// the live backend throughout, and its predecessor's going doesn't zero them.
+#[tokio::test]
+async fn a_moved_backend_shows_its_own_state_while_and_after_the_old_one_retires() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_moved";
+    let dir = TempDir::new(tag);
+    let old = TestBackend::start("old").await;
+    let new = TestBackend::start("new").await;
+    let (server, front, metrics, path) = start_file(
+        &dir,
+        tag,
+        &tagged_yaml(tag, "127.0.0.1:0", &[("m", old.addr)]),
+    )
+    .await;
+    let (open, name) = connect_named(front).await;
+    assert_eq!(name, "old");
+    let predecessor = std::sync::Arc::downgrade(&server.backend(tag, "m").unwrap());
+
+    std::fs::write(
+        &path,
+        tagged_yaml(tag, &front.to_string(), &[("m", new.addr)]),
+    )
+    .unwrap();
+    server.handle.reload().await.expect("the reload applies");
+    let (_s, name) = connect_named(front).await;
+    assert_eq!(name, "new");
+
+    let labels = [("pool", tag), ("backend", "m")];
+    let state = |m: &[Sample], s: &str| {
+        get(
+            m,
+            "weir_backend_state",
+            &[labels[0], labels[1], ("state", s)],
+        )
+    };
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(
+        get(&m, "weir_backend_up", &labels),
+        1.0,
+        "while the old one retires"
+    );
+    assert_eq!(state(&m, "up"), 1.0);
+    assert_eq!(state(&m, "draining"), 0.0);
+
+    // The old connection closes: the old backend leaves (and is dropped).
+    drop(open);
+    wait_until(DEADLINE, "the old backend to be dropped", || {
+        let gone = predecessor.upgrade().is_none();
+        async move { gone }
+    })
+    .await;
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(
+        get(&m, "weir_backend_up", &labels),
+        1.0,
+        "after the old one left"
+    );
+    assert_eq!(state(&m, "up"), 1.0);
+    assert_eq!(state(&m, "draining"), 0.0);
+}

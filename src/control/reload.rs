@@ -131,6 +131,7 @@ impl ControlTask {
                         // Removed by an earlier reload, back before its last connection
                         // closed.
                         self.stop_retiring(backend);
+                        backend.set_retiring(false);
                         backend.set_admin(Admin::Enabled);
                     }
                     if let Some(weight) = set_weight {
@@ -142,6 +143,7 @@ impl ControlTask {
                 BackendStep::Retire { backend, newly } => {
                     if *newly {
                         self.retiring.push(Arc::clone(backend));
+                        backend.set_retiring(true);
                         backend.set_admin(Admin::Drain);
                     }
                     Arc::clone(backend)
