@@ -45,15 +45,18 @@ pub enum State {
     Draining,
     Drained,
     Disabled,
+    /// Removed by a reload, finishing its last connections; it goes when they are done.
+    Retiring,
 }
 
 impl State {
-    pub const ALL: [State; 5] = [
+    pub const ALL: [State; 6] = [
         State::Up,
         State::Down,
         State::Draining,
         State::Drained,
         State::Disabled,
+        State::Retiring,
     ];
 
     /// Its name as shown and as the `state` label of `weir_backend_state`.
@@ -251,6 +254,9 @@ impl Backend {
     }
 
     pub fn state(&self) -> State {
+        if self.is_retiring() {
+            return State::Retiring;
+        }
         match self.admin() {
             Admin::Disabled => State::Disabled,
             Admin::Drain if self.active() > 0 => State::Draining,
@@ -332,5 +338,40 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.backend.active.fetch_sub(1, Ordering::Relaxed);
         self.backend.metrics.connections_active.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_name_themselves_by_the_metrics_state_label_in_order() {
+        assert_eq!(State::ALL.len(), names::BACKEND_STATES.len());
+        for (i, state) in State::ALL.into_iter().enumerate() {
+            assert_eq!(state as usize, i);
+            assert_eq!(state.as_str(), names::BACKEND_STATES[i]);
+        }
+    }
+
+    #[test]
+    fn a_retiring_backend_is_retiring_whatever_its_admin_state() {
+        let b = Backend::new(
+            "p",
+            "b",
+            "127.0.0.1:1",
+            "127.0.0.1:1".parse().unwrap(),
+            1,
+            true,
+        );
+        let _open = b.connect_guard();
+        b.set_admin(Admin::Drain);
+        assert_eq!(b.state(), State::Draining);
+        b.set_retiring(true);
+        assert_eq!(b.state(), State::Retiring);
+        b.set_admin(Admin::Disabled);
+        assert_eq!(b.state(), State::Retiring);
+        b.set_retiring(false);
+        assert_eq!(b.state(), State::Disabled);
     }
 }

@@ -1049,3 +1049,41 @@ async fn a_moved_backend_shows_its_own_state_while_and_after_the_old_one_retires
     assert_eq!(state(&m, "up"), 1.0);
     assert_eq!(state(&m, "draining"), 0.0);
 }
+
+/// A backend removed by a reload while a connection is open on it is `retiring` in
+/// `weir_backend_state`, not an operator's `draining`.
+#[tokio::test]
+async fn a_removed_backend_with_a_connection_open_is_retiring() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_retiring";
+    let dir = TempDir::new(tag);
+    let a = TestBackend::start("a").await;
+    let (server, front, metrics, path) = start_file(
+        &dir,
+        tag,
+        &tagged_yaml(tag, "127.0.0.1:0", &[("a", a.addr)]),
+    )
+    .await;
+    let (_open, name) = connect_named(front).await;
+    assert_eq!(name, "a");
+    let b = TestBackend::start("b").await;
+    std::fs::write(
+        &path,
+        tagged_yaml(tag, &front.to_string(), &[("b", b.addr)]),
+    )
+    .unwrap();
+    server.handle.reload().await.expect("the reload applies");
+
+    let labels = [("pool", tag), ("backend", "a")];
+    let m = parse(&scrape(metrics).await);
+    let state = |s: &str| {
+        get(
+            &m,
+            "weir_backend_state",
+            &[labels[0], labels[1], ("state", s)],
+        )
+    };
+    assert_eq!(state("retiring"), 1.0);
+    assert_eq!(state("draining"), 0.0);
+    assert_eq!(get(&m, "weir_backend_up", &labels), 0.0);
+}

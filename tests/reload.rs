@@ -113,17 +113,24 @@ async fn reload_adds_removes_reweighs_and_keeps_open_connections() {
     ));
     assert_eq!(
         backend_b.state(),
-        State::Draining,
-        "removed but still carrying a connection"
+        State::Retiring,
+        "removed but still carrying a connection: not an operator's drain"
     );
+    let rows = admin(&socket, "show backends").await;
+    let row = rows.lines().find(|l| l.contains(&b.addr.to_string()));
+    assert!(row.is_some_and(|r| r.contains(" retiring ")), "{rows}");
+    let json = admin(&socket, "show backends --json").await;
+    let json: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let row = json.iter().find(|r| r["name"] == "b").expect("b shown");
+    assert_eq!(row["state"], "retiring", "{row}");
 
-    // An operator can't put the removed backend back into rotation by hand.
+    // An operator can't put the removed backend back into rotation by hand, and is told why.
     let refused = admin(&socket, "enable pool/b").await;
     assert!(
-        refused.starts_with("error:") && refused.contains("removed by a reload"),
+        refused.starts_with("error: pool/b is retiring") && refused.contains("removed by a reload"),
         "{refused}"
     );
-    assert_eq!(backend_b.state(), State::Draining);
+    assert_eq!(backend_b.state(), State::Retiring);
 
     // Open connections are untouched, on the kept and on the removed backend.
     echo(&mut on_a, b"after reload").await;

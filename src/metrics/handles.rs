@@ -37,7 +37,7 @@ pub struct BackendMetrics {
     /// Written by the refresh task only (`show_state`).
     up: Gauge,
     /// One per `BACKEND_STATES`, in that order.
-    states: [Gauge; 5],
+    states: [Gauge; BACKEND_STATES.len()],
     weight: Gauge,
 }
 

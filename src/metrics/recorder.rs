@@ -116,7 +116,7 @@ const HELP: &[(Kind, &str, &str)] = &[
     (
         Kind::Gauge,
         BACKEND_STATE,
-        "1 for the backend's current state (up, down, draining, drained, disabled), 0 for the others.",
+        "1 for the backend's current state (up, down, draining, drained, disabled, retiring), 0 for the others.",
     ),
     (Kind::Gauge, BACKEND_WEIGHT, "The backend's current weight."),
     (
