@@ -91,6 +91,11 @@ impl Exporter {
         Ok(Exporter { recorder, socket })
     }
 
+    /// The address `/metrics` is bound on (None without `metrics.bind`).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.socket.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
     /// Starts the refresh/upkeep task and, when bound, the `/metrics` endpoint; both stop
     /// on `stop_accepting` (a task left in the tracker would hold shutdown for the whole
     /// grace period). Returns the endpoint's address.

@@ -610,3 +610,75 @@ async fn a_pool_added_by_a_reload_serves_its_first_client_right_after_the_reload
 fn state_of_in(server: &Server, pool: &str, backend: &str) -> State {
     server.backend(pool, backend).unwrap().state()
 }
+
+/// The reply says what changed compared with what runs: settings a reload applies in place
+/// are listed, and `metrics.bind` put back to what is served is no change.
+#[tokio::test]
+async fn the_reload_reply_lists_exactly_what_changed() {
+    let dir = TempDir::new("reload-reply");
+    let a = TestBackend::start("a").await;
+    let text = |bind: &str, metrics: &str, listener: &str, top: &str| {
+        yaml(
+            bind,
+            "round-robin",
+            &[("a", a.addr, 1)],
+            &format!("{top}metrics:\n  bind: {metrics}\n"),
+        )
+        .replace("    pool: pool\n", &format!("    pool: pool\n{listener}"))
+    };
+    let (server, front, path) = start_file(&dir, &text("127.0.0.1:0", "127.0.0.1:0", "", "")).await;
+    let metrics = server.metrics_addr().unwrap();
+    let front = front.to_string();
+    let reload = |body: String| {
+        std::fs::write(&path, body).unwrap();
+        server.handle.reload()
+    };
+
+    let same = reload(text(&front, "127.0.0.1:0", "", "")).await.unwrap();
+    assert_eq!(same, "reloaded, nothing changed");
+    let reply = reload(text(&front, "127.0.0.1:0", "    max_connections: 7\n", ""))
+        .await
+        .unwrap();
+    assert_eq!(reply, "reloaded: 1 listener changed");
+    let reply = reload(text(
+        &front,
+        "127.0.0.1:0",
+        "    max_connections: 7\n    idle_timeout: 5m\n",
+        "",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(reply, "reloaded: 1 listener changed");
+    let reply = reload(text(
+        &front,
+        "127.0.0.1:0",
+        "    max_connections: 7\n    idle_timeout: 5m\n",
+        "shutdown_timeout: 3s\n",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(reply, "reloaded: shutdown_timeout changed");
+    assert_eq!(
+        server.config().shutdown_timeout,
+        std::time::Duration::from_secs(3)
+    );
+
+    // metrics.bind: another port takes a restart; back to the running one is no change,
+    // whether as configured (port 0) or as bound.
+    let other = unused_port().to_string();
+    let reply = reload(text(&front, &other, "", "")).await.unwrap();
+    assert!(
+        reply.contains("1 listener changed")
+            && reply.contains("shutdown_timeout changed")
+            && reply.contains(&format!(
+                "metrics.bind changed: takes effect at the next restart (metrics are served on {metrics} until then)"
+            )),
+        "{reply}"
+    );
+    let back = reload(text(&front, "127.0.0.1:0", "", "")).await.unwrap();
+    assert_eq!(back, "reloaded, nothing changed");
+    let bound = reload(text(&front, &metrics.to_string(), "", ""))
+        .await
+        .unwrap();
+    assert_eq!(bound, "reloaded, nothing changed");
+}

@@ -59,6 +59,8 @@ pub struct ControlTask {
     /// Backends a reload removed that still have open connections. Held by identity, not
     /// by name: a reload may bring a backend of the same name at another address.
     retiring: Vec<Arc<Backend>>,
+    /// What was bound at start, for the reload's reply.
+    fixed: plan::Fixed,
     metrics: ReloadMetrics,
 }
 
@@ -73,8 +75,19 @@ impl ControlTask {
             checkers: Checkers::default(),
             listener_stops: BTreeMap::new(),
             retiring: Vec::new(),
+            fixed: plan::Fixed {
+                metrics_bind: config.metrics_bind,
+                metrics_addr: None,
+                admin_socket: config.admin_socket.clone(),
+            },
             metrics: ReloadMetrics::default(),
         }
+    }
+
+    /// The address the metrics endpoint bound (port 0 became a real port): a reload that
+    /// writes it into `metrics.bind` changes nothing.
+    pub fn set_metrics_addr(&mut self, addr: Option<std::net::SocketAddr>) {
+        self.fixed.metrics_addr = addr;
     }
 
     pub fn publish(&self, tables: Tables) {

@@ -20,16 +20,50 @@
 //!   restarts them all; a removed one stops them all before the backends are set up.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, PoolConfig};
 use crate::tables::Tables;
 
+/// What was bound at start and a reload cannot move: `metrics.bind` and `admin.socket`
+/// as they are served (not as the config in force says: a reload that changed them took
+/// no effect on them).
+#[derive(Clone, Debug, Default)]
+pub struct Fixed {
+    /// `metrics.bind` as configured at start.
+    pub metrics_bind: Option<SocketAddr>,
+    /// The address the metrics endpoint actually bound (port 0 became a real port).
+    pub metrics_addr: Option<SocketAddr>,
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// What a reload cannot apply, compared with what is served: said in its reply.
+pub fn restart_notes(fixed: &Fixed, new: &Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    let metrics_same = new.metrics_bind == fixed.metrics_bind
+        || (new.metrics_bind.is_some() && new.metrics_bind == fixed.metrics_addr);
+    if !metrics_same {
+        let serving = match fixed.metrics_addr.or(fixed.metrics_bind) {
+            Some(addr) => format!("metrics are served on {addr} until then"),
+            None => "no metrics endpoint until then".to_string(),
+        };
+        notes.push(format!(
+            "metrics.bind changed: takes effect at the next restart ({serving})"
+        ));
+    }
+    if new.admin_socket != fixed.admin_socket {
+        notes.push("admin.socket changed: takes effect at the next restart".to_string());
+    }
+    notes
+}
+
 /// Everything a reload will do, in the order it is applied.
 #[derive(Debug, Default)]
 pub struct ReloadPlan {
-    /// Settings read only at start that changed: said in the reply.
+    /// Settings read only at start that changed: said in the reply (`restart_notes`).
     pub notes: Vec<String>,
     /// One per listener of the new config, in its order.
     pub listeners: Vec<ListenerStep>,
@@ -125,19 +159,21 @@ pub struct Changes {
     pub listeners_added: usize,
     pub listeners_removed: usize,
     pub listeners_rebound: usize,
+    /// Listeners that stay, with another `max_connections`, `idle_timeout` or pool.
+    pub listeners_changed: usize,
+    /// Top-level settings applied as they are (`shutdown_timeout`, `admin.state_file`).
+    pub settings: Vec<&'static str>,
 }
 
 /// The plan to go from `current` (running, built from `old`) to `new`. `retiring` are the
 /// backends earlier reloads removed that still have open connections.
 pub fn plan(current: &Tables, old: &Config, new: &Config, retiring: &[Arc<Backend>]) -> ReloadPlan {
     let mut plan = ReloadPlan::default();
-    if new.metrics_bind != old.metrics_bind {
-        plan.notes
-            .push("metrics.bind changed: takes effect at the next restart".to_string());
+    if new.shutdown_timeout != old.shutdown_timeout {
+        plan.changes.settings.push("shutdown_timeout");
     }
-    if new.admin_socket != old.admin_socket {
-        plan.notes
-            .push("admin.socket changed: takes effect at the next restart".to_string());
+    if new.state_file != old.state_file {
+        plan.changes.settings.push("admin.state_file");
     }
     plan_listeners(&mut plan, current, old, new);
     plan_pools(&mut plan, current, old, new, retiring);
@@ -157,6 +193,16 @@ fn plan_listeners(plan: &mut ReloadPlan, current: &Tables, old: &Config, new: &C
             None => true,
         };
         if !rebind {
+            // Its settings are applied in place (max_connections, idle_timeout, pool, …):
+            // every key but the address, which stays (or was port 0).
+            let settings = |l: &ListenerConfig| ListenerConfig {
+                bind: listener.bind,
+                ..l.clone()
+            };
+            let was = old_listeners.get(listener.name.as_str());
+            if was.is_none_or(|was| settings(was) != *listener) {
+                plan.changes.listeners_changed += 1;
+            }
             plan.listeners
                 .push(ListenerStep::Keep(listener.name.clone()));
             continue;
@@ -237,7 +283,6 @@ fn plan_pool(
         forget: Vec::new(),
         checks: Checks::Off,
     };
-    let mut set_changed = false;
     let mut kept: Vec<&Arc<Backend>> = Vec::new();
     // Checkers to start (positions in the new list) and stop, when the check stays.
     let mut start = Vec::new();
@@ -248,15 +293,15 @@ fn plan_pool(
             .find(|b| b.name == backend_config.name && b.addr == backend_config.addr);
         let Some(backend) = found else {
             changes.backends_added += 1;
-            set_changed = true;
             start.push(update.backends.len());
             update.backends.push(BackendStep::Add(index));
             continue;
         };
         kept.push(backend);
         let unretire = is_retiring(backend);
-        set_changed |= unretire;
         if unretire {
+            // Back in rotation: counted as added, as its removal was counted.
+            changes.backends_added += 1;
             start.push(update.backends.len());
         }
         let weight_edited = old_weight(&backend_config.name) != Some(backend_config.weight);
@@ -271,10 +316,15 @@ fn plan_pool(
             unretire,
         });
     }
-    let removed = plan_removed(changes, current, &kept, retiring, &mut update, &mut stop);
-    set_changed |= removed;
+    plan_removed(changes, current, &kept, retiring, &mut update, &mut stop);
     update.checks = checks(was, config, start, stop);
-    if was != Some(config) && !set_changed {
+    // The pool's own settings (strategy, timeouts, health check, …); its backends are
+    // counted one by one above.
+    let settings = |p: &PoolConfig| PoolConfig {
+        backends: Vec::new(),
+        ..p.clone()
+    };
+    if was.is_none_or(|was| settings(was) != settings(config)) {
         changes.pools_changed += 1;
     }
     update
@@ -282,7 +332,7 @@ fn plan_pool(
 
 /// The backends of `current` that the new config no longer has (not `kept`): retired
 /// when connections are open, else gone (forgotten when an earlier reload removed them).
-/// Their checkers stop (`stop`). Returns whether there was any.
+/// Their checkers stop (`stop`).
 fn plan_removed(
     changes: &mut Changes,
     current: &[Arc<Backend>],
@@ -290,13 +340,11 @@ fn plan_removed(
     retiring: &[Arc<Backend>],
     update: &mut PoolUpdate,
     stop: &mut Vec<Arc<Backend>>,
-) -> bool {
-    let mut any = false;
+) {
     for backend in current {
         if kept.iter().any(|k| Arc::ptr_eq(k, backend)) {
             continue;
         }
-        any = true;
         let newly = !retiring.iter().any(|r| Arc::ptr_eq(r, backend));
         if newly {
             changes.backends_removed += 1;
@@ -311,7 +359,6 @@ fn plan_removed(
             update.forget.push(Arc::clone(backend));
         }
     }
-    any
 }
 
 /// What happens to the checkers of a pool that stays (`start` and `stop` apply when its
@@ -352,10 +399,16 @@ impl std::fmt::Display for Changes {
                 "listener rebound",
                 "listeners rebound",
             ),
+            (
+                self.listeners_changed,
+                "listener changed",
+                "listeners changed",
+            ),
         ]
         .into_iter()
         .filter(|(n, _, _)| *n > 0)
         .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+        .chain(self.settings.iter().map(|s| format!("{s} changed")))
         .collect();
         if parts.is_empty() {
             f.write_str("reloaded, nothing changed")
@@ -664,6 +717,73 @@ mod tests {
         assert_eq!(
             plan.changes.to_string(),
             "reloaded: 1 pool added, 1 pool removed, 1 backend added, 1 backend removed, 1 listener added, 1 listener removed"
+        );
+    }
+
+    #[test]
+    fn the_reply_lists_settings_applied_in_place() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let current = tables(&old, "127.0.0.1:7000");
+        let mut new = old.clone();
+        new.listeners[0].max_connections = Some(7);
+        assert_eq!(
+            plan(&current, &old, &new, &[]).changes.to_string(),
+            "reloaded: 1 listener changed"
+        );
+        let mut new = old.clone();
+        new.listeners[0].idle_timeout = std::time::Duration::from_secs(5);
+        new.shutdown_timeout = std::time::Duration::from_secs(1);
+        assert_eq!(
+            plan(&current, &old, &new, &[]).changes.to_string(),
+            "reloaded: 1 listener changed, shutdown_timeout changed"
+        );
+        // A weight is a backend's change, not the pool's.
+        let reweighed = yaml("127.0.0.1:7000", &[("a", 1, 4)], "");
+        assert_eq!(
+            plan(&current, &old, &reweighed, &[]).changes.to_string(),
+            "reloaded: 1 weight changed"
+        );
+        // The pool's own settings count, even when its backends change too.
+        let both = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1), ("b", 2, 1)],
+            "    retries: 5\n",
+        );
+        assert_eq!(
+            plan(&current, &old, &both, &[]).changes.to_string(),
+            "reloaded: 1 pool changed, 1 backend added"
+        );
+    }
+
+    #[test]
+    fn restart_notes_compare_with_what_is_served() {
+        let with_metrics = |bind: Option<&str>| Config {
+            metrics_bind: bind.map(|b| b.parse().unwrap()),
+            ..yaml("127.0.0.1:7000", &[("a", 1, 1)], "")
+        };
+        let fixed = Fixed {
+            metrics_bind: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_addr: Some("127.0.0.1:9100".parse().unwrap()),
+            admin_socket: None,
+        };
+        // As configured at start, or the port it became: nothing to say.
+        assert!(restart_notes(&fixed, &with_metrics(Some("127.0.0.1:0"))).is_empty());
+        assert!(restart_notes(&fixed, &with_metrics(Some("127.0.0.1:9100"))).is_empty());
+        let moved = restart_notes(&fixed, &with_metrics(Some("127.0.0.1:9200")));
+        assert_eq!(
+            moved,
+            vec![
+                "metrics.bind changed: takes effect at the next restart (metrics are served on 127.0.0.1:9100 until then)"
+            ]
+        );
+        assert_eq!(restart_notes(&fixed, &with_metrics(None)).len(), 1);
+        let unserved = Fixed::default();
+        assert!(restart_notes(&unserved, &with_metrics(None)).is_empty());
+        assert_eq!(
+            restart_notes(&unserved, &with_metrics(Some("127.0.0.1:9100"))),
+            vec![
+                "metrics.bind changed: takes effect at the next restart (no metrics endpoint until then)"
+            ]
         );
     }
 }

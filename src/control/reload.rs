@@ -36,7 +36,8 @@ impl ControlTask {
         let new = loaded.map_err(ControlError::Invalid)?;
         let old = self.config.load_full();
         let current = self.tables.load_full();
-        let plan = plan::plan(&current, &old, &new, &self.retiring);
+        let mut plan = plan::plan(&current, &old, &new, &self.retiring);
+        plan.notes = plan::restart_notes(&self.fixed, &new);
         let mut sockets = BTreeMap::new();
         for step in &plan.listeners {
             if let ListenerStep::Bind(name) = step {
