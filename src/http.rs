@@ -23,9 +23,6 @@ use crate::tables::Tables;
 
 /// How often derived gauges are refreshed without a scrape.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
-/// How often histogram samples are folded into their buckets without a scrape, so memory
-/// stays bounded when nobody scrapes.
-const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Writes the gauges derived from state: backend up/state/weight, listener limits.
 ///
@@ -96,13 +93,12 @@ impl Exporter {
         self.socket.as_ref().and_then(|s| s.local_addr().ok())
     }
 
-    /// Starts the refresh/upkeep task and, when bound, the `/metrics` endpoint; both stop
+    /// Starts the refresh task and, when bound, the `/metrics` endpoint; both stop
     /// on `stop_accepting` (a task left in the tracker would hold shutdown for the whole
     /// grace period). Returns the endpoint's address.
     pub fn start(self, control: ControlHandle, shutdown: &Shutdown) -> Option<SocketAddr> {
         let recorder = self.recorder?;
         shutdown.tracker.spawn(refresh_loop(
-            recorder,
             control.clone(),
             shutdown.stop_accepting.clone(),
         ));
@@ -120,20 +116,13 @@ impl Exporter {
     }
 }
 
-async fn refresh_loop(
-    recorder: &'static Recorder,
-    control: ControlHandle,
-    stop: CancellationToken,
-) {
+async fn refresh_loop(control: ControlHandle, stop: CancellationToken) {
     let mut refresh = tokio::time::interval(REFRESH_EVERY);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
-    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = refresh.tick() => refresh_tables(&control.tables()),
-            _ = upkeep.tick() => recorder.upkeep(),
         }
     }
 }

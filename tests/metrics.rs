@@ -671,7 +671,7 @@ async fn shutdown_is_not_held_by_the_metrics_endpoint() {
 }
 
 #[tokio::test]
-async fn a_backend_that_is_gone_reports_no_state() {
+async fn a_backend_that_is_gone_leaves_no_series() {
     let _listening = LISTENING.read().await;
     let backend = TestBackend::start("g").await;
     let gone = "mt_gone";
@@ -695,11 +695,14 @@ async fn a_backend_that_is_gone_reports_no_state() {
     server.stop().await;
     drop(server);
     let m = parse(&scrape(metrics).await);
-    assert_eq!(get(&m, "weir_backend_up", &labels), 0.0);
-    for state in State::ALL {
-        let labels = [labels[0], labels[1], ("state", state.as_str())];
-        assert_eq!(get(&m, "weir_backend_state", &labels), 0.0, "{state}");
-    }
+    let left: Vec<&Sample> = m
+        .iter()
+        .filter(|s| s.labels.get("pool").map(String::as_str) == Some(gone))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "series of a stopped server's backend: {left:?}"
+    );
 }
 
 #[tokio::test]
@@ -1086,4 +1089,83 @@ async fn a_removed_backend_with_a_connection_open_is_retiring() {
     assert_eq!(state("retiring"), 1.0);
     assert_eq!(state("draining"), 0.0);
     assert_eq!(get(&m, "weir_backend_up", &labels), 0.0);
+}
+
+/// A backend removed by a reload takes its series with it once its last connection has
+/// closed and it is gone; a live backend keeps its series however idle.
+#[tokio::test]
+async fn a_removed_backend_takes_its_series_with_it_and_an_idle_one_keeps_them() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_forget";
+    let dir = TempDir::new(tag);
+    let live = TestBackend::start("live").await;
+    let extra = TestBackend::start("extra").await;
+    let (server, front, metrics, path) = start_file(
+        &dir,
+        tag,
+        &tagged_yaml(tag, "127.0.0.1:0", &[("live", live.addr)]),
+    )
+    .await;
+    echo_once(front, "live", 10).await;
+    let bind = front.to_string();
+    std::fs::write(
+        &path,
+        tagged_yaml(tag, &bind, &[("live", live.addr), ("extra", extra.addr)]),
+    )
+    .unwrap();
+    server.handle.reload().await.expect("the reload adds extra");
+    // Round robin: one of the next two connections goes to extra; keep it open.
+    let mut on_extra = None;
+    for _ in 0..2 {
+        let (stream, name) = connect_named(front).await;
+        if name == "extra" {
+            on_extra = Some(stream);
+        }
+    }
+    let mut on_extra = on_extra.expect("a connection on extra");
+    on_extra.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    on_extra.read_exact(&mut back).await.unwrap();
+    let removed = std::sync::Arc::downgrade(&server.backend(tag, "extra").unwrap());
+
+    std::fs::write(&path, tagged_yaml(tag, &bind, &[("live", live.addr)])).unwrap();
+    server
+        .handle
+        .reload()
+        .await
+        .expect("the reload removes extra");
+    let extra_labels = [("pool", tag), ("backend", "extra")];
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(
+        get(&m, "weir_backend_connections_active", &extra_labels),
+        1.0
+    );
+
+    drop(on_extra);
+    wait_until(DEADLINE, "the removed backend to be dropped", || {
+        let gone = removed.upgrade().is_none();
+        async move { gone }
+    })
+    .await;
+    let m = parse(&scrape(metrics).await);
+    let left: Vec<&Sample> = m
+        .iter()
+        .filter(|s| {
+            s.labels.get("pool").map(String::as_str) == Some(tag)
+                && s.labels.get("backend").map(String::as_str) == Some("extra")
+        })
+        .collect();
+    assert!(left.is_empty(), "series of the removed backend: {left:?}");
+    let live_labels = [("pool", tag), ("backend", "live")];
+    assert!(get(&m, "weir_backend_connections_total", &live_labels) >= 2.0);
+    assert_eq!(get(&m, "weir_backend_up", &live_labels), 1.0);
+    assert!(
+        value(
+            &m,
+            "weir_backend_connect_duration_seconds_count",
+            &live_labels
+        )
+        .is_some_and(|n| n >= 2.0),
+        "the live backend's histograms stay"
+    );
 }

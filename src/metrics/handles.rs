@@ -78,11 +78,11 @@ impl BackendMetrics {
     }
 }
 
-/// A backend that is gone (removed by a reload, its last connection closed) is no longer
-/// refreshed, and the exporter cannot delete series: without this its last `up 1` would
-/// stay forever and hide a pool with no backend left. It reports no state instead — unless
-/// another live backend of the same pool and name (moved to a new address) still owns the
-/// series.
+/// A backend that is gone (removed by a reload or by discovery, its last connection
+/// closed; its pool removed; its server stopped) takes its series with it: left behind they
+/// would grow memory and scrape size with every reload, and its last `up 1` would hide a
+/// pool with no backend left. Not while another live backend of the same pool and name
+/// (moved to a new address) still owns them.
 impl Drop for BackendMetrics {
     fn drop(&mut self) {
         let mut owners = OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
@@ -97,12 +97,10 @@ impl Drop for BackendMetrics {
             return;
         }
         owners.remove(&self.owner);
-        // Under the lock: a successor registering now finds its series zeroed, not zeroed
-        // after it wrote them.
-        self.up.set(0.0);
-        for state in &self.states {
-            state.set(0.0);
-        }
+        // Under the lock: a successor registering now gets fresh series, not ones deleted
+        // under it. This backend's own handles go with it and write nothing more.
+        let (pool, backend) = &self.owner;
+        super::recorder::forget(None, &[("pool", pool), ("backend", backend)]);
     }
 }
 
@@ -192,28 +190,25 @@ pub fn listener_max_connections(listener: &str) -> Gauge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    fn up_of(text: &str, pool: &str) -> Option<String> {
+        let prefix = format!("weir_backend_up{{pool=\"{pool}\",backend=\"m\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_string)
+    }
 
     #[test]
     fn a_backend_that_goes_leaves_the_series_a_live_namesake_owns() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
-            let old = BackendMetrics::new("handles_p", "m");
-            let new = BackendMetrics::new("handles_p", "m");
-            new.show_state(0, 1);
-            drop(old);
-            let text = handle.render();
-            assert!(
-                text.contains("weir_backend_up{pool=\"handles_p\",backend=\"m\"} 1"),
-                "{text}"
-            );
-            drop(new);
-            let text = handle.render();
-            assert!(
-                text.contains("weir_backend_up{pool=\"handles_p\",backend=\"m\"} 0"),
-                "{text}"
-            );
-        });
+        let recorder = super::super::recorder().expect("the recorder installs");
+        let old = BackendMetrics::new("handles_p", "m");
+        let new = BackendMetrics::new("handles_p", "m");
+        new.show_state(0, 1);
+        drop(old);
+        let text = recorder.render();
+        assert_eq!(up_of(&text, "handles_p").as_deref(), Some("1"), "{text}");
+        drop(new);
+        let text = recorder.render();
+        assert!(!text.contains("pool=\"handles_p\""), "{text}");
     }
 }
