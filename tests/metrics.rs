@@ -1169,3 +1169,71 @@ async fn a_removed_backend_takes_its_series_with_it_and_an_idle_one_keeps_them()
         "the live backend's histograms stay"
     );
 }
+
+/// `weir_listener_max_connections` follows the config in force: a reload that changes a
+/// limit changes it, one that removes the limit or the listener removes the series.
+#[tokio::test]
+async fn listener_max_connections_follows_reloads() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_limit";
+    let dir = TempDir::new(tag);
+    let a = TestBackend::start("a").await;
+    let second = format!("{tag}_second");
+    let text = |bind: &str, front_limit: &str, second_listener: Option<(SocketAddr, &str)>| {
+        let mut listeners = format!("    pool: {tag}\n{front_limit}");
+        if let Some((addr, limit)) = second_listener {
+            listeners += &format!("  {second}:\n    bind: {addr}\n    pool: {tag}\n{limit}");
+        }
+        tagged_yaml(tag, bind, &[("a", a.addr)]).replacen(
+            &format!("    pool: {tag}\n"),
+            &listeners,
+            1,
+        )
+    };
+    let second_addr = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let (server, front, metrics, path) = start_file(
+        &dir,
+        tag,
+        &text(
+            "127.0.0.1:0",
+            "    max_connections: 5\n",
+            Some((second_addr, "    max_connections: 3\n")),
+        ),
+    )
+    .await;
+    let front_name = format!("{tag}_front");
+    let limit = |m: &[Sample], listener: &str| {
+        value(
+            m,
+            "weir_listener_max_connections",
+            &[("listener", listener)],
+        )
+    };
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(limit(&m, &front_name), Some(5.0));
+    assert_eq!(limit(&m, &second), Some(3.0));
+
+    let bind = front.to_string();
+    let reload = |body: String| {
+        std::fs::write(&path, body).unwrap();
+        server.handle.reload()
+    };
+    reload(text(
+        &bind,
+        "    max_connections: 9\n",
+        Some((second_addr, "    max_connections: 3\n")),
+    ))
+    .await
+    .unwrap();
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(limit(&m, &front_name), Some(9.0));
+
+    // front's limit removed, second removed: neither has a series any more.
+    reload(text(&bind, "", None)).await.unwrap();
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(limit(&m, &front_name), None, "the limit was removed");
+    assert_eq!(limit(&m, &second), None, "the listener was removed");
+}
