@@ -355,12 +355,12 @@ async fn drained_stays_drained_across_reload_and_restart_with_the_state_file() {
     assert_eq!(restarted.backend("pool", "b").unwrap().weight(), 7);
 
     // A state entry for a backend that no longer exists is ignored.
+    restarted.stop().await;
     std::fs::write(
         &state,
         "{\"backends\":{\"pool/gone\":{\"admin\":\"drain\"}}}",
     )
     .unwrap();
-    restarted.stop().await;
     let config = weir::config::load(&path).unwrap();
     let again = Server::start(config, Some(path)).await.unwrap();
     assert_eq!(state_of(&again, "a"), State::Up);
@@ -681,4 +681,68 @@ async fn the_reload_reply_lists_exactly_what_changed() {
         .await
         .unwrap();
     assert_eq!(bound, "reloaded, nothing changed");
+}
+
+/// One rule for an operator's `set weight`, at a reload and at a restart: it holds until
+/// the file's weight for that backend changes.
+#[tokio::test]
+async fn an_operators_weight_holds_until_the_files_changes_at_reload_and_restart() {
+    let dir = TempDir::new("reload-weights");
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let state = dir.join("state.json");
+    let socket = dir.join("admin.sock");
+    let extra = format!(
+        "admin:\n  socket: {}\n  state_file: {}\n",
+        socket.display(),
+        state.display()
+    );
+    let text = |bind: &str, weight: u32| {
+        yaml(
+            bind,
+            "round-robin",
+            &[("a", a.addr, 1), ("b", b.addr, weight)],
+            &extra,
+        )
+    };
+    let weight = |server: &Server| server.backend("pool", "b").unwrap().weight();
+    let restart = |server: Server, body: String| {
+        let path = dir.join("weir.yaml");
+        async move {
+            server.stop().await;
+            drop(server);
+            std::fs::write(&path, body).unwrap();
+            let config = weir::config::load(&path).unwrap();
+            Server::start(config, Some(path)).await.unwrap()
+        }
+    };
+
+    // Reload: the same file keeps the operator's 5; an edited one (1 -> 3) wins.
+    let (server, front, path) = start_file(&dir, &text("127.0.0.1:0", 1)).await;
+    let front = front.to_string();
+    assert!(
+        admin(&socket, "set weight pool/b 5")
+            .await
+            .contains("weight 5")
+    );
+    std::fs::write(&path, text(&front, 1)).unwrap();
+    server.handle.reload().await.unwrap();
+    assert_eq!(weight(&server), 5, "reload, file unchanged");
+    std::fs::write(&path, text(&front, 3)).unwrap();
+    server.handle.reload().await.unwrap();
+    assert_eq!(weight(&server), 3, "reload, file edited");
+
+    // Restart: the same file keeps the operator's 5; an edited one (3 -> 4) wins.
+    assert!(
+        admin(&socket, "set weight pool/b 5")
+            .await
+            .contains("weight 5")
+    );
+    let server = restart(server, text("127.0.0.1:0", 3)).await;
+    assert_eq!(weight(&server), 5, "restart, file unchanged");
+    let server = restart(server, text("127.0.0.1:0", 4)).await;
+    assert_eq!(weight(&server), 4, "restart, file edited");
+    // And the override is gone for good: not even the old file value brings it back.
+    let server = restart(server, text("127.0.0.1:0", 3)).await;
+    assert_eq!(weight(&server), 3, "a dropped override stays dropped");
 }

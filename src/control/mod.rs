@@ -97,6 +97,10 @@ impl ControlTask {
     /// Starts the task; it stops with accepting (during the grace period nothing is
     /// rerouted). The handle is what everyone else holds.
     pub fn spawn(self) -> ControlHandle {
+        // What startup restored, written back before anything else can change: an entry
+        // the restore dropped (a weight the file has changed since) must not come back at
+        // a later restart.
+        self.save_state();
         let (tx, rx) = mpsc::channel(64);
         let handle = ControlHandle {
             tx,

@@ -7,7 +7,8 @@
 //! - A backend stays when its pool, name and resolved address stay: it is the same
 //!   `Arc<Backend>` (health, admin state, counters, open connections carry over).
 //! - A weight changed in the file wins over an operator's `set weight`; an unchanged one
-//!   leaves the operator's value alone.
+//!   leaves the operator's value alone (the state file applies the same rule at a restart,
+//!   by its `config_weight`).
 //! - A removed backend with open connections is retired: drained, kept in its pool's
 //!   snapshot until its last connection closes. One that comes back before that is
 //!   enabled again.
