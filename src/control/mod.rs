@@ -97,10 +97,7 @@ impl ControlTask {
     /// Starts the task; it stops with accepting (during the grace period nothing is
     /// rerouted). The handle is what everyone else holds.
     pub fn spawn(self) -> ControlHandle {
-        // What startup restored, written back before anything else can change: an entry
-        // the restore dropped (a weight the file has changed since) must not come back at
-        // a later restart.
-        self.save_state();
+        self.prune_state_file();
         let (tx, rx) = mpsc::channel(64);
         let handle = ControlHandle {
             tx,
@@ -187,6 +184,24 @@ impl ControlTask {
         pool.publish(PoolSnapshot::new(pool_config, snapshot.backends.clone()));
         tracing::info!("{pool_name}/{backend_name}: weight set to {weight}");
         Ok(())
+    }
+
+    /// At start: writes the state file back when what startup restored differs from it
+    /// (the restore dropped a weight whose file value has changed since it was set, or an
+    /// entry for a backend no longer in the config), so that a dropped weight cannot come
+    /// back at a later restart when the file returns to its old value. A file that cannot
+    /// be read is left as it is for the operator; the next admin change rewrites it.
+    fn prune_state_file(&self) {
+        let config = self.config.load();
+        let Some(path) = &config.state_file else {
+            return;
+        };
+        let Ok(on_disk) = state_file::read(path) else {
+            return;
+        };
+        if on_disk != state_file::capture(&self.tables.load(), &config) {
+            self.save_state();
+        }
     }
 
     /// Writes the state file, when one is configured. A failure is logged, never fatal.
