@@ -157,7 +157,7 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         Request::Drain(target) => {
             let backend = find(&tables, &target)?;
             backend.set_admin(Admin::Drain);
-            control.admin_changed().await;
+            control.admin_changed().await?;
             tracing::info!("{target}: drain (admin)");
             let open = backend.active();
             Ok(format!(
@@ -169,7 +169,7 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         Request::Disable(target) => {
             let backend = find(&tables, &target)?;
             backend.set_admin(Admin::Disabled);
-            control.admin_changed().await;
+            control.admin_changed().await?;
             tracing::info!("{target}: disabled (admin); health checks paused");
             Ok(format!(
                 "{target}: disabled, health checks paused, {}\n",
@@ -181,8 +181,20 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
             if backend.is_retiring() {
                 return Err(AdminError::Retiring(target));
             }
-            backend.set_admin(Admin::Enabled);
-            control.admin_changed().await;
+            let config = control.config();
+            let pool = config.pools.iter().find(|p| p.name == target.pool);
+            let checked = pool.is_some_and(|p| p.health_check.is_some());
+            let rechecked = checked && backend.enable_rechecked() == Admin::Disabled;
+            if !checked {
+                backend.set_admin(Admin::Enabled);
+            }
+            control.admin_changed().await?;
+            if rechecked {
+                tracing::info!("{target}: enabled (admin); down until a health check passes");
+                return Ok(format!(
+                    "{target}: enabled, now down until a health check passes (probing now)\n"
+                ));
+            }
             tracing::info!("{target}: enabled (admin)");
             Ok(format!("{target}: enabled, now {}\n", backend.state()))
         }

@@ -25,6 +25,22 @@ pub enum Health {
     Down = 1,
 }
 
+/// Passive checking: what failures from real traffic do to a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Passive {
+    /// This many failed connects (udp: ICMP errors) in a row mark the backend down.
+    pub fall: u32,
+    /// The pool has no health check, so nothing else would bring a backend marked down
+    /// back: it is tried again by traffic after a backoff (1 s, doubling to 30 s), and is
+    /// up again as soon as a connect to it succeeds.
+    pub retry: bool,
+}
+
+/// The first wait before a backend marked down by traffic (without a health check) is
+/// tried again, and the longest.
+const RETRY_MIN_MS: u64 = 1_000;
+const RETRY_MAX_MS: u64 = 30_000;
+
 /// What the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -87,6 +103,12 @@ pub struct Backend {
     total: AtomicU64,
     /// Consecutive failed connects from real traffic (passive health checking).
     connect_failures: AtomicU32,
+    /// Marked down by traffic in a pool without a health check: from this time on
+    /// (`monotonic_ms`) traffic may try it again; 0: not waiting for a retry.
+    retry_at_ms: AtomicU64,
+    /// How many times in a row traffic marked it down without a connect succeeding in
+    /// between: the retry backoff doubles with each.
+    passive_downs: AtomicU32,
     connect_errors: AtomicU64,
     /// Human-readable result of the last health check ("" before the first one).
     last_check: ArcSwap<String>,
@@ -102,6 +124,10 @@ pub struct Backend {
     /// `close_on_down` holds: every connection and session opened on it watches the one
     /// current when it started, and ends at once.
     down: ArcSwap<CancellationToken>,
+    /// Set by `enable` after `disable` in a pool with a health check: the checker starts
+    /// afresh (first probe decides); `probe_now` wakes it for that probe at once.
+    recheck: AtomicBool,
+    probe_now: tokio::sync::Notify,
     pub metrics: BackendMetrics,
 }
 
@@ -140,21 +166,40 @@ impl Backend {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
+            retry_at_ms: AtomicU64::new(0),
+            passive_downs: AtomicU32::new(0),
             connect_errors: AtomicU64::new(0),
             last_check: ArcSwap::from_pointee(String::new()),
             admin_since_ms: AtomicU64::new(0),
             close_on_down: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
             down: ArcSwap::from_pointee(CancellationToken::new()),
+            recheck: AtomicBool::new(false),
+            probe_now: tokio::sync::Notify::new(),
             metrics: BackendMetrics::new(pool, name),
         })
     }
 
-    /// Up and enabled: strategies pick only eligible backends.
+    /// Up (or, marked down by traffic without a health check, due for a retry) and
+    /// enabled: strategies pick only eligible backends.
     #[inline]
     pub fn is_eligible(&self) -> bool {
-        self.health.load(Ordering::Relaxed) == Health::Up as u8
-            && self.admin.load(Ordering::Relaxed) == Admin::Enabled as u8
+        self.admin.load(Ordering::Relaxed) == Admin::Enabled as u8
+            && (self.health.load(Ordering::Relaxed) == Health::Up as u8 || self.retry_due())
+    }
+
+    /// Marked down by traffic in a pool without a health check, and its backoff has
+    /// passed: traffic may try it (a clock read only for such a backend).
+    #[cold]
+    fn retry_due(&self) -> bool {
+        let at = self.retry_at_ms.load(Ordering::Relaxed);
+        at != 0 && monotonic_ms() >= at
+    }
+
+    /// A health checker now owns this backend's health: no retries by traffic.
+    pub fn stop_passive_retries(&self) {
+        self.retry_at_ms.store(0, Ordering::Relaxed);
+        self.passive_downs.store(0, Ordering::Relaxed);
     }
 
     #[inline]
@@ -209,6 +254,33 @@ impl Backend {
         } else if was == Admin::Enabled as u8 {
             self.admin_since_ms.store(monotonic_ms(), Ordering::Relaxed);
         }
+    }
+
+    /// `enable` of a backend whose pool has a health check: back in rotation only once a
+    /// probe passes, since health measured before a `disable` (probes paused) is not
+    /// trusted. It shows `down` now and its checker probes at once. Returns the admin
+    /// state it had.
+    pub fn enable_rechecked(&self) -> Admin {
+        let was = self.admin();
+        if was == Admin::Disabled {
+            self.set_health(Health::Down);
+            self.recheck.store(true, Ordering::Release);
+        }
+        self.set_admin(Admin::Enabled);
+        if was == Admin::Disabled {
+            self.probe_now.notify_one();
+        }
+        was
+    }
+
+    /// For the checker: whether it must start afresh (see `enable_rechecked`).
+    pub fn take_recheck(&self) -> bool {
+        self.recheck.swap(false, Ordering::AcqRel)
+    }
+
+    /// For the checker: resolves when someone asks for a probe now.
+    pub async fn probe_requested(&self) {
+        self.probe_now.notified().await;
     }
 
     /// How long ago the backend left rotation by an operator's drain or disable (or a
@@ -287,17 +359,34 @@ impl Backend {
     }
 
     /// Passive checking, the one rule for TCP connects and UDP sends: a failure from real
-    /// traffic is counted, and with `passive_fall` set that many in a row mark the backend
-    /// down at once (probes bring it back). `what` names the failures in the log line
+    /// traffic is counted, and `passive.fall` of them in a row mark the backend down at
+    /// once. With a health check the probes bring it back; without one, traffic tries it
+    /// again after a backoff (`Passive::retry`). `what` names the failures in the log line
     /// ("failed connects from traffic"). Returns true when this call marked it down.
-    pub fn connect_failed(&self, passive_fall: Option<u32>, what: &str, reason: &str) -> bool {
+    ///
+    /// Never call this for weir's own exhaustion (`net::is_resource_exhaustion`): that
+    /// says nothing about the backend.
+    pub fn connect_failed(&self, passive: Passive, what: &str, reason: &str) -> bool {
         let failures = self.record_connect_failure();
-        let marked_down = passive_fall.is_some_and(|fall| failures >= fall) && self.mark_down();
+        if failures < passive.fall {
+            return false;
+        }
+        let retry = passive.retry.then(|| {
+            let downs = self.passive_downs.fetch_add(1, Ordering::Relaxed).min(5);
+            let backoff = (RETRY_MIN_MS << downs).min(RETRY_MAX_MS);
+            self.retry_at_ms
+                .store(monotonic_ms() + backoff, Ordering::Relaxed);
+            Duration::from_millis(backoff)
+        });
+        let marked_down = self.mark_down();
         if marked_down {
+            let again = retry.map_or(String::new(), |b| {
+                format!("; tried again in {}", humantime::format_duration(b))
+            });
             tracing::warn!(
                 pool = %self.pool,
                 backend = %self.name,
-                "{}/{} down: {failures} consecutive {what}, last: {reason}",
+                "{}/{} down: {failures} consecutive {what}, last: {reason}{again}",
                 self.pool,
                 self.name
             );
@@ -305,9 +394,23 @@ impl Backend {
         marked_down
     }
 
+    /// A connect from real traffic (udp: a reply) succeeded. A backend that traffic
+    /// marked down without a health check is up again.
     pub fn record_connect_success(&self) {
         if self.connect_failures.load(Ordering::Relaxed) != 0 {
             self.connect_failures.store(0, Ordering::Relaxed);
+        }
+        if self.retry_at_ms.load(Ordering::Relaxed) != 0 {
+            self.stop_passive_retries();
+            if self.set_health(Health::Up) == Health::Down {
+                tracing::info!(
+                    pool = %self.pool,
+                    backend = %self.name,
+                    "{}/{} up: a connect from traffic succeeded",
+                    self.pool,
+                    self.name
+                );
+            }
         }
     }
 

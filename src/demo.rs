@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::balance::Strategy;
-use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig, Protocol};
+use crate::config::{BackendConfig, Config, ListenerConfig, OnDown, PoolConfig, Protocol};
 use crate::server::Server;
 
 /// A demo backend: greets each connection with its name, then echoes.
@@ -61,6 +61,7 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
             pool: "app".into(),
             max_connections: None,
             idle_timeout: Duration::from_secs(60),
+            half_close_timeout: Duration::from_secs(60),
         }],
         pools: vec![PoolConfig {
             name: "app".into(),
@@ -68,6 +69,7 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
             protocol: Protocol::Tcp,
             connect_timeout: Duration::from_secs(1),
             retries: 2,
+            on_down: OnDown::Keep,
             health_check: None,
             backends: backends
                 .iter()

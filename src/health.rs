@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -120,8 +120,9 @@ async fn check_loop(
     protocol: Protocol,
     first_round: oneshot::Sender<()>,
 ) {
-    let handles = &backend.metrics;
     let addr = probe_addr(backend.addr, &config);
+    // This checker owns the backend's health from now on.
+    backend.stop_passive_retries();
     // A backend checked before (its pool's checkers restarted by a reload) goes on by
     // rise/fall: only a backend never checked lets its first probe decide at once.
     let mut counters = if backend.last_check().is_empty() {
@@ -131,31 +132,60 @@ async fn check_loop(
     };
     let mut first_round = Some(first_round);
     loop {
+        if backend.take_recheck() {
+            // Back from maintenance (`enable` after `disable`): what was measured before
+            // is not trusted; the backend is down and the next probe decides at once.
+            counters = Counters::new(backend.health());
+        }
         if backend.admin() != Admin::Disabled {
-            let started = Instant::now();
-            let result = probe(addr, &config, protocol).await;
-            let took = started.elapsed();
-            handles.health_check_duration.record(took.as_secs_f64());
-            match &result {
-                Ok(()) => {
-                    handles.health_checks_pass.increment(1);
-                    backend.set_last_check(format!("pass {:.1}ms", took.as_secs_f64() * 1e3));
-                }
-                Err(reason) => {
-                    handles.health_checks_fail.increment(1);
-                    backend.set_last_check(format!("fail: {reason}"));
-                }
-            }
-            let current = backend.health();
-            if let Some(change) = counters.record(result.is_ok(), current, config.rise, config.fall)
-            {
-                apply(&backend, change, &result);
-            }
+            check_once(&backend, addr, &config, protocol, &mut counters).await;
         }
         if let Some(tx) = first_round.take() {
             let _ = tx.send(());
         }
-        tokio::time::sleep(jittered(config.interval)).await;
+        tokio::select! {
+            () = tokio::time::sleep(jittered(config.interval)) => {}
+            () = backend.probe_requested() => {}
+        }
+    }
+}
+
+/// One probe, its metrics and its verdict. weir's own exhaustion is neither a pass nor a
+/// failure: it is reported (`net::report_exhaustion`) and the backend keeps its health.
+async fn check_once(
+    backend: &Backend,
+    addr: SocketAddr,
+    config: &HealthCheckConfig,
+    protocol: Protocol,
+    counters: &mut Counters,
+) {
+    let handles = &backend.metrics;
+    let started = Instant::now();
+    let result = probe_classified(addr, config, protocol).await;
+    let took = started.elapsed();
+    let result = match result {
+        Err(ProbeError::Weir(e)) => {
+            crate::net::report_exhaustion("health check", &e);
+            backend.set_last_check(format!("skipped: weir is out of resources: {e}"));
+            return;
+        }
+        Err(ProbeError::Backend(reason)) => Err(reason),
+        Ok(()) => Ok(()),
+    };
+    handles.health_check_duration.record(took.as_secs_f64());
+    match &result {
+        Ok(()) => {
+            handles.health_checks_pass.increment(1);
+            backend.set_last_check(format!("pass {:.1}ms", took.as_secs_f64() * 1e3));
+        }
+        Err(reason) => {
+            handles.health_checks_fail.increment(1);
+            backend.set_last_check(format!("fail: {reason}"));
+        }
+    }
+    let current = backend.health();
+    if let Some(change) = counters.record(result.is_ok(), current, config.rise, config.fall) {
+        apply(backend, change, &result);
     }
 }
 
@@ -297,6 +327,42 @@ pub async fn probe(
     config: &HealthCheckConfig,
     protocol: Protocol,
 ) -> Result<(), String> {
+    probe_classified(addr, config, protocol)
+        .await
+        .map_err(|e| match e {
+            ProbeError::Backend(reason) => reason,
+            ProbeError::Weir(e) => format!("weir is out of resources: {e}"),
+        })
+}
+
+/// Why a probe did not pass: the backend's answer (or silence), or weir's own exhaustion,
+/// which says nothing about the backend and must not count as a failed check.
+#[derive(Debug)]
+pub enum ProbeError {
+    Backend(String),
+    Weir(std::io::Error),
+}
+
+impl From<String> for ProbeError {
+    fn from(reason: String) -> Self {
+        ProbeError::Backend(reason)
+    }
+}
+
+/// A socket-level error: weir's own when it is exhaustion, else the backend's.
+fn classify(e: std::io::Error) -> ProbeError {
+    if crate::net::is_resource_exhaustion(&e) {
+        ProbeError::Weir(e)
+    } else {
+        ProbeError::Backend(describe(&e))
+    }
+}
+
+async fn probe_classified(
+    addr: SocketAddr,
+    config: &HealthCheckConfig,
+    protocol: Protocol,
+) -> Result<(), ProbeError> {
     let deadline = tokio::time::Instant::now() + config.timeout;
     match protocol {
         Protocol::Tcp => probe_tcp(addr, config, deadline).await,
@@ -324,11 +390,17 @@ async fn probe_tcp(
     addr: SocketAddr,
     config: &HealthCheckConfig,
     deadline: tokio::time::Instant,
-) -> Result<(), String> {
-    let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+) -> Result<(), ProbeError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    let socket = socket.map_err(classify)?;
+    let mut stream = tokio::time::timeout_at(deadline, socket.connect(addr))
         .await
         .map_err(|_| timed_out(config))?
-        .map_err(|e| describe(&e))?;
+        .map_err(classify)?;
     if let Some(send) = &config.send {
         tokio::time::timeout_at(deadline, stream.write_all(send))
             .await
@@ -347,7 +419,8 @@ async fn probe_tcp(
                     "{} waiting for a reply containing {}",
                     timed_out(config),
                     quoted(expect)
-                ));
+                )
+                .into());
             }
             // Many servers (Redis among them) keep the connection open after answering.
             Err(_) => {
@@ -355,16 +428,18 @@ async fn probe_tcp(
                     "reply did not contain {} within {}",
                     quoted(expect),
                     humantime::format_duration(config.timeout)
-                ));
+                )
+                .into());
             }
-            Ok(Err(e)) => return Err(format!("reading the reply: {}", describe(&e))),
+            Ok(Err(e)) => return Err(format!("reading the reply: {}", describe(&e)).into()),
             Ok(Ok(0)) if reply.is_empty() => {
                 return Err(format!(
                     "connection closed without a reply (expected {})",
                     quoted(expect)
-                ));
+                )
+                .into());
             }
-            Ok(Ok(0)) => return Err(format!("reply did not contain {}", quoted(expect))),
+            Ok(Ok(0)) => return Err(format!("reply did not contain {}", quoted(expect)).into()),
             Ok(Ok(n)) => n,
         };
         // Only the new bytes and the tail that could complete a match are searched again.
@@ -378,7 +453,8 @@ async fn probe_tcp(
                 "reply did not contain {} in its first {} bytes",
                 quoted(expect),
                 MAX_REPLY
-            ));
+            )
+            .into());
         }
     }
 }
@@ -387,23 +463,21 @@ async fn probe_udp(
     addr: SocketAddr,
     config: &HealthCheckConfig,
     deadline: tokio::time::Instant,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let local: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let socket = UdpSocket::bind(local)
-        .await
-        .map_err(|e| format!("cannot open a udp socket: {e}"))?;
+    let socket = UdpSocket::bind(local).await.map_err(classify)?;
     // Connected, so only the backend's replies arrive and an ICMP "port unreachable"
     // comes back as "connection refused".
-    socket.connect(addr).await.map_err(|e| describe(&e))?;
+    socket.connect(addr).await.map_err(classify)?;
     let datagram = config.send.as_deref().unwrap_or(&[]);
     tokio::time::timeout_at(deadline, socket.send(datagram))
         .await
         .map_err(|_| timed_out(config))?
-        .map_err(|e| describe(&e))?;
+        .map_err(classify)?;
     let mut buf = vec![0u8; 65536];
     let n = match tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
         Err(_) => {
@@ -414,14 +488,15 @@ async fn probe_udp(
                     quoted(expect)
                 ),
                 None => format!("{} waiting for a reply", timed_out(config)),
-            });
+            }
+            .into());
         }
-        Ok(Err(e)) => return Err(describe(&e)),
+        Ok(Err(e)) => return Err(classify(e)),
         Ok(Ok(n)) => n,
     };
     match &config.expect {
         Some(expect) if !contains(&buf[..n], expect) => {
-            Err(format!("reply did not contain {}", quoted(expect)))
+            Err(format!("reply did not contain {}", quoted(expect)).into())
         }
         _ => Ok(()),
     }

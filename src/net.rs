@@ -83,6 +83,33 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     }
 }
 
+/// weir itself ran out of descriptors or memory during `operation` ("connect", "health
+/// check", "accept", …): never a backend's fault. Counted in
+/// `weir_resource_exhaustion_total{operation}` every time, logged at error once per burst
+/// (at most every 10 s, whatever the operation), naming the fix.
+pub fn report_exhaustion(operation: &'static str, e: &io::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT_LOG_MS: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    metrics::counter!(crate::metrics::names::RESOURCE_EXHAUSTION, "operation" => operation)
+        .increment(1);
+    let now = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64;
+    let next = NEXT_LOG_MS.load(Ordering::Relaxed);
+    if now >= next
+        && NEXT_LOG_MS
+            .compare_exchange(next, now + 10_000, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::error!(
+            operation,
+            "weir is out of resources: {operation}: {e}; no backend is blamed (raise the open-file limit, LimitNOFILE=, or lower max_connections)"
+        );
+    }
+}
+
 /// ICMP errors a connected UDP socket reports for its peer: the backend is not there.
 pub fn is_unreachable(e: &io::Error) -> bool {
     matches!(
@@ -125,6 +152,8 @@ pub async fn accept_loop<T, F, Fut>(
                 serve(item);
             }
             Err(e) if is_resource_exhaustion(&e) => {
+                metrics::counter!(crate::metrics::names::RESOURCE_EXHAUSTION, "operation" => "accept")
+                    .increment(1);
                 if !in_burst {
                     tracing::error!(
                         "{what}: accept failed: {e}; backing off (raise the open-file limit or lower max_connections)"

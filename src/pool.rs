@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Passive};
+
+/// Failed connects in a row that mark a backend down in a pool without a health check.
+pub const PASSIVE_FALL: u32 = 3;
 use crate::balance::Balancer;
 use crate::balance::Strategy;
 use crate::config::{PoolConfig, Protocol};
@@ -20,9 +23,9 @@ pub struct PoolSnapshot {
     pub strategy: Strategy,
     pub connect_timeout: Duration,
     pub retries: u32,
-    /// With a health check: this many failed connects from real traffic in a row mark
-    /// a backend down at once (the probes bring it back). None: no passive checking.
-    pub passive_fall: Option<u32>,
+    /// What failed connects from real traffic do: `fall` of them in a row (the health
+    /// check's, or 3 without one) mark a backend down at once.
+    pub passive_fall: Passive,
 }
 
 impl PoolSnapshot {
@@ -33,7 +36,13 @@ impl PoolSnapshot {
             strategy: config.strategy,
             connect_timeout: config.connect_timeout,
             retries: config.retries,
-            passive_fall: config.health_check.as_ref().map(|h| h.fall),
+            passive_fall: Passive {
+                fall: config
+                    .health_check
+                    .as_ref()
+                    .map_or(PASSIVE_FALL, |h| h.fall),
+                retry: config.health_check.is_none(),
+            },
         }
     }
 

@@ -7,8 +7,15 @@ use crate::server::Server;
 use crate::shutdown::{Signal, Signals};
 
 pub async fn run(config_path: &Path) -> ExitCode {
-    let config = match crate::config::load(config_path) {
-        Ok(c) => c,
+    let config = match crate::config::load_with_warnings(config_path) {
+        Ok((c, warnings)) => {
+            // What `weir check` warns about (a pool no listener uses, a check timeout
+            // longer than its interval): said at start too, for whoever skipped check.
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+            c
+        }
         Err(errors) => {
             eprintln!("{errors}");
             return ExitCode::from(2);

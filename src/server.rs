@@ -181,7 +181,11 @@ fn restore_state(config: &Config, tables: &Tables) {
     let state = match state_file::read(path) {
         Ok(state) => state,
         Err(e) => {
-            tracing::warn!("state file: {e}; starting with every backend enabled");
+            // Loud: an operator's drain or disable may be lost with it. The file is
+            // rewritten at the next admin change.
+            tracing::error!(
+                "state file: {e}; serving with the config's admin state (every backend enabled, the config's weights)"
+            );
             return;
         }
     };

@@ -2,9 +2,16 @@
 //! changed at runtime, kept across restarts so a backend under maintenance doesn't come
 //! back into rotation because weir restarted.
 //!
-//! Only the control task writes it (after every admin change and reload), atomically:
-//! a uniquely named temporary file in the same folder (created with O_EXCL, so a symlink
-//! planted there is never followed), then a rename (`tempfile`).
+//! Only the control task writes it (after every admin change and reload), durably and
+//! atomically: a uniquely named temporary file in the same folder (created with O_EXCL,
+//! so a symlink planted there is never followed), fsynced, renamed over the file
+//! (`tempfile`), then the folder fsynced. The admin socket answers only after that, so a
+//! change it acknowledged survives a crash or power loss.
+//!
+//! It is read with O_NOFOLLOW: a state file that is a symbolic link is refused like an
+//! unreadable one (logged at error, counted in `weir_state_file_errors_total{op="read"}`,
+//! weir serves with the config's state), and the next admin change replaces the link
+//! with a regular file: weir never writes through a link.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +27,15 @@ use crate::tables::Tables;
 pub enum StateFileError {
     #[error("{path}: cannot read: {source}")]
     Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is a symbolic link; weir never follows one (remove it: the next admin change writes a regular file there)"
+    )]
+    Symlink { path: String },
+    #[error("{path}: cannot write: {source}")]
+    Write {
         path: String,
         source: std::io::Error,
     },
@@ -88,7 +104,18 @@ pub fn capture(tables: &Tables, config: &Config) -> StateFile {
     state
 }
 
-pub fn write(path: &Path, state: &StateFile) -> std::io::Result<()> {
+/// Writes `state` durably (see the module doc); a failure is counted and names the file.
+pub fn write(path: &Path, state: &StateFile) -> Result<(), StateFileError> {
+    write_durably(path, state).map_err(|source| {
+        errors("write").increment(1);
+        StateFileError::Write {
+            path: path.display().to_string(),
+            source,
+        }
+    })
+}
+
+fn write_durably(path: &Path, state: &StateFile) -> std::io::Result<()> {
     use std::io::Write as _;
     let text = serde_json::to_string_pretty(state).map_err(std::io::Error::other)? + "\n";
     let folder = match path.parent() {
@@ -99,24 +126,57 @@ pub fn write(path: &Path, state: &StateFile) -> std::io::Result<()> {
         .prefix(".weir-state.")
         .tempfile_in(folder)?;
     temporary.write_all(text.as_bytes())?;
+    temporary.as_file().sync_all()?;
+    // rename(2) replaces a link at `path` itself, never the file it points to.
     temporary.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    std::fs::File::open(folder)?.sync_all()
+}
+
+/// `weir_state_file_errors_total{op}`: a lookup by name, on the rare error path only.
+fn errors(op: &'static str) -> metrics::Counter {
+    metrics::counter!(crate::metrics::names::STATE_FILE_ERRORS, "op" => op)
 }
 
 /// Reads the file; a missing file is an empty state.
+/// Reads the file; a missing file is an empty state. Anything else that keeps it from
+/// being read — unreadable, empty, not JSON, a symbolic link — is an error, counted in
+/// `weir_state_file_errors_total{op="read"}`.
 pub fn read(path: &Path) -> Result<StateFile, StateFileError> {
-    let shown = || path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|source| StateFileError::Parse {
-            path: shown(),
-            source,
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
-        Err(source) => Err(StateFileError::Read {
-            path: shown(),
-            source,
-        }),
+    let result = read_no_follow(path);
+    if result.is_err() {
+        errors("read").increment(1);
     }
+    result
+}
+
+fn read_no_follow(path: &Path) -> Result<StateFile, StateFileError> {
+    use rustix::fs::{Mode, OFlags};
+    use std::io::Read as _;
+    let shown = || path.display().to_string();
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let file = match rustix::fs::open(path, flags, Mode::empty()) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(rustix::io::Errno::NOENT) => return Ok(StateFile::default()),
+        Err(rustix::io::Errno::LOOP) => return Err(StateFileError::Symlink { path: shown() }),
+        Err(e) => {
+            return Err(StateFileError::Read {
+                path: shown(),
+                source: e.into(),
+            });
+        }
+    };
+    let mut text = String::new();
+    let mut reader = std::io::BufReader::new(file);
+    reader
+        .read_to_string(&mut text)
+        .map_err(|source| StateFileError::Read {
+            path: shown(),
+            source,
+        })?;
+    serde_json::from_str(&text).map_err(|source| StateFileError::Parse {
+        path: shown(),
+        source,
+    })
 }
 
 /// Applies a state file to freshly built backends (whose weight is still the config's),

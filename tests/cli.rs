@@ -466,6 +466,109 @@ fn out_of_file_descriptors_the_accept_loop_backs_off_logs_once_and_recovers() {
     let _ = child.wait();
 }
 
+/// weir's own descriptors running out is never a backend's fault: a flood past the fd
+/// limit makes connects and probes fail with EMFILE, and no healthy backend is marked
+/// down for it (before, passive checking and the probes both blamed the backend, and
+/// the outage outlasted the flood).
+#[test]
+fn running_out_of_descriptors_never_marks_a_healthy_backend_down() {
+    let backend_addr = echo_backend_thread();
+    let dir = temp_dir("emfile-health");
+    let socket = dir.join("admin.sock");
+    let config = write_config(
+        &dir,
+        &format!(
+            "admin:\n  socket: {}\nlisteners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    health_check: {{ interval: 100ms, timeout: 500ms, rise: 1, fall: 1 }}\n    backends:\n      - address: {backend_addr}\n",
+            socket.display()
+        ),
+    );
+    let (child, front, logs) = spawn_weir_with(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" run -c \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_weir"))
+            .arg(&config),
+    );
+    let _child = KillOnDrop(child);
+    // Idle clients: each one weir serves holds two descriptors (client and backend).
+    let mut clients = Vec::new();
+    for _ in 0..80 {
+        if let Ok(stream) = TcpStream::connect_timeout(&front, Duration::from_secs(2)) {
+            clients.push(stream);
+        }
+    }
+    // Hold the flood through several probe intervals, reading what weir says.
+    let mut said = Vec::new();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while let Ok(line) = logs.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        said.push(line);
+    }
+    assert!(
+        said.iter()
+            .any(|l| l.contains("out of resources") || l.contains("accept failed")),
+        "the flood exhausted weir's descriptors:\n{}",
+        said.join("\n")
+    );
+    drop(clients);
+    // The backend stayed up throughout, and weir says so once descriptors are free.
+    let deadline = Instant::now() + common::DEADLINE;
+    let shown = loop {
+        let out = weir()
+            .args(["ctl", "-s"])
+            .arg(&socket)
+            .args(["show", "backends"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the admin socket answers again");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    while let Ok(line) = logs.try_recv() {
+        said.push(line);
+    }
+    let downs: Vec<&String> = said.iter().filter(|l| l.contains(" down:")).collect();
+    assert!(
+        downs.is_empty(),
+        "a healthy backend was marked down: {downs:?}"
+    );
+    assert!(shown.contains(" up "), "{shown}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kills the child when the test ends, passing or panicking.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Logs written to a file or a pipe (`weir run … 2> weir.log`, the journal) carry no
+/// terminal colour codes.
+#[test]
+fn logs_into_a_pipe_have_no_colour_codes() {
+    let dir = temp_dir("colour");
+    let config = write_config(
+        &dir,
+        "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n    backends:\n      - address: 127.0.0.1:9\n",
+    );
+    let (child, _front, logs, mut lines) =
+        spawn_weir_keeping_start_log(weir().args(["run", "-c"]).arg(&config));
+    let _child = KillOnDrop(child);
+    // The line after "accepting on …": "weir … running".
+    lines.push(logs.recv_timeout(common::DEADLINE).expect("weir says it runs"));
+    assert!(lines.iter().any(|l| l.contains("INFO")), "{lines:?}");
+    for line in &lines {
+        assert!(!line.contains('\u{1b}'), "a colour code in {line:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_second_sigterm_closes_open_connections_at_once() {
     let backend_addr = echo_backend_thread();

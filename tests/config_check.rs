@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use weir::balance::Strategy;
-use weir::config::{Config, Protocol, load, parse};
+use weir::config::{Config, OnDown, Protocol, load, parse};
 
 const FILE: &str = "config/weir.yaml";
 
@@ -310,7 +310,7 @@ pools:
         &[
             "unknown key \"stratgy\"",
             "in a pool",
-            "strategy, connect_timeout, retries, health_check, backends",
+            "strategy, connect_timeout, retries, on_down, health_check, backends",
         ],
     );
     assert_eq!(all.len(), 1);
@@ -1408,6 +1408,82 @@ fn a_missing_pool_gets_a_hint() {
     );
 }
 
+#[test]
+fn half_close_timeout_and_on_down() {
+    let c = valid(MINIMAL);
+    assert_eq!(c.listeners[0].half_close_timeout, Duration::from_secs(60));
+    assert_eq!(c.pools[0].on_down, OnDown::Keep);
+
+    let c = valid(
+        &MINIMAL
+            .replace(
+                "    pool: redis\n",
+                "    pool: redis\n    half_close_timeout: 250ms\n",
+            )
+            .replace("    backends:", "    on_down: close\n    backends:"),
+    );
+    assert_eq!(
+        c.listeners[0].half_close_timeout,
+        Duration::from_millis(250)
+    );
+    assert_eq!(c.pools[0].on_down, OnDown::Close);
+    let c = valid(&MINIMAL.replace("    backends:", "    on_down: keep\n    backends:"));
+    assert_eq!(c.pools[0].on_down, OnDown::Keep);
+
+    let text = MINIMAL
+        .replace(
+            "    pool: redis\n",
+            "    pool: redis\n    half_close_timeout: 25d\n",
+        )
+        .replace("    backends:", "    on_down: drain\n    backends:");
+    assert_problem(
+        &text,
+        5,
+        25,
+        &["half_close_timeout \"25d\" is too long", "1ms..=24d"],
+    );
+    assert_problem(
+        &text,
+        8,
+        14,
+        &["unknown on_down \"drain\" (expected one of: keep, close)"],
+    );
+    assert_eq!(problems(&text).len(), 2);
+    assert_problem(
+        &MINIMAL.replace(
+            "    pool: redis\n",
+            "    pool: redis\n    half_close_timeout: 0s\n",
+        ),
+        5,
+        25,
+        &["half_close_timeout \"0s\" must be more than zero"],
+    );
+}
+
+#[test]
+fn half_close_timeout_on_a_udp_listener_is_a_warning() {
+    let text = "\
+listeners:
+  dns:
+    bind: 127.0.0.1:5353
+    protocol: udp
+    pool: dns
+    half_close_timeout: 5s
+pools:
+  dns:
+    backends:
+      - address: 127.0.0.1:53
+";
+    let (_, warnings) = weir::config::parse_with_warnings(text, FILE).unwrap();
+    let warnings: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(
+        warnings,
+        [format!(
+            "{FILE}:6:25: warning: half_close_timeout has no effect on a udp listener (only tcp connections are half-closed)"
+        )]
+    );
+}
+
 // ----- generated configs -------------------------------------------------------------
 
 mod generated {
@@ -1524,7 +1600,7 @@ mod generated {
             bind in address(),
             protocol in proptest::option::of(select(&["tcp", "udp", "sctp"][..])),
             max_connections in proptest::option::of(number()),
-            idle in proptest::option::of(duration()),
+            (idle, half_close) in (proptest::option::of(duration()), proptest::option::of(duration())),
             strategy in proptest::option::of(select(&["round-robin", "source-hash", "fastest"][..])),
             connect in proptest::option::of(duration()),
             retries in proptest::option::of(number()),
@@ -1543,7 +1619,7 @@ mod generated {
             yaml.push_str(&format!("listeners:\n  front:\n    bind: {bind}\n    pool: p\n"));
             yaml.push_str(&lines("    ", &[
                 ("protocol", &protocol), ("max_connections", &max_connections),
-                ("idle_timeout", &idle),
+                ("idle_timeout", &idle), ("half_close_timeout", &half_close),
             ]));
             yaml.push_str("pools:\n  p:\n");
             yaml.push_str(&lines("    ", &[
@@ -1574,6 +1650,7 @@ mod generated {
                 usable(c.shutdown_timeout);
                 for l in &c.listeners {
                     usable(l.idle_timeout);
+                    usable(l.half_close_timeout);
                 }
                 for p in &c.pools {
                     usable(p.connect_timeout);

@@ -477,3 +477,107 @@ async fn udp_probe_sends_one_datagram_and_checks_the_reply() {
         Err("timed out after 200ms waiting for a reply".into())
     );
 }
+
+/// `enable` after `disable`: health measured before the maintenance is not trusted. The
+/// backend shows `down` at once and a probe runs at once (the interval here is a minute,
+/// so only that immediate probe can bring it back).
+#[tokio::test]
+async fn enable_after_disable_is_down_until_a_fresh_probe_passes() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let mut config = tcp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    );
+    config.pools[0].health_check = Some(health_check(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        2,
+        3,
+    ));
+    let (server, front) = start(config).await;
+    assert_eq!(state(&server, "pool", "a"), State::Up);
+
+    // Maintenance on a: disabled, and it dies meanwhile.
+    admin_command(&server, "disable pool/a").await.unwrap();
+    a.stop();
+    let reply = admin_command(&server, "enable pool/a").await.unwrap();
+    assert!(
+        reply.contains("down until a health check passes"),
+        "{reply}"
+    );
+    assert_eq!(
+        state(&server, "pool", "a"),
+        State::Down,
+        "not trusted on health from before the maintenance"
+    );
+    // Every client goes to b; the immediate probe of the dead a keeps it down.
+    for _ in 0..10 {
+        let (_c, name) = connect_named(front).await;
+        assert_eq!(name, "b");
+    }
+    let a_back = TestBackend::restart("a", a.addr).await;
+
+    // A healthy backend disabled and enabled again is back after one probe, long
+    // before the minute-long interval.
+    admin_command(&server, "disable pool/b").await.unwrap();
+    admin_command(&server, "enable pool/b").await.unwrap();
+    assert_eq!(state(&server, "pool", "b"), State::Down);
+    let took = wait_for_state(&server, "pool", "b", State::Up, Duration::from_secs(2)).await;
+    eprintln!("b back after one probe, {took:?} after enable");
+    drop(a_back);
+}
+
+/// Without a health check, a backend whose connects keep failing is marked down after
+/// 3 in a row, so clients stop paying a failed connect each; traffic tries it again
+/// after a backoff, and the first connect that succeeds brings it back.
+#[tokio::test]
+async fn without_a_health_check_a_dead_backend_is_marked_down_and_retried() {
+    let dead = refused_addr().await;
+    let b = TestBackend::start("b").await;
+    let mut config = tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("x", dead, 1), backend_config("b", b.addr, 1)],
+    );
+    config.pools[0].retries = 1;
+    let (server, front) = start(config).await;
+    let x = server.backend("pool", "x").unwrap();
+    // Every client is served (the failed connect is retried on b) until x is down.
+    for i in 0..8 {
+        let (_c, name) = connect_named(front).await;
+        assert_eq!(name, "b", "client {i}");
+    }
+    assert_eq!(x.state(), State::Down, "marked down by failed connects");
+    let errors = x.metrics_connect_errors();
+    assert_eq!(errors, 3, "3 failed connects mark it down; none after");
+    for _ in 0..8 {
+        connect_named(front).await;
+    }
+    assert_eq!(
+        x.metrics_connect_errors(),
+        3,
+        "no connect to x while it is down"
+    );
+
+    // It comes back: the port answers again, and after the backoff (1 s) traffic
+    // tries it and finds it up.
+    let x_back = TestBackend::restart("x", dead).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_c, name) = connect_named(front).await;
+        if name == "x" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "x never tried again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        x.state(),
+        State::Up,
+        "a connect that succeeded brings it back"
+    );
+    drop(x_back);
+}

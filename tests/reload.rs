@@ -267,7 +267,7 @@ async fn listeners_added_and_removed_and_a_bind_conflict_rolls_back() {
         &path,
         with_second(free).replace(
             "    pool: pool\n  second:",
-            "    pool: pool\n    max_connections: 7\n    idle_timeout: 5m\n  second:",
+            "    pool: pool\n    max_connections: 7\n    idle_timeout: 5m\n    half_close_timeout: 2s\n  second:",
         ),
     )
     .unwrap();
@@ -276,6 +276,10 @@ async fn listeners_added_and_removed_and_a_bind_conflict_rolls_back() {
     assert_eq!(
         front_listener.idle_timeout(),
         std::time::Duration::from_secs(300)
+    );
+    assert_eq!(
+        front_listener.half_close_timeout(),
+        std::time::Duration::from_secs(2)
     );
     assert!(std::sync::Arc::ptr_eq(
         &front_listener,

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use weir::backend::{Admin, State};
 use weir::balance::Strategy;
+use weir::config::OnDown;
 
 /// A backend that reads until EOF, then answers with `answer_len` bytes derived from what it got.
 async fn answer_after_eof_backend(answer_len: usize) -> std::net::SocketAddr {
@@ -363,4 +365,475 @@ async fn ipv6_listener_and_backend() {
     assert!(front.is_ipv6());
     let (_s, name) = connect_named(front).await;
     assert_eq!(name, "v6");
+}
+
+/// Half-close: the client sends a request and shuts down writing; the backend answers with
+/// `chunks` small writes `every` apart, then closes. Returns the listener's address.
+async fn trickling_backend(chunks: usize, every: Duration) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                stream.read_to_end(&mut request).await.unwrap();
+                let mut tick = tokio::time::interval(every);
+                for i in 0..chunks {
+                    tick.tick().await;
+                    if stream.write_all(&[i as u8; 100]).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_half_closed_connection_stays_open_while_the_other_side_keeps_sending() {
+    // 16 chunks 100 ms apart: 1.5 s of answer, five times half_close_timeout.
+    let backend = trickling_backend(16, Duration::from_millis(100)).await;
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", backend, 1)]);
+    config.listeners[0].half_close_timeout = Duration::from_millis(300);
+    let (_server, front) = start(config).await;
+
+    let mut client = TcpStream::connect(front).await.unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, client.read_to_end(&mut answer))
+        .await
+        .expect("the answer ends in time")
+        .expect("a clean end, not a reset");
+    let expected: Vec<u8> = (0..16u8).flat_map(|i| [i; 100]).collect();
+    assert_eq!(answer.len(), expected.len(), "the whole answer arrives");
+    assert!(answer == expected);
+}
+
+#[tokio::test]
+async fn a_half_closed_connection_with_nothing_sent_ends_after_half_close_timeout() {
+    // The backend reads the request to its EOF, then sends nothing and keeps the socket.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, got) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).await.unwrap();
+        let _ = got_tx.send((request, stream));
+    });
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", addr, 1)]);
+    config.listeners[0].half_close_timeout = Duration::from_millis(300);
+    let (_server, front) = start(config).await;
+
+    let mut client = TcpStream::connect(front).await.unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, client.read_to_end(&mut rest))
+        .await
+        .expect("closed by half_close_timeout")
+        .expect("a clean close");
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before half_close_timeout: {:?}",
+        started.elapsed()
+    );
+    let (request, mut backend) = tokio::time::timeout(DEADLINE, got).await.unwrap().unwrap();
+    assert_eq!(request, b"request");
+    // weir closed its backend socket too: a byte sent to it is answered with a reset.
+    let _ = backend.write_all(b"late").await;
+    tokio::time::timeout(DEADLINE, backend.ready(tokio::io::Interest::ERROR))
+        .await
+        .expect("weir's backend socket is closed")
+        .unwrap();
+}
+
+/// Writes to `stream` until a write makes no progress for 200 ms: everything between it
+/// and a peer that doesn't read is full (its buffers, weir's pipe and buffers). Returns
+/// the bytes written.
+async fn write_until_stalled(stream: &mut TcpStream) -> usize {
+    let chunk = vec![0x5a; 64 * 1024];
+    let mut written = 0;
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), stream.write(&chunk)).await {
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => panic!("write failed after {written} bytes: {e}"),
+            Err(_) => return written,
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "still writing after {DEADLINE:?}"
+        );
+    }
+}
+
+/// Reads until EOF or an error; returns the bytes read and how it ended.
+async fn read_until_end(stream: &mut TcpStream) -> (usize, Result<(), std::io::ErrorKind>) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut read = 0;
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("the stream ends in time")
+        {
+            Ok(0) => return (read, Ok(())),
+            Ok(n) => read += n,
+            Err(e) => return (read, Err(e.kind())),
+        }
+    }
+}
+
+/// A backend that accepts one connection, never reads, and hands it over.
+async fn idle_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Receiver<TcpStream>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let _ = tx.send(stream);
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn bytes_cut_off_by_the_idle_timeout_end_in_a_reset_not_a_clean_eof() {
+    // Client → backend: the backend doesn't read, so weir still holds bytes for it when
+    // the idle timeout fires.
+    let (addr, accepted) = idle_backend().await;
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", addr, 1)]);
+    config.listeners[0].idle_timeout = Duration::from_millis(500);
+    let (_server, front) = start(config).await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    let sent = write_until_stalled(&mut client).await;
+    // weir closing the client socket with bytes unread in it resets the client: the sign
+    // that the idle timeout fired.
+    tokio::time::timeout(DEADLINE, client.ready(tokio::io::Interest::ERROR))
+        .await
+        .expect("the idle timeout ends the connection")
+        .unwrap();
+    let (got, end) = read_until_end(&mut backend).await;
+    assert!(got < sent, "weir held bytes back: got {got} of {sent}");
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a stream cut short ends in a reset (got {got} of {sent} bytes)"
+    );
+
+    // Backend → client: the same the other way.
+    let (addr, accepted) = idle_backend().await;
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", addr, 1)]);
+    config.listeners[0].idle_timeout = Duration::from_millis(500);
+    let (_server, front) = start(config).await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    let sent = write_until_stalled(&mut backend).await;
+    tokio::time::timeout(DEADLINE, backend.ready(tokio::io::Interest::ERROR))
+        .await
+        .expect("the idle timeout ends the connection")
+        .unwrap();
+    let (got, end) = read_until_end(&mut client).await;
+    assert!(got < sent, "weir held bytes back: got {got} of {sent}");
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a stream cut short ends in a reset (got {got} of {sent} bytes)"
+    );
+}
+
+/// Resets `stream`: SO_LINGER 0, then close.
+fn reset(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+/// Waits up to a second for `stream` to be reset by its peer (without reading: what it
+/// holds stays unread), then reads it to its end, which must be the reset.
+async fn assert_reset_within_a_second(mut stream: TcpStream, what: &str) {
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{what}: no reset within a second"))
+    .unwrap();
+    let (_, end) = read_until_end(&mut stream).await;
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{what}: reset after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_client_reset_reaches_a_backend_that_is_not_reading() {
+    let (addr, accepted) = idle_backend().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    // weir's write to the backend blocks: its pump waits on the backend, not the client.
+    write_until_stalled(&mut client).await;
+    reset(client);
+    assert_reset_within_a_second(backend, "backend").await;
+}
+
+#[tokio::test]
+async fn a_backend_reset_reaches_a_client_that_is_not_reading() {
+    let (addr, accepted) = idle_backend().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    write_until_stalled(&mut backend).await;
+    reset(backend);
+    assert_reset_within_a_second(client, "client").await;
+}
+
+#[tokio::test]
+async fn a_reset_after_a_half_close_is_passed_on() {
+    // The client finishes sending, then resets while the backend is still to answer.
+    let (addr, accepted) = idle_backend().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut request = [0u8; 7];
+    backend.read_exact(&mut request).await.unwrap();
+    let mut eof = [0u8; 1];
+    assert_eq!(
+        backend.read(&mut eof).await.unwrap(),
+        0,
+        "the EOF passed on"
+    );
+    reset(client);
+    let started = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        backend.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .expect("the reset passed on within a second")
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // The backend finishes sending, then resets while the client is still to send.
+    let (addr, accepted) = idle_backend().await;
+    let (_server, front) = start(tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("b", addr, 1)],
+    ))
+    .await;
+    let mut client = TcpStream::connect(front).await.unwrap();
+    let mut backend = tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    backend.write_all(b"greeting").await.unwrap();
+    backend.shutdown().await.unwrap();
+    let mut greeting = Vec::new();
+    client.read_to_end(&mut greeting).await.unwrap();
+    assert_eq!(greeting, b"greeting");
+    reset(backend);
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        client.ready(tokio::io::Interest::ERROR),
+    )
+    .await
+    .expect("the reset passed on within a second")
+    .unwrap();
+}
+
+/// `weir_backend_closed_on_down_total` of `pool/backend`, from this process's recorder.
+fn closed_on_down(pool: &str, backend: &str) -> f64 {
+    let text = weir::metrics::recorder().expect("weir's recorder").render();
+    let series =
+        format!("weir_backend_closed_on_down_total{{pool=\"{pool}\",backend=\"{backend}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// A pool `pool` with `on_down` and a fast health check on a port of its own (the
+/// returned listener: close it and the checks fail while the data port stays up), one
+/// connection open through weir to its backend `name`, which is up.
+async fn connection_to_a_checked_backend(
+    pool: &str,
+    on_down: OnDown,
+) -> (
+    weir::server::Server,
+    TestBackend,
+    std::net::TcpListener,
+    TcpStream,
+) {
+    let backend = TestBackend::start(pool).await;
+    let check_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = tcp_config(
+        Strategy::RoundRobin,
+        vec![backend_config(pool, backend.addr, 1)],
+    );
+    config.listeners[0].pool = pool.to_string();
+    config.pools[0].name = pool.to_string();
+    config.pools[0].on_down = on_down;
+    let mut check = health_check(Duration::from_millis(100), Duration::from_millis(100), 1, 2);
+    check.port = Some(check_port.local_addr().unwrap().port());
+    config.pools[0].health_check = Some(check);
+    let (server, front) = start(config).await;
+    wait_for_state(&server, pool, pool, State::Up, DEADLINE).await;
+    let (stream, name) = connect_named(front).await;
+    assert_eq!(name, pool);
+    (server, backend, check_port, stream)
+}
+
+/// The connection still carries bytes both ways.
+async fn assert_open(stream: &mut TcpStream) {
+    stream.write_all(b"still open").await.unwrap();
+    let mut echoed = [0u8; 10];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+        .await
+        .expect("echoed in time")
+        .expect("the connection is open");
+    assert_eq!(&echoed, b"still open");
+}
+
+#[tokio::test]
+async fn on_down_close_resets_the_connections_of_a_backend_marked_down() {
+    let pool = "on_down_close";
+    let (server, _backend, check_port, mut stream) =
+        connection_to_a_checked_backend(pool, OnDown::Close).await;
+    assert_open(&mut stream).await;
+    drop(check_port);
+    let started = Instant::now();
+    // interval × fall + 1 s
+    let within = Duration::from_millis(100 * 2) + Duration::from_secs(1);
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no reset within {within:?}"));
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "reset after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(state(&server, pool, pool), State::Down);
+    assert_eq!(closed_on_down(pool, pool), 1.0);
+}
+
+#[tokio::test]
+async fn on_down_keep_leaves_the_connections_of_a_backend_marked_down_open() {
+    let pool = "on_down_keep";
+    let (server, _backend, check_port, mut stream) =
+        connection_to_a_checked_backend(pool, OnDown::Keep).await;
+    drop(check_port);
+    wait_for_state(&server, pool, pool, State::Down, DEADLINE).await;
+    assert_open(&mut stream).await;
+    assert_eq!(closed_on_down(pool, pool), 0.0);
+}
+
+#[tokio::test]
+async fn on_down_close_never_closes_a_drained_or_disabled_backend_s_connections() {
+    for (pool, admin, shown) in [
+        ("on_down_drain", Admin::Drain, State::Draining),
+        ("on_down_disable", Admin::Disabled, State::Disabled),
+    ] {
+        let (server, _backend, _check_port, mut stream) =
+            connection_to_a_checked_backend(pool, OnDown::Close).await;
+        server.backend(pool, pool).unwrap().set_admin(admin);
+        assert_eq!(state(&server, pool, pool), shown);
+        // A few check rounds go by (they pass: the check port is still open).
+        let checks = || async {
+            let text = weir::metrics::recorder().unwrap().render();
+            let series = format!(
+                "weir_health_checks_total{{pool=\"{pool}\",backend=\"{pool}\",result=\"pass\"}} "
+            );
+            text.lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .map_or(0.0, |v| v.parse::<f64>().unwrap())
+        };
+        let before = checks().await;
+        if admin == Admin::Drain {
+            wait_until(DEADLINE, "three more checks", || async {
+                checks().await >= before + 3.0
+            })
+            .await;
+        }
+        assert_open(&mut stream).await;
+        assert_eq!(closed_on_down(pool, pool), 0.0);
+    }
+}
+
+#[tokio::test]
+async fn a_reload_to_on_down_close_applies_to_open_connections() {
+    let dir = TempDir::new("on-down-reload");
+    let path = dir.join("weir.yaml");
+    let backend = TestBackend::start("b").await;
+    let check_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let file = |on_down: &str| {
+        format!(
+            "listeners:\n  front:\n    bind: 127.0.0.1:0\n    pool: on_down_reload\npools:\n  on_down_reload:\n    on_down: {on_down}\n    health_check:\n      interval: 100ms\n      timeout: 100ms\n      rise: 1\n      fall: 2\n      port: {}\n    backends:\n      - address: {}\n        name: b\n",
+            check_port.local_addr().unwrap().port(),
+            backend.addr
+        )
+    };
+    std::fs::write(&path, file("keep")).unwrap();
+    let config = weir::config::load(&path).unwrap();
+    let server = weir::server::Server::start(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let front = server.listener_addr("front").unwrap();
+    wait_for_state(&server, "on_down_reload", "b", State::Up, DEADLINE).await;
+    let (mut stream, _) = connect_named(front).await;
+
+    std::fs::write(&path, file("close")).unwrap();
+    server.handle.reload().await.unwrap();
+    drop(check_port);
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_millis(1200), stream.read(&mut buf))
+        .await
+        .expect("reset once marked down");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    assert_eq!(closed_on_down("on_down_reload", "b"), 1.0);
 }

@@ -1,6 +1,7 @@
 //! The UDP data path over real sockets: session affinity, balancing of sessions, expiry,
-//! the session cap, maximum-size datagrams, drain, ICMP unreachable and re-pick, reply
-//! source addresses on wildcard binds, shutdown.
+//! the session cap, maximum-size datagrams, drain (also of clients that never pause, and
+//! removal by a reload), ICMP unreachable and re-pick, `on_down: close`, running out of
+//! file descriptors, reply source addresses on wildcard binds, shutdown.
 //!
 //! Every test runs on a runtime with two worker threads, so each listener receives on two
 //! SO_REUSEPORT sockets (one per worker), as it does in production on a multi-core host:
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use weir::backend::{Admin, Health, State};
 use weir::balance::Strategy;
+use weir::config::HealthCheckConfig;
 use weir::proxy::Listener;
 use weir::proxy::udp::DropReason;
 
@@ -360,7 +362,8 @@ async fn icmp_unreachable_counts_a_connect_error_and_a_down_backend_loses_its_se
     )
     .await;
     assert_eq!(dead_backend.active(), 1, "the session is still on it");
-    // Without a health check nothing marks it down: the session stays, each ICMP counts.
+    // Two errors mark nothing down (fewer than passive checking needs): the session
+    // stays, each ICMP counts.
     client.send_to(b"anyone?", front).await.unwrap();
     wait_until(DEADLINE, "a second connect error", || {
         let d = dead_backend.clone();
@@ -385,6 +388,39 @@ async fn icmp_unreachable_counts_a_connect_error_and_a_down_backend_loses_its_se
             format!("live:{i}")
         );
     }
+}
+
+/// Without a health check, ICMP errors are passive checking's failed connects too:
+/// three in a row mark the backend down, and its client's next datagram moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_health_check_three_icmp_errors_mark_a_udp_backend_down() {
+    let dead = dead_udp_address().await;
+    let live = UdpTestBackend::start("live").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("dead", dead, 1),
+            backend_config("live", live.addr, 1),
+        ],
+    ))
+    .await;
+    let dead_backend = server.backend("pool", "dead").unwrap();
+    let live_backend = server.backend("pool", "live").unwrap();
+    live_backend.set_admin(Admin::Drain);
+    let client = udp_client("127.0.0.1").await;
+    for n in 1..=3u64 {
+        client.send_to(b"hello?", front).await.unwrap();
+        wait_until(DEADLINE, "an ICMP error counted", || {
+            let d = dead_backend.clone();
+            async move { d.metrics_connect_errors() >= n }
+        })
+        .await;
+    }
+    assert_eq!(dead_backend.state(), State::Down, "three ICMP errors in a row");
+    live_backend.set_admin(Admin::Enabled);
+    let answer = udp_exchange(&client, front, b"now?").await;
+    assert_eq!(answer, "live:now?");
+    assert_eq!(dead_backend.active(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -754,4 +790,482 @@ async fn clients_spread_over_the_listeners_sockets_keep_one_session_each() {
             + server.backend("pool", "b").unwrap().active(),
         CLIENTS as u64
     );
+}
+
+/// A client that sends a datagram every 100 ms, each answered before the next, until
+/// told to stop; returns who answered each one, in order.
+fn steady_client(
+    front: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let client = udp_client("127.0.0.1").await;
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        let mut answers = Vec::new();
+        while !stop.is_cancelled() {
+            every.tick().await;
+            let answer =
+                udp_exchange(&client, front, format!("{}", answers.len()).as_bytes()).await;
+            answers.push(answered_by(&answer).to_string());
+        }
+        answers
+    })
+}
+
+/// The contract: a udp session on a drained backend lasts at most idle_timeout after the
+/// drain began, even while its client keeps sending, so `drain --wait` returns; the
+/// client's next datagram is a new session on another backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_wait_returns_while_the_client_keeps_sending() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let dir = TempDir::new("udp-drain");
+    let socket = dir.join("admin.sock");
+    let idle = Duration::from_secs(1);
+    let mut config = udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    );
+    config.listeners[0].idle_timeout = idle;
+    config.admin_socket = Some(socket.clone());
+    let (server, front) = start(config).await;
+    let l = listener(&server);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = steady_client(front, stop.clone());
+    wait_until(DEADLINE, "the client's session", || {
+        let l = l.clone();
+        async move { l.active() == 1 }
+    })
+    .await;
+    let on = ["a", "b"]
+        .into_iter()
+        .find(|name| server.backend("pool", name).unwrap().active() == 1)
+        .expect("the session's backend");
+    let other = if on == "a" { "b" } else { "a" };
+    let drained = server.backend("pool", on).unwrap();
+
+    let began = Instant::now();
+    let command = ["drain", &format!("pool/{on}"), "--wait", "--timeout", "5s"];
+    let outcome = weir::ctl::run(
+        Some(socket.clone()),
+        None,
+        command.iter().map(|w| w.to_string()).collect(),
+    )
+    .await;
+    let took = began.elapsed();
+    assert_eq!(
+        outcome,
+        weir::ctl::Outcome::Success,
+        "drain --wait returned"
+    );
+    assert!(took >= idle, "the session lasted idle_timeout: {took:?}");
+    assert!(
+        took < idle + Duration::from_secs(1),
+        "and not much longer: {took:?}"
+    );
+    assert_eq!(drained.active(), 0);
+    assert_eq!(drained.state(), State::Drained);
+
+    // The client keeps going, now answered by the other backend.
+    let answered = b.received() + a.received();
+    wait_until(DEADLINE, "five more answers", || {
+        let done = b.received() + a.received() >= answered + 5;
+        async move { done }
+    })
+    .await;
+    stop.cancel();
+    let answers = client.await.expect("the client never went unanswered");
+    let switched = answers
+        .iter()
+        .position(|name| name == other)
+        .expect("answers from the other backend");
+    assert!(
+        switched >= 5,
+        "the session stayed on {on} at first: {answers:?}"
+    );
+    assert!(
+        answers[..switched].iter().all(|name| name == on)
+            && answers[switched..].iter().all(|name| name == other),
+        "one switch, from {on} to {other}: {answers:?}"
+    );
+    assert_eq!(server.backend("pool", other).unwrap().active(), 1);
+    assert_eq!(l.active(), 1);
+    assert_eq!(l.total(), 2, "the client's next datagram was a new session");
+}
+
+/// Ending sessions of drained backends leaves alone a busy session on an enabled one,
+/// and one on a backend drained and enabled again before idle_timeout passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_session_on_an_enabled_backend_is_not_ended() {
+    let a = UdpTestBackend::start("a").await;
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("a", a.addr, 1)]);
+    let idle = Duration::from_secs(1);
+    config.listeners[0].idle_timeout = idle;
+    let (server, front) = start(config).await;
+    let l = listener(&server);
+    let backend = server.backend("pool", "a").unwrap();
+
+    // Watched for a while: nothing to wait for, the point is that nothing happens.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = steady_client(front, stop.clone());
+    tokio::time::sleep(idle * 2).await;
+    backend.set_admin(Admin::Drain);
+    tokio::time::sleep(idle / 5).await;
+    backend.set_admin(Admin::Enabled);
+    tokio::time::sleep(idle * 2).await;
+    stop.cancel();
+    let answers = client.await.unwrap();
+    assert!(answers.len() >= 30, "{} answers", answers.len());
+    assert_eq!(l.total(), 1, "one session all along");
+    assert_eq!(backend.total(), 1);
+    assert_eq!(backend.active(), 1);
+}
+
+/// `on_down: close` ends a backend's sessions as soon as it is marked down, without a
+/// datagram from their clients; the default (keep) leaves them to move on their next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marked_down_under_on_down_close_ends_sessions_at_once_and_keep_leaves_them() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let c = UdpTestBackend::start("c").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+            backend_config("c", c.addr, 1),
+        ],
+    ))
+    .await;
+    let l = listener(&server);
+    let backend = |name: &str| server.backend("pool", name).unwrap();
+    let mut clients = BTreeMap::new();
+    for i in 0..3 {
+        let client = udp_client("127.0.0.1").await;
+        let answer = udp_exchange(&client, front, format!("{i}").as_bytes()).await;
+        clients.insert(answered_by(&answer).to_string(), client);
+    }
+    assert_eq!(clients.len(), 3, "one session on each backend");
+    backend("a").set_close_on_down(true);
+
+    assert!(backend("a").mark_down());
+    assert!(backend("b").mark_down());
+    wait_until(Duration::from_millis(500), "a's session to end", || {
+        let a = backend("a");
+        async move { a.active() == 0 }
+    })
+    .await;
+    assert_eq!(l.active(), 2, "a's session ended, the others are open");
+    assert_eq!(
+        backend("b").active(),
+        1,
+        "b (on_down: keep) keeps its session"
+    );
+
+    // a's client gets a new session, b's moves (the same session), both to c.
+    let answer = udp_exchange(&clients["a"], front, b"again").await;
+    assert_eq!(answer, "c:again");
+    let answer = udp_exchange(&clients["b"], front, b"again").await;
+    assert_eq!(answer, "c:again");
+    assert_eq!(backend("b").active(), 0);
+    assert_eq!(backend("c").active(), 3);
+    assert_eq!(l.total(), 4, "a new session for a's client only");
+}
+
+/// A UDP backend with a health endpoint: it answers "PING" with "PONG" while `healthy`,
+/// and every other datagram with `NAME:` and the datagram.
+struct CheckedUdpBackend {
+    addr: SocketAddr,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CheckedUdpBackend {
+    async fn start(name: &str) -> CheckedUdpBackend {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let up = Arc::clone(&healthy);
+        let prefix = format!("{name}:").into_bytes();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let answer = if &buf[..n] == b"PING" {
+                    if !up.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue;
+                    }
+                    b"PONG".to_vec()
+                } else {
+                    [&prefix[..], &buf[..n]].concat()
+                };
+                let _ = socket.send_to(&answer, peer).await;
+            }
+        });
+        CheckedUdpBackend {
+            addr,
+            healthy,
+            task,
+        }
+    }
+}
+
+impl Drop for CheckedUdpBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// End to end: a udp health check marks a backend down under `on_down: close`; its
+/// sessions end at once and are counted in weir_backend_closed_on_down_total; the clients'
+/// next datagrams open sessions on the other backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_udp_health_check_under_on_down_close_ends_the_backends_sessions() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = CheckedUdpBackend::start("on_down_a").await;
+    let b = CheckedUdpBackend::start("on_down_b").await;
+    let mut config = udp_config(
+        Strategy::RoundRobin,
+        vec![
+            backend_config("on_down_a", a.addr, 1),
+            backend_config("on_down_b", b.addr, 1),
+        ],
+    );
+    let interval = Duration::from_millis(100);
+    config.pools[0].health_check = Some(HealthCheckConfig {
+        send: Some(b"PING".to_vec()),
+        expect: Some(b"PONG".to_vec()),
+        ..health_check(interval, interval, 1, 1)
+    });
+    config.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    let server = weir::server::Server::start(config, None).await.unwrap();
+    let front = server.listener_addr("front").unwrap();
+    for name in ["on_down_a", "on_down_b"] {
+        wait_for_state(&server, "pool", name, State::Up, DEADLINE).await;
+        server
+            .backend("pool", name)
+            .unwrap()
+            .set_close_on_down(true);
+    }
+    let closing = server.backend("pool", "on_down_a").unwrap();
+    let mut on_a = Vec::new();
+    for i in 0..4 {
+        let client = udp_client("127.0.0.1").await;
+        let answer = udp_exchange(&client, front, format!("{i}").as_bytes()).await;
+        if answered_by(&answer) == "on_down_a" {
+            on_a.push(client);
+        }
+    }
+    assert_eq!(on_a.len(), 2, "round-robin: two sessions on each");
+    assert_eq!(closing.active(), 2);
+
+    a.healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for_state(&server, "pool", "on_down_a", State::Down, DEADLINE).await;
+    wait_until(Duration::from_millis(500), "its sessions to end", || {
+        let closing = closing.clone();
+        async move { closing.active() == 0 }
+    })
+    .await;
+
+    let mut stream = tokio::net::TcpStream::connect(server.metrics_addr().unwrap())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut text))
+        .await
+        .expect("scrape in time")
+        .unwrap();
+    let line = r#"weir_backend_closed_on_down_total{pool="pool",backend="on_down_a"} 2"#;
+    assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+
+    for client in &on_a {
+        let answer = udp_exchange(client, front, b"next").await;
+        assert_eq!(answer, "on_down_b:next");
+    }
+    assert_eq!(server.backend("pool", "on_down_b").unwrap().active(), 4);
+    assert_eq!(listener(&server).total(), 6, "two new sessions");
+}
+
+/// weir running out of file descriptors is weir's problem: the datagrams that find no
+/// socket for their session are dropped as `reason="resources"`, the backend's health and
+/// connect errors are untouched, and clients are served again once descriptors are back.
+/// The open-file limit is the process's, so this runs in a child process of its own
+/// (`out_of_descriptors_in_a_child_process`).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_not_held_against_the_backend() {
+    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "out_of_descriptors_in_a_child_process"])
+        .args(["--ignored", "--nocapture", "--test-threads=1"])
+        .env("WEIR_UDP_FD_CHILD", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), child)
+        .await
+        .expect("the child in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{stderr}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "lowers the process's open-file limit: run by running_out_of_descriptors_is_not_held_against_the_backend"]
+async fn out_of_descriptors_in_a_child_process() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    if std::env::var_os("WEIR_UDP_FD_CHILD").is_none() {
+        return;
+    }
+    let a = UdpTestBackend::start("a").await;
+    let (server, front) = start(udp_config(
+        Strategy::RoundRobin,
+        vec![backend_config("a", a.addr, 1)],
+    ))
+    .await;
+    let backend = server.backend("pool", "a").unwrap();
+    let l = listener(&server);
+    let stats = l.udp.as_ref().unwrap();
+    const CLIENTS: usize = 40;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(udp_client("127.0.0.1").await);
+    }
+
+    // Room for two more descriptors: the limit is one above the second free number (those
+    // open above it stay open; a new one must be below it).
+    let open: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    // read_dir's own descriptor is in the list but closed by now: not counted as open.
+    let free =
+        |fd: &u64| !open.contains(fd) || std::fs::metadata(format!("/proc/self/fd/{fd}")).is_err();
+    let limit = (0u64..).filter(free).nth(1).unwrap() + 1;
+    let saved = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(limit),
+            maximum: saved.maximum,
+        },
+    )
+    .unwrap();
+    for client in &clients {
+        client.send_to(b"x", front).await.unwrap();
+    }
+    wait_until(DEADLINE, "every datagram sent on or dropped", || {
+        let handled = stats.datagrams_to_backend() + stats.dropped(DropReason::Resources);
+        let done = handled + stats.dropped(DropReason::UpstreamSocket) >= CLIENTS as u64;
+        async move { done }
+    })
+    .await;
+    setrlimit(Resource::Nofile, saved).unwrap();
+
+    let dropped = stats.dropped(DropReason::Resources);
+    assert!(dropped > 0, "some sessions found no descriptor");
+    assert_eq!(stats.dropped(DropReason::UpstreamSocket), 0);
+    assert_eq!(l.active() + dropped, CLIENTS as u64);
+    assert_eq!(
+        backend.metrics_connect_errors(),
+        0,
+        "not the backend's fault"
+    );
+    assert_eq!(backend.health(), Health::Up);
+    // Descriptors are back: every client is served (those that got a session may see the
+    // answer to their first datagram first).
+    for client in &clients {
+        let mut answer = udp_exchange(client, front, b"y").await;
+        if answer == "a:x" {
+            let mut buf = [0u8; 16];
+            let (n, _) = tokio::time::timeout(DEADLINE, client.recv_from(&mut buf))
+                .await
+                .expect("the answer in time")
+                .unwrap();
+            answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+        assert_eq!(answer, "a:y");
+    }
+    assert_eq!(l.active(), CLIENTS as u64);
+}
+
+/// A backend removed by a reload is retired like a drained one: its busy session ends
+/// idle_timeout after the reload, the client's next datagram goes to a backend that stays,
+/// and the removed backend leaves its pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_removed_by_a_reload_loses_its_busy_session_after_idle_timeout() {
+    let a = UdpTestBackend::start("a").await;
+    let b = UdpTestBackend::start("b").await;
+    let dir = TempDir::new("udp-retire");
+    let path = dir.join("weir.yaml");
+    let yaml = |backends: &[&UdpTestBackend]| {
+        let mut text = "listeners:\n  front:\n    bind: 127.0.0.1:0\n    protocol: udp\n    pool: pool\n    idle_timeout: 1s\npools:\n  pool:\n    backends:\n".to_string();
+        for backend in backends {
+            text += &format!(
+                "      - address: {}\n        name: {}\n",
+                backend.addr, backend.name
+            );
+        }
+        text
+    };
+    std::fs::write(&path, yaml(&[&a, &b])).unwrap();
+    let config = weir::config::load(&path).expect("valid config");
+    let server = weir::server::Server::start(config, Some(path.clone()))
+        .await
+        .unwrap();
+    let front = server.listener_addr("front").unwrap();
+    let l = listener(&server);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = steady_client(front, stop.clone());
+    wait_until(DEADLINE, "the client's session", || {
+        let l = l.clone();
+        async move { l.active() == 1 }
+    })
+    .await;
+    let (removed, stays) = if server.backend("pool", "a").unwrap().active() == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let retired = server.backend("pool", &removed.name).unwrap();
+    std::fs::write(&path, yaml(&[stays])).unwrap();
+    let began = Instant::now();
+    server.handle.reload().await.expect("reload");
+    wait_until(DEADLINE, "the removed backend's session to end", || {
+        let retired = retired.clone();
+        async move { retired.active() == 0 }
+    })
+    .await;
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "kept for idle_timeout: {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "not much longer: {took:?}");
+    wait_until(DEADLINE, "the removed backend to leave its pool", || {
+        let gone = server.backend("pool", &removed.name).is_none();
+        async move { gone }
+    })
+    .await;
+
+    let answered = stays.received();
+    wait_until(DEADLINE, "answers from the backend that stays", || {
+        let more = stays.received() >= answered + 3;
+        async move { more }
+    })
+    .await;
+    stop.cancel();
+    let answers = client.await.expect("the client never went unanswered");
+    assert_eq!(answers.last().unwrap(), &stays.name);
 }

@@ -23,7 +23,7 @@ mod yaml;
 
 pub use diag::{ConfigErrors, Diagnostic};
 pub use runtime::{
-    BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol,
+    BackendConfig, Config, HealthCheckConfig, ListenerConfig, OnDown, PoolConfig, Protocol,
     SOCKET_PATH_MAX, admin_socket_staging,
 };
 

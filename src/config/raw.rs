@@ -45,6 +45,7 @@ pub(super) struct RawListener {
     pub(super) pool: Option<Pos<String>>,
     pub(super) max_connections: Option<Pos<String>>,
     pub(super) idle_timeout: Option<Pos<String>>,
+    pub(super) half_close_timeout: Option<Pos<String>>,
     pub(super) reported: Vec<&'static str>,
 }
 
@@ -53,6 +54,7 @@ pub(super) struct RawPool {
     pub(super) strategy: Option<Pos<String>>,
     pub(super) connect_timeout: Option<Pos<String>>,
     pub(super) retries: Option<Pos<String>>,
+    pub(super) on_down: Option<Pos<String>>,
     /// `health_check:` with no value (null) means a check with every default.
     pub(super) health_check: Option<Pos<Option<RawHealthCheck>>>,
     pub(super) backends: Option<Pos<Vec<Pos<RawBackend>>>>,
@@ -119,6 +121,7 @@ const LISTENER: Schema = Schema {
         "pool",
         "max_connections",
         "idle_timeout",
+        "half_close_timeout",
     ],
 };
 const POOL: Schema = Schema {
@@ -128,6 +131,7 @@ const POOL: Schema = Schema {
         "strategy",
         "connect_timeout",
         "retries",
+        "on_down",
         "health_check",
         "backends",
     ],
@@ -462,6 +466,7 @@ fn listener(cx: &mut Cx, f: Fields) -> RawListener {
             "pool" => r.pool = required(cx, v, key, &mut r.reported),
             "max_connections" => r.max_connections = scalar(cx, v, key),
             "idle_timeout" => r.idle_timeout = scalar(cx, v, key),
+            "half_close_timeout" => r.half_close_timeout = scalar(cx, v, key),
             _ => {}
         }
     }
@@ -478,6 +483,7 @@ fn pool(cx: &mut Cx, f: Fields) -> RawPool {
             "strategy" => r.strategy = scalar(cx, v, key),
             "connect_timeout" => r.connect_timeout = scalar(cx, v, key),
             "retries" => r.retries = scalar(cx, v, key),
+            "on_down" => r.on_down = scalar(cx, v, key),
             "health_check" => r.health_check = health_check(cx, v),
             "backends" => r.backends = backends(cx, v, &mut r.reported),
             _ => {}

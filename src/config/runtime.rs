@@ -47,6 +47,9 @@ pub struct ListenerConfig {
     pub max_connections: Option<usize>,
     /// tcp default 1h, udp default 30s.
     pub idle_timeout: Duration,
+    /// tcp: once one side has finished sending, the connection is closed when the other
+    /// side sends nothing for this long (default 60s). Unused by udp.
+    pub half_close_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -57,9 +60,31 @@ pub struct PoolConfig {
     pub protocol: Protocol,
     pub connect_timeout: Duration,
     pub retries: u32,
+    /// What happens to the open connections (udp: sessions) of a backend marked down.
+    pub on_down: OnDown,
     pub health_check: Option<HealthCheckConfig>,
     /// In file order.
     pub backends: Vec<BackendConfig>,
+}
+
+/// `on_down:` what a backend being marked down does to its open connections (udp:
+/// sessions). Draining or disabling a backend never closes anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnDown {
+    /// Left alone: they end as they would have (the default).
+    #[default]
+    Keep,
+    /// Closed at once (tcp: both sides reset).
+    Close,
+}
+
+impl OnDown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDown::Keep => "keep",
+            OnDown::Close => "close",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -11,13 +11,13 @@ use std::time::Duration;
 use super::diag::{Cx, Mark, known, suggest};
 use super::raw::{Pos, RawBackend, RawConfig, RawHealthCheck, RawListener, RawPool};
 use super::runtime::{
-    BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol,
+    BackendConfig, Config, HealthCheckConfig, ListenerConfig, OnDown, PoolConfig, Protocol,
     SOCKET_PATH_MAX, admin_socket_staging,
 };
 use super::values::{
-    CHECK_INTERVAL, CHECK_TIMEOUT, CONNECT_TIMEOUT, IDLE_TIMEOUT, SHUTDOWN_TIMEOUT, backend_addr,
-    bind_addr, binds_clash, check_name, duration, hex_bytes, literal_escapes, number, protocol,
-    strategy,
+    CHECK_INTERVAL, CHECK_TIMEOUT, CONNECT_TIMEOUT, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT,
+    SHUTDOWN_TIMEOUT, backend_addr, bind_addr, binds_clash, check_name, duration, hex_bytes,
+    literal_escapes, number, on_down, protocol, strategy,
 };
 use super::yaml::Scalar;
 use crate::balance::{Strategy, WEIGHT_RANGE};
@@ -255,6 +255,7 @@ fn validate_listener(
         Some(p) => listener_pool(cx, n, &path, p, protocol, pools),
     };
     let (max_connections, idle_timeout) = listener_limits(cx, raw, &path, protocol);
+    let half_close_timeout = half_close_timeout(cx, raw, &path, protocol);
     Some(ListenerConfig {
         name: n.clone(),
         bind: bind?,
@@ -262,6 +263,7 @@ fn validate_listener(
         pool: pool?,
         max_connections,
         idle_timeout,
+        half_close_timeout,
     })
 }
 
@@ -401,6 +403,26 @@ fn listener_limits(
     (max_connections, idle_timeout)
 }
 
+/// `half_close_timeout` (tcp only: a udp listener has no half-closed connections).
+fn half_close_timeout(cx: &mut Cx, raw: &RawListener, path: &str, protocol: Protocol) -> Duration {
+    let key = format!("{path}.half_close_timeout");
+    let timeout = duration(
+        cx,
+        &raw.half_close_timeout,
+        &key,
+        &HALF_CLOSE_TIMEOUT,
+        Duration::from_secs(60),
+    );
+    if let (Some(v), Protocol::Udp) = (&raw.half_close_timeout, protocol) {
+        cx.warn(
+            Some(&v.at),
+            &key,
+            "half_close_timeout has no effect on a udp listener (only tcp connections are half-closed)",
+        );
+    }
+    timeout
+}
+
 fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -> PendingPool {
     let n = &name.value;
     let path = format!("pools.{n}");
@@ -412,6 +434,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
             protocol: Protocol::Tcp,
             connect_timeout: Duration::from_secs(3),
             retries: 2,
+            on_down: OnDown::Keep,
             health_check: None,
             backends: Vec::new(),
         },
@@ -442,6 +465,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
             c.retries = u32::try_from(r).unwrap_or(u32::MAX);
         }
     }
+    c.on_down = on_down(cx, &raw.on_down, &format!("{path}.on_down"));
     if let Some(hc) = &raw.health_check {
         let (check, without_send) = validate_check(cx, hc, &format!("{path}.health_check"));
         c.health_check = Some(check);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::diag::Cx;
 use super::raw::Pos;
-use super::runtime::Protocol;
+use super::runtime::{OnDown, Protocol};
 use super::yaml::Scalar;
 use crate::balance::Strategy;
 
@@ -35,6 +35,12 @@ pub(super) const SHUTDOWN_TIMEOUT: DurationKey = DurationKey {
 /// HAProxy's ceiling for its timeouts (2^31 ms, 24.8 days), rounded down.
 pub(super) const IDLE_TIMEOUT: DurationKey = DurationKey {
     key: "idle_timeout",
+    min: MS,
+    max: Duration::from_secs(24 * 24 * 3600),
+};
+/// Like idle_timeout: it is the same kind of inactivity timeout, for one direction.
+pub(super) const HALF_CLOSE_TIMEOUT: DurationKey = DurationKey {
+    key: "half_close_timeout",
     min: MS,
     max: Duration::from_secs(24 * 24 * 3600),
 };
@@ -348,6 +354,25 @@ pub(super) fn protocol(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> Prot
     }
 }
 
+pub(super) fn on_down(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> OnDown {
+    let Some(v) = v else { return OnDown::Keep };
+    match v.value.trim() {
+        "keep" => OnDown::Keep,
+        "close" => OnDown::Close,
+        _ => {
+            cx.error(
+                Some(&v.at),
+                path,
+                format!(
+                    "unknown on_down \"{}\" (expected one of: keep, close)",
+                    v.value
+                ),
+            );
+            OnDown::Keep
+        }
+    }
+}
+
 pub(super) fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     if let Some(bad) = digits.iter().find(|b| !b.is_ascii_hexdigit()) {
@@ -375,6 +400,7 @@ mod tests {
         let ranges: Vec<(&str, String)> = [
             &SHUTDOWN_TIMEOUT,
             &IDLE_TIMEOUT,
+            &HALF_CLOSE_TIMEOUT,
             &CONNECT_TIMEOUT,
             &CHECK_INTERVAL,
             &CHECK_TIMEOUT,
@@ -388,6 +414,7 @@ mod tests {
             [
                 ("shutdown_timeout", "0s..=24h".to_string()),
                 ("idle_timeout", "1ms..=24d".to_string()),
+                ("half_close_timeout", "1ms..=24d".to_string()),
                 ("connect_timeout", "1ms..=1h".to_string()),
                 ("interval", "1ms..=24h".to_string()),
                 ("timeout", "1ms..=1h".to_string()),

@@ -32,6 +32,9 @@ pub enum ControlError {
     /// A new listener address could not be bound; nothing changed.
     #[error("{0}; nothing changed")]
     Bind(#[from] crate::proxy::BindError),
+    /// The change is in force, but would not survive a restart.
+    #[error("in force now, but not saved: {0}; it will not survive a restart")]
+    NotSaved(#[from] crate::state_file::StateFileError),
 }
 
 pub(super) enum Command {
@@ -45,8 +48,10 @@ pub(super) enum Command {
     Reload {
         reply: oneshot::Sender<Result<String, ControlError>>,
     },
-    /// An operator changed a backend's admin state: persist it.
-    AdminChanged,
+    /// An operator changed a backend's admin state: persist it, then reply.
+    AdminChanged {
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
 }
 
 #[derive(Clone)]
@@ -92,9 +97,12 @@ impl ControlHandle {
         rx.await.map_err(|_| ControlError::ShuttingDown)?
     }
 
-    /// Tells the control task that an admin state changed (for the state file).
-    pub async fn admin_changed(&self) {
-        let _ = self.tx.send(Command::AdminChanged).await;
+    /// Tells the control task that an admin state changed, and returns once the state
+    /// file (when configured) has it on disk: only then may the change be acknowledged.
+    pub async fn admin_changed(&self) -> Result<(), ControlError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::AdminChanged { reply }).await?;
+        rx.await.map_err(|_| ControlError::ShuttingDown)?
     }
 
     async fn send(&self, command: Command) -> Result<(), ControlError> {

@@ -36,7 +36,7 @@ pub use handle::{ControlError, ControlHandle};
 
 use crate::backend::Backend;
 use crate::balance::WEIGHT_RANGE;
-use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig};
+use crate::config::{BackendConfig, Config, ListenerConfig, OnDown, PoolConfig};
 use crate::metrics::ReloadMetrics;
 use crate::pool::{Pool, PoolSnapshot};
 use crate::proxy::{self, BoundSocket, Listener};
@@ -135,9 +135,7 @@ impl ControlTask {
                 reply,
             } => {
                 let result = self.set_weight(&pool, &backend, weight);
-                if result.is_ok() {
-                    self.save_state();
-                }
+                let result = result.and_then(|()| self.save_state());
                 let _ = reply.send(result);
             }
             Command::Reload { reply } => {
@@ -151,7 +149,9 @@ impl ControlTask {
                 }
                 let _ = reply.send(result);
             }
-            Command::AdminChanged => self.save_state(),
+            Command::AdminChanged { reply } => {
+                let _ = reply.send(self.save_state());
+            }
         }
     }
 
@@ -200,20 +200,24 @@ impl ControlTask {
             return;
         };
         if on_disk != state_file::capture(&self.tables.load(), &config) {
-            self.save_state();
+            // A failure is logged by save_state; startup goes on.
+            let _ = self.save_state();
         }
     }
 
-    /// Writes the state file, when one is configured. A failure is logged, never fatal.
-    fn save_state(&self) {
+    /// Writes the state file, when one is configured, and returns once it is on disk.
+    /// A failure is logged (and counted by `state_file`), never fatal: the change stays in
+    /// force, and the caller says it was not saved.
+    fn save_state(&self) -> Result<(), ControlError> {
         let config = self.config.load();
         let Some(path) = &config.state_file else {
-            return;
+            return Ok(());
         };
         let state = state_file::capture(&self.tables.load(), &config);
-        if let Err(e) = state_file::write(path, &state) {
-            tracing::error!("state file {}: cannot write: {e}", path.display());
-        }
+        state_file::write(path, &state).map_err(|e| {
+            tracing::error!("state file: {e}");
+            ControlError::NotSaved(e)
+        })
     }
 
     /// Starts a health checker for every backend of `pool`, each probing at once (a new
@@ -312,12 +316,14 @@ pub fn build_pool(config: &PoolConfig) -> Arc<Pool> {
 
 /// A backend with a health check starts down: its first probe decides.
 fn new_backend(pool: &PoolConfig, backend: &BackendConfig) -> Arc<Backend> {
-    Backend::new(
+    let new = Backend::new(
         &pool.name,
         &backend.name,
         &backend.address,
         backend.addr,
         backend.weight,
         pool.health_check.is_none(),
-    )
+    );
+    new.set_close_on_down(pool.on_down == OnDown::Close);
+    new
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::plan::{self, BackendStep, Checks, ListenerStep, PoolStep, PoolUpdate};
 use super::{ControlError, ControlTask, build_pool, new_backend};
 use crate::backend::{Admin, Backend, Health};
-use crate::config::{Config, PoolConfig};
+use crate::config::{Config, OnDown, PoolConfig};
 use crate::health;
 use crate::pool::{Pool, PoolSnapshot};
 use crate::proxy::{self, BoundSocket};
@@ -69,7 +69,8 @@ impl ControlTask {
         }
         self.tables.store(Arc::new(tables));
         self.config.store(Arc::new(new));
-        self.save_state();
+        // A state file that cannot be written is logged; the reload is in force anyway.
+        let _ = self.save_state();
         let mut summary = plan.changes.to_string();
         for note in plan.notes {
             summary.push_str("; ");
@@ -153,6 +154,12 @@ impl ControlTask {
         }
         for backend in &update.forget {
             self.stop_retiring(backend);
+        }
+        // The pool's on_down applies to the backends that stay (and their open
+        // connections) too.
+        let close_on_down = config.on_down == OnDown::Close;
+        for backend in &backends {
+            backend.set_close_on_down(close_on_down);
         }
         self.apply_checks(&update.checks, config, pool.protocol, &backends)
             .await;

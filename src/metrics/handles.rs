@@ -110,6 +110,8 @@ pub struct ListenerMetrics {
     pub connections_active: Gauge,
     pub rejected_no_backend: Counter,
     pub rejected_max_connections: Counter,
+    /// weir was out of descriptors or memory when connecting to a backend.
+    pub rejected_resources: Counter,
 }
 
 impl ListenerMetrics {
@@ -119,7 +121,8 @@ impl ListenerMetrics {
             connections_total: counter!(LISTENER_CONNECTIONS, "listener" => l.clone()),
             connections_active: gauge!(LISTENER_CONNECTIONS_ACTIVE, "listener" => l.clone()),
             rejected_no_backend: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "no_backend"),
-            rejected_max_connections: counter!(LISTENER_REJECTED, "listener" => l, "reason" => "max_connections"),
+            rejected_max_connections: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "max_connections"),
+            rejected_resources: counter!(LISTENER_REJECTED, "listener" => l, "reason" => "resources"),
         }
     }
 }

@@ -34,6 +34,8 @@ pub const LISTENER_MAX_CONNECTIONS: &str = "weir_listener_max_connections";
 pub const UDP_DATAGRAMS: &str = "weir_udp_datagrams_total";
 pub const UDP_DROPPED: &str = "weir_udp_dropped_total";
 
+pub const STATE_FILE_ERRORS: &str = "weir_state_file_errors_total";
+pub const RESOURCE_EXHAUSTION: &str = "weir_resource_exhaustion_total";
 pub const BUILD_INFO: &str = "weir_build_info";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 pub const PROCESS_MAX_FDS: &str = "process_max_fds";

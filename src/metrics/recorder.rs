@@ -222,12 +222,22 @@ const HELP: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         UDP_DROPPED,
-        "UDP datagrams dropped, by reason: max_connections, no_backend, upstream_socket, buffer_full, send_error.",
+        "UDP datagrams dropped, by reason: max_connections, no_backend, upstream_socket, resources, buffer_full, send_error.",
     ),
     (
         Kind::Gauge,
         LISTENER_MAX_CONNECTIONS,
         "The listener's max_connections (absent when unlimited).",
+    ),
+    (
+        Kind::Counter,
+        STATE_FILE_ERRORS,
+        "Admin state file reads (at start: unreadable, empty, malformed or a symlink) and writes that failed, by op.",
+    ),
+    (
+        Kind::Counter,
+        RESOURCE_EXHAUSTION,
+        "Operations that failed because weir ran out of file descriptors or memory (accept, connect, health check, udp socket); never counted against a backend.",
     ),
     (
         Kind::Gauge,

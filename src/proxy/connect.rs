@@ -8,9 +8,10 @@ use std::time::Instant;
 #[cfg(not(target_os = "linux"))]
 use tokio::net::TcpSocket;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::ConnGuard;
-use crate::net::{describe, set_keepalive};
+use crate::net::{self, describe, set_keepalive};
 use crate::pool::PoolSnapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,14 +20,24 @@ pub enum ConnectError {
     NoBackend,
     #[error("every backend tried failed, last {backend}: {reason}")]
     AllFailed { backend: String, reason: String },
+    /// weir is out of descriptors or memory: no backend is blamed, none is tried.
+    #[error("weir is out of resources: {0}")]
+    Exhausted(String),
 }
 
-/// Connects to an eligible backend for `client`. On success the guard holds the
-/// backend's active count for the connection's lifetime.
-pub async fn connect(
-    snapshot: &PoolSnapshot,
-    client: IpAddr,
-) -> Result<(TcpStream, ConnGuard), ConnectError> {
+/// A connection to a backend.
+pub struct Connected {
+    pub stream: TcpStream,
+    /// Holds the backend's active count for the connection's lifetime.
+    pub guard: ConnGuard,
+    /// Fired when the backend is marked down under `on_down: close` (`Backend::down_signal`).
+    /// Taken when the backend was picked, before connecting: being marked down while the
+    /// connect is under way ends the connection too.
+    pub down: CancellationToken,
+}
+
+/// Connects to an eligible backend for `client`.
+pub async fn connect(snapshot: &PoolSnapshot, client: IpAddr) -> Result<Connected, ConnectError> {
     // Indexes already tried; a small fixed array would do, but retries are configurable
     // and this only allocates when a connect fails.
     let mut tried: Vec<usize> = Vec::new();
@@ -37,6 +48,7 @@ pub async fn connect(
         };
         let backend = &snapshot.backends[index];
         let guard = backend.connect_guard();
+        let down = backend.down_signal();
         let started = Instant::now();
         let result = tokio::time::timeout(snapshot.connect_timeout, connect_to(backend.addr)).await;
         let reason = match result {
@@ -46,7 +58,15 @@ pub async fn connect(
                     .metrics
                     .connect_duration
                     .record(started.elapsed().as_secs_f64());
-                return Ok((stream, guard));
+                return Ok(Connected {
+                    stream,
+                    guard,
+                    down,
+                });
+            }
+            Ok(Err(e)) if net::is_resource_exhaustion(&e) => {
+                net::report_exhaustion("connect", &e);
+                return Err(ConnectError::Exhausted(describe(&e)));
             }
             Ok(Err(e)) => describe(&e),
             Err(_) => format!(
@@ -54,7 +74,7 @@ pub async fn connect(
                 humantime::format_duration(snapshot.connect_timeout)
             ),
         };
-        drop(guard);
+        drop((guard, down));
         tracing::warn!(
             pool = %backend.pool,
             backend = %backend.name,

@@ -100,10 +100,12 @@ pub struct Listener {
     /// The address actually bound (port 0 in the config becomes the real port).
     pub bind: SocketAddr,
     pub pool: ArcSwap<Pool>,
-    /// `max_connections` (u64::MAX: unlimited) and `idle_timeout` in milliseconds: atomics,
-    /// so a reload changes them for the next connection without a new listener.
+    /// `max_connections` (u64::MAX: unlimited), `idle_timeout` and `half_close_timeout` in
+    /// milliseconds: atomics, so a reload changes them for the next connection without a
+    /// new listener.
     max_connections: AtomicU64,
     idle_timeout_ms: AtomicU64,
+    half_close_timeout_ms: AtomicU64,
     active: AtomicU64,
     total: AtomicU64,
     pub metrics: ListenerMetrics,
@@ -120,6 +122,7 @@ impl Listener {
             pool: ArcSwap::new(pool),
             max_connections: AtomicU64::new(0),
             idle_timeout_ms: AtomicU64::new(0),
+            half_close_timeout_ms: AtomicU64::new(0),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             metrics: ListenerMetrics::new(&config.name),
@@ -133,12 +136,14 @@ impl Listener {
         self
     }
 
-    /// Takes `max_connections` and `idle_timeout` from `config` (reload).
+    /// Takes `max_connections`, `idle_timeout` and `half_close_timeout` from `config`
+    /// (reload).
     pub fn apply(&self, config: &ListenerConfig) {
         let max = config.max_connections.map_or(u64::MAX, |m| m as u64);
         self.max_connections.store(max, Ordering::Relaxed);
-        let idle = u64::try_from(config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-        self.idle_timeout_ms.store(idle, Ordering::Relaxed);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        (self.idle_timeout_ms).store(ms(config.idle_timeout), Ordering::Relaxed);
+        (self.half_close_timeout_ms).store(ms(config.half_close_timeout), Ordering::Relaxed);
     }
 
     pub fn max_connections(&self) -> Option<usize> {
@@ -150,6 +155,10 @@ impl Listener {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn half_close_timeout(&self) -> Duration {
+        Duration::from_millis(self.half_close_timeout_ms.load(Ordering::Relaxed))
     }
 
     pub fn active(&self) -> u64 {

@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -12,11 +11,6 @@ use super::connect::{self, ConnectError};
 use super::splice::{self, Counters, SpliceOptions};
 use crate::net;
 use crate::shutdown::Shutdown;
-
-/// A half-closed connection (one direction finished) may wait this long for the other.
-/// Long enough for a server to answer a request whose sender already shut down writing;
-/// short enough that abandoned half-open connections don't pile up.
-pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(60);
 
 /// Accepts until `stop` fires (a child of shutdown's stop-accepting token), then drops
 /// the socket so new connections are refused. Never exits on a transient error
@@ -67,11 +61,20 @@ fn handle(
             let _ = net::set_keepalive(&client);
         }
         let snapshot = listener.pool.load().load_full();
-        let (upstream, guard) = tokio::select! {
+        let connect::Connected {
+            stream: upstream,
+            guard,
+            down,
+        } = tokio::select! {
             // Boxed: the connect attempt's state lives only while it runs, instead of
             // enlarging every connection's task for its whole life.
             r = Box::pin(connect::connect(&snapshot, peer.ip())) => match r {
                 Ok(connected) => connected,
+                Err(ConnectError::Exhausted(_)) => {
+                    // Logged and counted by `net::report_exhaustion`.
+                    listener.metrics.rejected_resources.increment(1);
+                    return;
+                }
                 Err(e) => {
                     listener.metrics.rejected_no_backend.increment(1);
                     match e {
@@ -79,7 +82,7 @@ fn handle(
                             listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
                             "connection closed: no backend available"
                         ),
-                        ConnectError::AllFailed { .. } => tracing::warn!(
+                        ConnectError::AllFailed { .. } | ConnectError::Exhausted(_) => tracing::warn!(
                             listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
                             "connection closed: {e}"
                         ),
@@ -94,22 +97,25 @@ fn handle(
         let started = std::time::Instant::now();
         let options = SpliceOptions {
             idle_timeout: listener.idle_timeout(),
-            half_close_linger: HALF_CLOSE_LINGER,
+            half_close_timeout: listener.half_close_timeout(),
         };
         let counters = Counters {
             to_backend: &backend.metrics.bytes_sent,
             to_client: &backend.metrics.bytes_received,
         };
-        let outcome = splice::splice(client, upstream, &options, counters, &hard).await;
+        let outcome = splice::splice(client, upstream, &options, counters, &hard, &down).await;
         backend
             .metrics
             .connection_duration
             .record(started.elapsed().as_secs_f64());
+        if matches!(outcome.end, splice::End::BackendDown) {
+            backend.metrics.closed_on_down.increment(1);
+        }
         match &outcome.end {
             splice::End::Done => {}
             end @ (splice::End::ClientReset(_)
             | splice::End::IdleTimeout
-            | splice::End::HalfCloseLinger) => {
+            | splice::End::HalfCloseTimeout) => {
                 tracing::debug!(listener = %listener.name, client = %peer, backend = %backend.name, "connection ended: {}", end.describe())
             }
             end => tracing::info!(
@@ -123,6 +129,8 @@ fn handle(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// What `handle` relies on to skip setting them per connection.

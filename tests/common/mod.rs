@@ -2,6 +2,8 @@
 //! and polling with a deadline (never sleep-and-hope).
 #![allow(dead_code)]
 
+pub mod patroni;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use tokio::task::JoinHandle;
 use weir::backend::State;
 use weir::balance::Strategy;
 use weir::config::{
-    BackendConfig, Config, HealthCheckConfig, ListenerConfig, PoolConfig, Protocol,
+    BackendConfig, Config, HealthCheckConfig, ListenerConfig, OnDown, PoolConfig, Protocol,
 };
 use weir::server::Server;
 
@@ -111,6 +113,7 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             pool: "pool".into(),
             max_connections: None,
             idle_timeout: Duration::from_secs(3600),
+            half_close_timeout: Duration::from_secs(60),
         }],
         pools: vec![PoolConfig {
             name: "pool".into(),
@@ -118,6 +121,7 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             protocol: Protocol::Tcp,
             connect_timeout: Duration::from_secs(1),
             retries: 2,
+            on_down: OnDown::Keep,
             health_check: None,
             backends,
         }],

@@ -14,11 +14,16 @@
 //! ending a session drops its guards and cancels its reply task.
 //!
 //! Re-pick rule: a session whose backend's health is *down* (health check or passive
-//! checking) moves to a newly picked backend on its next client datagram. A backend that
-//! is only draining or disabled by an operator keeps its sessions until they go idle. A
+//! checking) moves to a newly picked backend on its next client datagram; under
+//! `on_down: close` its sessions end as it is marked down instead. A backend that
+//! is only draining or disabled by an operator (or removed by a reload) keeps its sessions
+//! until they go idle, but for at most `idle_timeout` after it left rotation: then they end
+//! at the sweep or their next datagram, which opens a new session elsewhere. A
 //! backend that answers with ICMP port unreachable shows up as `ConnectionRefused` on the
 //! connected upstream socket: it counts as a failed connect (`Backend::connect_failed`,
-//! which feeds passive checking), nothing more.
+//! which feeds passive checking), nothing more. weir's own shortage of descriptors,
+//! buffers or memory (`upstream::Fault::Weir`) is never counted against a backend: those
+//! datagrams are dropped as `reason="resources"`, with a warning at most every 10 s.
 //!
 //! Several datagrams per system call (`batch`): the receive loop reads what is queued on
 //! the listener's socket with one `recvmmsg`, a reply task reads its backend's answers the
@@ -38,7 +43,7 @@
 //! mod.rs       bind, the receive loop (this file): the public API
 //! sessions.rs  the session table: lookup, open (pick, admit), re-pick, sweep
 //! reply.rs     a session's reply task: backend → client
-//! upstream.rs  a session's upstream socket; ICMP errors as failed connects
+//! upstream.rs  a session's upstream socket; whose fault an error is (ICMP: the backend's)
 //! stats.rs     UdpStats, DropReason, the activity clock
 //! batch.rs     recvmmsg/sendmmsg (batch/linux.rs, batch/fallback.rs)
 //! pktinfo.rs   IP_PKTINFO control messages (pktinfo/linux.rs, pktinfo/fallback.rs)
@@ -162,12 +167,16 @@ pub async fn receive_loop(
         }
     });
     let mut next_receive_error = Instant::now();
+    // Reply tasks of sessions closed on down ask for a sweep now.
+    let sweep_signal = table.sweep_signal();
+    let mut sweep_asked = pin!(sweep_signal.notified());
 
     let mut unchecked = 0;
     'receiving: loop {
         // Biased: while datagrams are queued, readiness is ready at once and neither the
-        // timer nor the stop tokens (a mutex each) are polled; they are checked by hand
-        // below after every batch.
+        // timers nor the stop tokens (a mutex each) are polled; the stop tokens are
+        // checked by hand below after every batch, the sweep's time too.
+        let mut sweep_now = false;
         tokio::select! {
             biased;
             ready = front.readable() => {
@@ -178,10 +187,14 @@ pub async fn receive_loop(
             }
             () = &mut stopped => break 'receiving,
             () = &mut sweep => {}
+            () = &mut sweep_asked => sweep_now = true,
+        }
+        if sweep_now {
+            sweep_asked.set(sweep_signal.notified());
         }
         let handled = receive_queued(&front, &mut table, with_pktinfo, &mut next_receive_error);
         let now = tokio::time::Instant::now();
-        if now >= next_sweep {
+        if sweep_now || now >= next_sweep {
             idle = listener.idle_timeout();
             sweep_every = sweep_interval(idle);
             table.expire(idle);

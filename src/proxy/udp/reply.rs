@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use socket2::SockAddr;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, BUDGET, Batch, with_batch};
 use super::pktinfo;
-use super::stats::{Clock, DropReason, stats};
-use super::upstream::backend_unreachable;
+use super::stats::{Clock, stats, warning_due};
+use super::upstream::{Fault, backend_unreachable};
 use crate::backend::Backend;
-use crate::net::is_unreachable;
 use crate::proxy::Listener;
 
 /// Where a reply goes and which source address it carries.
@@ -40,6 +40,11 @@ pub struct ReplyTask {
     pub activity: Arc<AtomicU64>,
     pub clock: Clock,
     pub cancel: CancellationToken,
+    /// The backend's down signal when the session opened (fired under `on_down: close`).
+    pub down: CancellationToken,
+    /// The receive loop's "sweep now": told when the task ends on `down`, so the session
+    /// and its counts go at once, not at the next sweep.
+    pub sweep_now: Arc<Notify>,
 }
 
 impl ReplyTask {
@@ -49,6 +54,7 @@ impl ReplyTask {
         // comes with it.
         let interest = Interest::READABLE | Interest::ERROR;
         let mut cancelled = pin!(self.cancel.cancelled());
+        let mut down = pin!(self.down.cancelled());
         let mut unchecked = 0;
         loop {
             tokio::select! {
@@ -59,6 +65,11 @@ impl ReplyTask {
                     }
                 }
                 () = &mut cancelled => return,
+                () = &mut down => {
+                    // No reply passes any more; the table ends the session.
+                    self.sweep_now.notify_one();
+                    return;
+                }
             }
             let mut handled = 0;
             while handled < BUDGET {
@@ -79,10 +90,11 @@ impl ReplyTask {
                 match received {
                     Ok(n) => handled += n.max(1),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if is_unreachable(&e) => {
+                    Err(e) if Fault::of(&e) == Fault::Backend => {
                         backend_unreachable(&self.listener, &self.backend, self.clock, &e);
                     }
                     Err(e) => {
+                        // Out of memory or buffers (Fault::Weir) included: never the backend's.
                         tracing::debug!(listener = %self.listener.name, backend = %self.backend.name, "udp receive from backend: {e}");
                         break;
                     }
@@ -93,6 +105,10 @@ impl ReplyTask {
             if unchecked >= BUDGET {
                 unchecked = 0;
                 if self.cancel.is_cancelled() {
+                    return;
+                }
+                if self.down.is_cancelled() {
+                    self.sweep_now.notify_one();
                     return;
                 }
             }
@@ -135,11 +151,17 @@ impl ReplyTask {
         if let Some(e) = error {
             // The datagram that failed and those after it in this batch are dropped.
             let dropped = (count - sent) as u64;
-            if e.kind() == io::ErrorKind::WouldBlock {
-                stats.count_drops(DropReason::BufferFull, dropped);
-            } else {
-                stats.count_drops(DropReason::SendError, dropped);
-                tracing::debug!(listener = %self.listener.name, "udp send to client: {e}");
+            let fault = Fault::of(&e);
+            stats.count_drops(fault.when_sending(), dropped);
+            match fault {
+                Fault::BufferFull => {}
+                Fault::Weir if warning_due(&stats.next_resources_warning, self.clock) => {
+                    tracing::warn!(
+                        listener = %self.listener.name, client = %self.to.client_addr,
+                        "udp reply dropped (resources): sending to the client failed: {e}: weir is out of socket buffers or memory (further drops are counted in weir_udp_dropped_total, logged at debug)"
+                    );
+                }
+                _ => tracing::debug!(listener = %self.listener.name, "udp send to client: {e}"),
             }
         }
     }

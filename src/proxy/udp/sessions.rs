@@ -2,6 +2,19 @@
 //! one (pick a backend, admit against `max_connections`, open the upstream socket and its
 //! reply task), a session on a backend that went down moves on its next datagram, and the
 //! sweep ends idle sessions. A plain `HashMap` only its receive loop touches: no lock.
+//!
+//! A session on a backend out of rotation (drained, disabled, removed by a reload) ends
+//! once the backend has been out for `idle_timeout`, at the sweep or at its client's next
+//! datagram, whichever comes first; that datagram then opens a new session on an eligible
+//! backend. Without this a client that never pauses (syslog, statsd, SIP) would hold its
+//! session forever and `drain --wait` would never return. It costs one atomic load per
+//! datagram (`Backend::out_of_rotation_for` reads one `AtomicU64`, 0 while enabled).
+//!
+//! Under `on_down: close` a backend marked down fires the down signal each of its sessions
+//! took when it opened: the reply task stops and asks the loop to sweep now, and the sweep
+//! (or the client's next datagram, if it comes first) ends the session, counted in
+//! `closed_on_down`. A session whose reply task has ended for any other reason is ended the
+//! same way, so no session is left that forwards datagrams whose answers nobody reads.
 
 use std::collections::HashMap;
 use std::io;
@@ -12,15 +25,16 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use super::pktinfo;
 use super::reply::{ReplyTask, ReplyTo};
 use super::stats::{Clock, DropReason, WARN_EVERY, stats};
-use super::upstream::{backend_unreachable, upstream_socket};
+use super::upstream::{Fault, backend_unreachable, upstream_socket};
 use crate::backend::{Backend, ConnGuard, Health};
-use crate::net::is_unreachable;
 use crate::proxy::{Listener, ListenerGuard};
 use crate::shutdown::Shutdown;
 
@@ -40,7 +54,54 @@ struct Upstream {
     socket: Arc<UdpSocket>,
     guard: ConnGuard,
     started: Instant,
+    /// The backend's down signal as of the session's start.
+    down: CancellationToken,
+    /// Finished: no reply reaches the client any more, the session is dead.
+    reply: JoinHandle<()>,
     _reply_task: DropGuard,
+}
+
+/// Why the table ends a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// No datagram either way for `idle_timeout`.
+    Idle,
+    /// Its backend has been out of rotation for `idle_timeout`.
+    OutOfRotation,
+    /// Its backend was marked down under `on_down: close`.
+    ClosedOnDown,
+    /// Its reply task ended on its own (the upstream socket failed).
+    ReplyEnded,
+}
+
+impl Session {
+    /// Whether the session must end before it carries another datagram: its backend was
+    /// marked down under `on_down: close`, its reply task is gone, or its backend left
+    /// rotation `idle` or longer ago. Three atomic loads while all is well; the down
+    /// signal (a mutex) is read only when the backend is down or the reply task gone.
+    fn must_end(&self, idle: Duration) -> Option<End> {
+        let upstream = &self.upstream;
+        let backend = upstream.guard.backend();
+        let gone = upstream.reply.is_finished();
+        if (gone || backend.health() == Health::Down) && upstream.down.is_cancelled() {
+            return Some(End::ClosedOnDown);
+        }
+        if gone {
+            return Some(End::ReplyEnded);
+        }
+        let out = backend.out_of_rotation_for();
+        out.is_some_and(|out| out >= idle)
+            .then_some(End::OutOfRotation)
+    }
+
+    /// Whether the sweep ends the session: `must_end`, or idle for `idle` (`idle_ms` in
+    /// `Clock` milliseconds) at `now`.
+    fn ends_at_sweep(&self, now: u64, idle: Duration, idle_ms: u64) -> Option<End> {
+        self.must_end(idle).or_else(|| {
+            let quiet = now.saturating_sub(self.activity.load(Ordering::Relaxed));
+            (quiet >= idle_ms).then_some(End::Idle)
+        })
+    }
 }
 
 impl Drop for Upstream {
@@ -61,6 +122,8 @@ struct Opener {
     clock: Clock,
     hard: CancellationToken,
     tracker: TaskTracker,
+    /// Told by a reply task that ended on its backend's down signal.
+    sweep_now: Arc<Notify>,
     next_warning: [Instant; DropReason::ALL.len()],
 }
 
@@ -73,10 +136,7 @@ impl Opener {
         detail: &dyn std::fmt::Display,
     ) {
         stats(&self.listener).count_drop(reason);
-        let now = Instant::now();
-        let next = &mut self.next_warning[reason as usize];
-        if now >= *next {
-            *next = now + WARN_EVERY;
+        if self.warning_due(reason) {
             tracing::warn!(
                 listener = %self.listener.name, client = %client, pool = %self.listener.pool.load().name,
                 "udp datagram dropped ({}): {detail} (further drops for this reason are counted in weir_udp_dropped_total, logged at debug)",
@@ -85,6 +145,35 @@ impl Opener {
         } else {
             tracing::debug!(listener = %self.listener.name, client = %client, "udp datagram dropped ({}): {detail}", reason.as_str());
         }
+    }
+
+    /// Whether a warning about `reason` may be logged now (at most every `WARN_EVERY`).
+    fn warning_due(&mut self, reason: DropReason) -> bool {
+        let now = Instant::now();
+        let next = &mut self.next_warning[reason as usize];
+        if now < *next {
+            return false;
+        }
+        *next = now + WARN_EVERY;
+        true
+    }
+
+    /// Notes the end of a session (the caller drops it, which releases its counts).
+    fn ended(&self, session: &Session, client: SocketAddr, end: End) {
+        let backend = session.upstream.guard.backend();
+        let why = match end {
+            End::Idle => return,
+            End::OutOfRotation => "out of rotation for idle_timeout",
+            End::ClosedOnDown => {
+                backend.metrics.closed_on_down.increment(1);
+                "marked down (on_down: close)"
+            }
+            End::ReplyEnded => "its upstream socket failed",
+        };
+        tracing::debug!(
+            listener = %self.listener.name, client = %client, pool = %backend.pool,
+            "udp session on {} ended: {why}", backend.name
+        );
     }
 
     /// Picks an eligible backend for `client`; None when there is none.
@@ -105,6 +194,7 @@ impl Opener {
     ) -> io::Result<Upstream> {
         let socket = Arc::new(upstream_socket(backend.addr)?);
         let guard = backend.connect_guard();
+        let down = backend.down_signal();
         // A child of `hard`: shutdown's end reaches every reply task, and each task polls
         // only its own token (no mutex shared across sessions).
         let cancel = self.hard.child_token();
@@ -121,12 +211,16 @@ impl Opener {
             activity: Arc::clone(activity),
             clock: self.clock,
             cancel: cancel.clone(),
+            down: down.clone(),
+            sweep_now: Arc::clone(&self.sweep_now),
         };
-        self.tracker.spawn(reply.run());
+        let reply = self.tracker.spawn(reply.run());
         Ok(Upstream {
             socket,
             guard,
             started: Instant::now(),
+            down,
+            reply,
             _reply_task: cancel.drop_guard(),
         })
     }
@@ -136,6 +230,8 @@ impl Opener {
 pub struct Table {
     sessions: HashMap<SocketAddr, Session>,
     opener: Opener,
+    /// The listener's `idle_timeout` as of the last sweep.
+    idle: Duration,
 }
 
 impl Table {
@@ -149,9 +245,17 @@ impl Table {
                 clock: Clock(started),
                 hard: shutdown.hard.clone(),
                 tracker: shutdown.tracker.clone(),
+                sweep_now: Arc::new(Notify::new()),
                 next_warning: [started; DropReason::ALL.len()],
             },
+            idle: listener.idle_timeout(),
         }
+    }
+
+    /// Notified when sessions wait to be ended (their backend was marked down under
+    /// `on_down: close`): the receive loop sweeps then, not only on its timer.
+    pub fn sweep_signal(&self) -> Arc<Notify> {
+        Arc::clone(&self.opener.sweep_now)
     }
 
     pub fn listener_name(&self) -> &str {
@@ -168,23 +272,32 @@ impl Table {
     }
 
     /// Sends a client's datagram to its session's backend, opening the session first if
-    /// it has none: `local` is the address it was sent to (wildcard binds on Linux).
+    /// it has none (or the one it had must end): `local` is the address it was sent to
+    /// (wildcard binds on Linux).
     pub fn on_datagram(&mut self, data: &[u8], client: SocketAddr, local: Option<pktinfo::Local>) {
         let now = self.opener.clock.now();
-        let session = match self.sessions.get_mut(&client) {
-            Some(session) => {
-                if session.upstream.guard.backend().health() == Health::Down {
-                    Self::repick(&self.opener, session, client);
+        if let Some(session) = self.sessions.get_mut(&client) {
+            match session.must_end(self.idle) {
+                None => {
+                    if session.upstream.guard.backend().health() == Health::Down {
+                        Self::repick(&mut self.opener, session, client);
+                    }
+                    session.activity.store(now, Ordering::Relaxed);
+                    forward(&mut self.opener, &session.upstream, client, data);
+                    return;
                 }
-                session
+                Some(end) => {
+                    // Ended (guards released) before the new one is admitted and picked.
+                    let session = self.sessions.remove(&client).expect("found above");
+                    self.opener.ended(&session, client, end);
+                }
             }
-            None => match self.open_session(client, local, now) {
-                Some(session) => self.sessions.entry(client).insert_entry(session).into_mut(),
-                None => return,
-            },
+        }
+        let Some(session) = self.open_session(client, local, now) else {
+            return;
         };
-        session.activity.store(now, Ordering::Relaxed);
-        forward(&self.opener, &session.upstream, data);
+        let session = self.sessions.entry(client).insert_entry(session).into_mut();
+        forward(&mut self.opener, &session.upstream, client, data);
     }
 
     fn open_session(
@@ -227,11 +340,22 @@ impl Table {
                 })
             }
             Err(e) => {
-                self.opener.drop_datagram(
-                    DropReason::UpstreamSocket,
-                    client,
-                    &format_args!("cannot open a socket to {}: {e} (raise the open-file limit or lower max_connections)", backend.addr),
-                );
+                let fault = Fault::of(&e);
+                let reason = fault.when_opening();
+                if fault == Fault::Weir {
+                    let detail = format_args!(
+                        "cannot open a socket to {}: {e}: weir is out of file descriptors or memory, not the backend's fault (raise the open-file limit or lower max_connections)",
+                        backend.addr
+                    );
+                    self.opener.drop_datagram(reason, client, &detail);
+                } else {
+                    if fault == Fault::Backend {
+                        let o = &self.opener;
+                        backend_unreachable(&o.listener, &backend, o.clock, &e);
+                    }
+                    let detail = format_args!("cannot open a socket to {}: {e}", backend.addr);
+                    self.opener.drop_datagram(reason, client, &detail);
+                }
                 None
             }
         }
@@ -239,7 +363,7 @@ impl Table {
 
     /// The session's backend is down: move the session to a backend picked now. With none
     /// eligible, or if the new socket can't be opened, it stays where it is.
-    fn repick(opener: &Opener, session: &mut Session, client: SocketAddr) {
+    fn repick(opener: &mut Opener, session: &mut Session, client: SocketAddr) {
         let Some(backend) = opener.pick(client) else {
             return;
         };
@@ -255,22 +379,44 @@ impl Table {
                 );
                 session.upstream = upstream;
             }
+            Err(e) if Fault::of(&e) == Fault::Weir && opener.warning_due(DropReason::Resources) => {
+                tracing::warn!(listener = %opener.listener.name, client = %client, "udp session stays on {} (down): cannot open a socket to {}: {e}: weir is out of file descriptors or memory", old.name, backend.name);
+            }
             Err(e) => {
                 tracing::debug!(listener = %opener.listener.name, client = %client, "udp session stays on {}: {e}", old.name);
             }
         }
     }
 
-    /// Ends sessions with no datagram either way for `idle`.
+    /// Ends sessions with no datagram either way for `idle`, and those whose backend has
+    /// been out of rotation that long; `idle` holds for the next datagrams too.
     pub fn expire(&mut self, idle: Duration) {
+        self.idle = idle;
         let now = self.opener.clock.now();
-        let idle = idle.as_millis() as u64;
+        let idle_ms = idle.as_millis() as u64;
         let before = self.sessions.len();
+        let opener = &self.opener;
+        let (mut out_of_rotation, mut closed_on_down) = (0, 0);
         self.sessions
-            .retain(|_, s| now.saturating_sub(s.activity.load(Ordering::Relaxed)) < idle);
+            .retain(|client, s| match s.ends_at_sweep(now, idle, idle_ms) {
+                None => true,
+                Some(end) => {
+                    out_of_rotation += usize::from(end == End::OutOfRotation);
+                    closed_on_down += usize::from(end == End::ClosedOnDown);
+                    opener.ended(s, *client, end);
+                    false
+                }
+            });
         let expired = before - self.sessions.len();
+        let name = &self.opener.listener.name;
+        if out_of_rotation > 0 {
+            tracing::info!(listener = %name, sessions = out_of_rotation, "udp sessions ended: their backend was out of rotation (drained, disabled or removed) for idle_timeout");
+        }
+        if closed_on_down > 0 {
+            tracing::info!(listener = %name, sessions = closed_on_down, "udp sessions closed: their backend was marked down (on_down: close)");
+        }
         if expired > 0 {
-            tracing::debug!(listener = %self.opener.listener.name, expired, open = self.sessions.len(), "udp sessions expired");
+            tracing::debug!(listener = %self.opener.listener.name, expired, out_of_rotation, open = self.sessions.len(), "udp sessions ended");
             // Give back the memory of a burst, without shrinking on every sweep.
             let capacity = self.sessions.capacity();
             if capacity > 1024 && self.sessions.len() * 4 < capacity {
@@ -283,24 +429,35 @@ impl Table {
 /// Sends a client's datagram to its session's backend. A pending ICMP error from an
 /// earlier datagram surfaces here instead of in the reply task: count it, then send again
 /// (the error was reported instead of sending).
-fn forward(opener: &Opener, upstream: &Upstream, data: &[u8]) {
+fn forward(opener: &mut Opener, upstream: &Upstream, client: SocketAddr, data: &[u8]) {
     let backend = upstream.guard.backend();
-    let stats = stats(&opener.listener);
     let mut result = SockRef::from(&*upstream.socket).send(data);
     if let Err(e) = &result
-        && is_unreachable(e)
+        && Fault::of(e) == Fault::Backend
     {
         backend_unreachable(&opener.listener, backend, opener.clock, e);
         result = SockRef::from(&*upstream.socket).send(data);
     }
-    match result {
+    let e = match result {
         Ok(_) => {
-            stats.count_to_backend();
+            stats(&opener.listener).count_to_backend();
             backend.metrics.bytes_sent.increment(data.len() as u64);
+            return;
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stats.count_drop(DropReason::BufferFull),
-        Err(e) => {
-            stats.count_drop(DropReason::SendError);
+        Err(e) => e,
+    };
+    let fault = Fault::of(&e);
+    match fault {
+        Fault::Weir => {
+            let detail = format_args!(
+                "sending to {} failed: {e}: weir is out of socket buffers or memory, not the backend's fault",
+                backend.name
+            );
+            opener.drop_datagram(fault.when_sending(), client, &detail);
+        }
+        Fault::BufferFull => stats(&opener.listener).count_drop(fault.when_sending()),
+        Fault::Backend | Fault::Other => {
+            stats(&opener.listener).count_drop(fault.when_sending());
             tracing::debug!(listener = %opener.listener.name, backend = %backend.name, "udp send to backend: {e}");
         }
     }

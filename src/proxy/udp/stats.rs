@@ -24,15 +24,18 @@ pub enum DropReason {
     BufferFull,
     /// The kernel refused the send for another reason.
     SendError,
+    /// weir is out of file descriptors, socket buffers or memory: never the backend's fault.
+    Resources,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::MaxConnections,
         DropReason::NoBackend,
         DropReason::UpstreamSocket,
         DropReason::BufferFull,
         DropReason::SendError,
+        DropReason::Resources,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +45,7 @@ impl DropReason {
             DropReason::UpstreamSocket => "upstream_socket",
             DropReason::BufferFull => "buffer_full",
             DropReason::SendError => "send_error",
+            DropReason::Resources => "resources",
         }
     }
 }
@@ -52,8 +56,11 @@ pub struct UdpStats {
     to_client: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
     metrics: UdpListenerMetrics,
-    /// When the next "backend unreachable" warning may be logged (ms on `CLOCK`).
+    /// When the next "backend unreachable" warning may be logged (`Clock` ms).
     pub(super) next_unreachable_warning: AtomicU64,
+    /// When the next "out of descriptors or memory" warning from a reply task may be
+    /// logged (`Clock` ms).
+    pub(super) next_resources_warning: AtomicU64,
     /// Sockets the listener receives on (one per worker thread).
     sockets: AtomicUsize,
 }
@@ -66,6 +73,7 @@ impl UdpStats {
             dropped: Default::default(),
             metrics: UdpListenerMetrics::new(listener, &DropReason::ALL.map(DropReason::as_str)),
             next_unreachable_warning: AtomicU64::new(0),
+            next_resources_warning: AtomicU64::new(0),
             sockets: AtomicUsize::new(0),
         }
     }
@@ -113,6 +121,17 @@ impl UdpStats {
             self.metrics.datagrams_to_client.increment(count);
         }
     }
+}
+
+/// Whether a warning rate-limited by `next` (shared by tasks) may be logged now; if so the
+/// next one may come `WARN_EVERY` later.
+pub fn warning_due(next: &AtomicU64, clock: Clock) -> bool {
+    let now = clock.now();
+    if now < next.load(Ordering::Relaxed) {
+        return false;
+    }
+    next.store(now + WARN_EVERY.as_millis() as u64, Ordering::Relaxed);
+    true
 }
 
 pub fn stats(listener: &Listener) -> &UdpStats {
