@@ -53,9 +53,9 @@ pub enum AdminError {
     #[error("no backend {target:?} (known: {known})")]
     NoBackend { target: String, known: String },
     #[error(
-        "{0} was removed by a reload and is draining its last connections; add it back to the config to use it again"
+        "{0} is retiring: it was removed by a reload and goes once its last connections close; add it back to the config to use it again"
     )]
-    Removed(Target),
+    Retiring(Target),
     #[error("no complete command line within {0}; closing")]
     ReadTimeout(String),
     #[error("command line longer than {MAX_LINE} bytes")]
@@ -102,7 +102,7 @@ commands:
   enable POOL/BACKEND           back into rotation (state follows its health)
   set weight POOL/BACKEND N     weight 1..=1000, from the next pick on
   reload                        re-read the config file
-states: up, down, draining, drained, disabled
+states: up, down, draining, drained, disabled, retiring (removed by a reload, finishing its connections)
 ";
 
 /// Parses one command line. `Err` is the reason, without the `error: ` prefix.
@@ -178,13 +178,11 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         }
         Request::Enable(target) => {
             let backend = find(&tables, &target)?;
+            if backend.is_retiring() {
+                return Err(AdminError::Retiring(target));
+            }
             let config = control.config();
             let pool = config.pools.iter().find(|p| p.name == target.pool);
-            let in_config =
-                pool.is_some_and(|p| p.backends.iter().any(|b| b.name == target.backend));
-            if !in_config {
-                return Err(AdminError::Removed(target));
-            }
             let checked = pool.is_some_and(|p| p.health_check.is_some());
             let rechecked = checked && backend.enable_rechecked() == Admin::Disabled;
             if !checked {

@@ -61,15 +61,18 @@ pub enum State {
     Draining,
     Drained,
     Disabled,
+    /// Removed by a reload, finishing its last connections; it goes when they are done.
+    Retiring,
 }
 
 impl State {
-    pub const ALL: [State; 5] = [
+    pub const ALL: [State; 6] = [
         State::Up,
         State::Down,
         State::Draining,
         State::Drained,
         State::Disabled,
+        State::Retiring,
     ];
 
     /// Its name as shown and as the `state` label of `weir_backend_state`.
@@ -114,6 +117,9 @@ pub struct Backend {
     admin_since_ms: AtomicU64,
     /// The pool's `on_down: close` (written by the control task).
     close_on_down: AtomicBool,
+    /// Removed by a reload, kept until its last connection closes (written by the control
+    /// task). Its metrics series may be shared with a live backend of the same name.
+    retiring: AtomicBool,
     /// Fired, and replaced by a fresh one, when the backend is marked down while
     /// `close_on_down` holds: every connection and session opened on it watches the one
     /// current when it started, and ends at once.
@@ -166,6 +172,7 @@ impl Backend {
             last_check: ArcSwap::from_pointee(String::new()),
             admin_since_ms: AtomicU64::new(0),
             close_on_down: AtomicBool::new(false),
+            retiring: AtomicBool::new(false),
             down: ArcSwap::from_pointee(CancellationToken::new()),
             recheck: AtomicBool::new(false),
             probe_now: tokio::sync::Notify::new(),
@@ -291,6 +298,16 @@ impl Backend {
         self.close_on_down.store(close, Ordering::Relaxed);
     }
 
+    /// Control task only: removed by a reload (and kept until its last connection closes),
+    /// or back in the config.
+    pub fn set_retiring(&self, retiring: bool) {
+        self.retiring.store(retiring, Ordering::Relaxed);
+    }
+
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(Ordering::Relaxed)
+    }
+
     /// What a connection or session opened now watches: fired when this backend is
     /// marked down under `on_down: close`. One `ArcSwap` load per connection.
     pub fn down_signal(&self) -> CancellationToken {
@@ -309,6 +326,9 @@ impl Backend {
     }
 
     pub fn state(&self) -> State {
+        if self.is_retiring() {
+            return State::Retiring;
+        }
         match self.admin() {
             Admin::Disabled => State::Disabled,
             Admin::Drain if self.active() > 0 => State::Draining,
@@ -421,5 +441,40 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.backend.active.fetch_sub(1, Ordering::Relaxed);
         self.backend.metrics.connections_active.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_name_themselves_by_the_metrics_state_label_in_order() {
+        assert_eq!(State::ALL.len(), names::BACKEND_STATES.len());
+        for (i, state) in State::ALL.into_iter().enumerate() {
+            assert_eq!(state as usize, i);
+            assert_eq!(state.as_str(), names::BACKEND_STATES[i]);
+        }
+    }
+
+    #[test]
+    fn a_retiring_backend_is_retiring_whatever_its_admin_state() {
+        let b = Backend::new(
+            "p",
+            "b",
+            "127.0.0.1:1",
+            "127.0.0.1:1".parse().unwrap(),
+            1,
+            true,
+        );
+        let _open = b.connect_guard();
+        b.set_admin(Admin::Drain);
+        assert_eq!(b.state(), State::Draining);
+        b.set_retiring(true);
+        assert_eq!(b.state(), State::Retiring);
+        b.set_admin(Admin::Disabled);
+        assert_eq!(b.state(), State::Retiring);
+        b.set_retiring(false);
+        assert_eq!(b.state(), State::Disabled);
     }
 }

@@ -7,6 +7,10 @@
 //! client to a dead backend. A probe only ever writes `health`, never the operator's
 //! `admin` state; while a backend is `disabled` its probes pause (the task stays).
 //!
+//! The control task owns the checkers' lifecycle ([`Checker`]): one per backend, so a
+//! reload that keeps a pool's check leaves each surviving backend's checker, and its
+//! rise/fall progress, untouched.
+//!
 //! Passive checking (failed connects from traffic, in `proxy/connect.rs`) can also mark a
 //! backend down; the checker notices that its health changed under it and starts counting
 //! passes from zero, so the backend needs `rise` fresh passes to come back.
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Admin, Backend, Health};
@@ -29,25 +34,69 @@ use crate::shutdown::Shutdown;
 /// buffers without bound.
 pub const MAX_REPLY: usize = 64 * 1024;
 
-/// Starts the checker task of one backend on the shutdown tracker. It stops when
-/// accepting stops or when `stop` fires (a reload that removes the backend can use that).
+/// A running checker task. The control task holds one per checked backend and stops it
+/// with [`Checker::stop`], which returns only once the task has ended: after it, no probe
+/// of this checker can write the backend's health any more (a plain cancel only asks the
+/// task to stop at its next await, and a probe that just finished could still apply its
+/// result).
+pub struct Checker {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Checker {
+    /// Asks the task to stop; [`Checker::stopped`] waits for it.
+    pub fn cancel(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until the task has ended (cancel first).
+    pub async fn stopped(self) {
+        // A panicked or aborted checker has ended too.
+        let _ = self.task.await;
+    }
+
+    pub async fn stop(self) {
+        self.cancel();
+        self.stopped().await;
+    }
+}
+
+/// Starts the checker task of one backend on the shutdown tracker; its first probe comes
+/// after `first_delay` (zero at startup, where the first round is waited for; a random
+/// share of the interval for a backend a reload adds, so that its probes don't all land
+/// at once). It stops when accepting stops or on [`Checker::stop`]. The receiver fires
+/// once the first probe has finished.
 pub fn spawn_checker(
     backend: Arc<Backend>,
     config: HealthCheckConfig,
     protocol: Protocol,
     shutdown: &Shutdown,
-    stop: CancellationToken,
-) -> oneshot::Receiver<()> {
+    first_delay: Duration,
+) -> (Checker, oneshot::Receiver<()>) {
     let (tx, rx) = oneshot::channel();
-    let stopping = shutdown.stop_accepting.clone();
-    shutdown.tracker.spawn(async move {
+    let stop = shutdown.stop_accepting.child_token();
+    let stopping = stop.clone();
+    let task = shutdown.tracker.spawn(async move {
         tokio::select! {
-            () = check_loop(backend, config, protocol, tx) => {}
+            () = async {
+                tokio::time::sleep(first_delay).await;
+                check_loop(backend, config, protocol, tx).await;
+            } => {}
             () = stopping.cancelled() => {}
-            () = stop.cancelled() => {}
         }
     });
-    rx
+    (Checker { stop, task }, rx)
+}
+
+/// A random delay in `[0, interval)`: when a reload starts checkers, their first probes
+/// are spread over one interval instead of all firing at once.
+pub fn spread(interval: Duration) -> Duration {
+    let nanos = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(rand::random_range(0..nanos))
 }
 
 /// Waits until every first probe has finished, or `bound` has passed (each probe is
@@ -530,6 +579,13 @@ mod tests {
         ));
         assert!(!contains(b"role:slave", b"role:master"));
         assert!(contains(b"anything", b""));
+    }
+
+    #[test]
+    fn spread_stays_within_one_interval() {
+        for _ in 0..1000 {
+            assert!(spread(Duration::from_millis(1000)) < Duration::from_millis(1000));
+        }
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! up/state/weight, listener limits) from the control task's published tables, once a
 //! second and again right before each render.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,37 +15,80 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Backend;
 use crate::control::ControlHandle;
-use crate::metrics::{Recorder, handles::listener_max_connections, recorder};
+use crate::metrics::names::LISTENER_MAX_CONNECTIONS;
+use crate::metrics::{self, Recorder, handles::listener_max_connections, recorder};
 use crate::net;
 use crate::shutdown::Shutdown;
 use crate::tables::Tables;
 
 /// How often derived gauges are refreshed without a scrape.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
-/// How often histogram samples are folded into their buckets without a scrape, so memory
-/// stays bounded when nobody scrapes.
-const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Writes the gauges derived from state: backend up/state/weight, listener limits.
-fn refresh_tables(tables: &Tables) {
+/// What writes the gauges derived from state, for one server: its tables, and the
+/// listeners whose `max_connections` it last published.
+struct Refresher {
+    control: ControlHandle,
+    /// Listener names with a `weir_listener_max_connections` series from this server: one
+    /// whose limit a reload removed, or that a reload removed, loses its series.
+    limited: Mutex<BTreeSet<String>>,
+}
+
+impl Refresher {
+    fn refresh(&self) {
+        let tables = self.control.tables();
+        refresh_backends(&tables);
+        let mut limited = self.limited.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = refresh_listeners(&tables);
+        for gone in limited.difference(&now) {
+            metrics::forget(Some(LISTENER_MAX_CONNECTIONS), &[("listener", gone)]);
+        }
+        *limited = now;
+    }
+}
+
+/// Writes each listener's `max_connections`; returns the names of those that have one.
+fn refresh_listeners(tables: &Tables) -> BTreeSet<String> {
+    let mut limited = BTreeSet::new();
+    for listener in tables.listeners.values() {
+        if let Some(max) = listener.max_connections() {
+            listener_max_connections(&listener.name).set(max as f64);
+            limited.insert(listener.name.clone());
+        }
+    }
+    limited
+}
+
+/// Writes the gauges derived from backend state: up/state/weight.
+///
+/// A backend's series are named by pool and backend name, so a backend that a reload moved
+/// to another address shares them with its retiring predecessor until that one's last
+/// connection closes: the series show the live backend only (a retiring one writes them
+/// only while no live backend of its pool has its name).
+fn refresh_backends(tables: &Tables) {
     for pool in tables.pools.values() {
-        for backend in &pool.snapshot().backends {
+        let snapshot = pool.snapshot();
+        let succeeded = |retiring: &Backend| {
+            snapshot
+                .backends
+                .iter()
+                .any(|b| !b.is_retiring() && b.name == retiring.name)
+        };
+        for backend in &snapshot.backends {
+            if backend.is_retiring() && succeeded(backend) {
+                continue;
+            }
             backend
                 .metrics
                 .show_state(backend.state() as usize, backend.weight());
         }
     }
-    for listener in tables.listeners.values() {
-        if let Some(max) = listener.max_connections() {
-            listener_max_connections(&listener.name).set(max as f64);
-        }
-    }
 }
 
 /// Everything a scrape needs, brought up to date, then rendered. Blocking (reads /proc).
-fn render(recorder: &Recorder, control: &ControlHandle) -> String {
-    refresh_tables(&control.tables());
+fn render(recorder: &Recorder, refresher: &Refresher) -> String {
+    refresher.refresh();
     recorder.render()
 }
 
@@ -75,14 +119,22 @@ impl Exporter {
         Ok(Exporter { recorder, socket })
     }
 
-    /// Starts the refresh/upkeep task and, when bound, the `/metrics` endpoint; both stop
+    /// The address `/metrics` is bound on (None without `metrics.bind`).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.socket.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
+    /// Starts the refresh task and, when bound, the `/metrics` endpoint; both stop
     /// on `stop_accepting` (a task left in the tracker would hold shutdown for the whole
     /// grace period). Returns the endpoint's address.
     pub fn start(self, control: ControlHandle, shutdown: &Shutdown) -> Option<SocketAddr> {
         let recorder = self.recorder?;
+        let refresher = Arc::new(Refresher {
+            control,
+            limited: Mutex::new(BTreeSet::new()),
+        });
         shutdown.tracker.spawn(refresh_loop(
-            recorder,
-            control.clone(),
+            Arc::clone(&refresher),
             shutdown.stop_accepting.clone(),
         ));
         let socket = self.socket?;
@@ -91,7 +143,7 @@ impl Exporter {
         shutdown.tracker.spawn(serve(
             socket,
             recorder,
-            control,
+            refresher,
             shutdown.stop_accepting.clone(),
             shutdown.tracker.clone(),
         ));
@@ -99,20 +151,13 @@ impl Exporter {
     }
 }
 
-async fn refresh_loop(
-    recorder: &'static Recorder,
-    control: ControlHandle,
-    stop: CancellationToken,
-) {
+async fn refresh_loop(refresher: Arc<Refresher>, stop: CancellationToken) {
     let mut refresh = tokio::time::interval(REFRESH_EVERY);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
-    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = refresh.tick() => refresh_tables(&control.tables()),
-            _ = upkeep.tick() => recorder.upkeep(),
+            _ = refresh.tick() => refresher.refresh(),
         }
     }
 }
@@ -133,7 +178,7 @@ const MAX_CLIENTS: usize = 32;
 async fn serve(
     socket: TcpListener,
     recorder: &'static Recorder,
-    control: ControlHandle,
+    refresher: Arc<Refresher>,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -146,13 +191,13 @@ async fn serve(
             let Ok(permit) = Arc::clone(&clients).try_acquire_owned() else {
                 return;
             };
-            let control = control.clone();
+            let refresher = Arc::clone(&refresher);
             let stop = stop.clone();
             tracker.spawn(async move {
                 let _permit = permit;
                 tokio::select! {
                     () = stop.cancelled() => {}
-                    r = answer(stream, recorder, control) => if let Err(e) = r {
+                    r = answer(stream, recorder, refresher) => if let Err(e) = r {
                         tracing::debug!("metrics: {e}");
                     },
                 }
@@ -165,7 +210,7 @@ async fn serve(
 async fn answer(
     mut stream: TcpStream,
     recorder: &'static Recorder,
-    control: ControlHandle,
+    refresher: Arc<Refresher>,
 ) -> io::Result<()> {
     let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(head))) => head,
@@ -209,7 +254,7 @@ async fn answer(
         .await;
     }
     // Rendering walks every series and reads /proc: keep it off the runtime's workers.
-    let body = tokio::task::spawn_blocking(move || render(recorder, &control))
+    let body = tokio::task::spawn_blocking(move || render(recorder, &refresher))
         .await
         .map_err(io::Error::other)?;
     let content_type = "text/plain; version=0.0.4; charset=utf-8";

@@ -119,6 +119,7 @@ async fn build(
         None => None,
     };
     let mut control = ControlTask::new(&config, config_path, shutdown);
+    control.set_metrics_addr(exporter.addr());
     first_health_round(&mut control, &config, &tables).await;
     for listener_config in &config.listeners {
         let socket = proxy::bind(listener_config)?;

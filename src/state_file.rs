@@ -62,6 +62,11 @@ pub struct BackendState {
     /// Absent: the weight from the config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// The config's weight for this backend when `weight` was set: an operator's weight
+    /// holds until the file's value changes, at a restart as at a reload. Absent (files
+    /// written before it existed): `weight` holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_weight: Option<u32>,
 }
 
 /// What differs from the config in `tables`: the admin state of every backend that
@@ -83,10 +88,15 @@ pub fn capture(tables: &Tables, config: &Config) -> StateFile {
                 Admin::Disabled => Some("disabled".to_string()),
             };
             let weight = (backend.weight() != backend_config.weight).then(|| backend.weight());
+            let config_weight = weight.map(|_| backend_config.weight);
             if admin.is_some() || weight.is_some() {
                 state.backends.insert(
                     format!("{}/{}", backend.pool, backend.name),
-                    BackendState { admin, weight },
+                    BackendState {
+                        admin,
+                        weight,
+                        config_weight,
+                    },
                 );
             }
         }
@@ -169,9 +179,11 @@ fn read_no_follow(path: &Path) -> Result<StateFile, StateFileError> {
     })
 }
 
-/// Applies a state file to freshly built backends, logging each restored entry; entries
-/// whose backend no longer exists are ignored with a warning. Returns whether a weight
-/// changed (the caller rebuilds that pool's snapshot).
+/// Applies a state file to freshly built backends (whose weight is still the config's),
+/// logging each restored entry; entries whose backend no longer exists are ignored with a
+/// warning. An operator's weight is restored only while the config still has the weight it
+/// had when it was set (`config_weight`): an edited weight in the file wins, as at a
+/// reload. Returns whether a weight changed (the caller rebuilds that pool's snapshot).
 pub fn restore(
     state: &StateFile,
     find: impl Fn(&str, &str) -> Option<std::sync::Arc<Backend>>,
@@ -195,7 +207,18 @@ pub fn restore(
                 continue;
             }
         }
-        if let Some(weight) = entry.weight {
+        let config_weight = backend.weight();
+        let weight = entry.weight.filter(|w| {
+            let edited = entry.config_weight.is_some_and(|was| was != config_weight);
+            if edited {
+                tracing::info!(
+                    "state file: not restoring weight {w} of {key}: the config's weight changed since it was set ({} -> {config_weight})",
+                    entry.config_weight.unwrap_or_default()
+                );
+            }
+            !edited
+        });
+        if let Some(weight) = weight {
             if WEIGHT_RANGE.contains(&weight) {
                 backend.set_weight(weight);
                 weights_changed = true;
@@ -210,10 +233,7 @@ pub fn restore(
         tracing::info!(
             "state file: restored {key}: {}{}",
             entry.admin.as_deref().unwrap_or("enabled"),
-            entry
-                .weight
-                .map(|w| format!(", weight {w}"))
-                .unwrap_or_default()
+            weight.map(|w| format!(", weight {w}")).unwrap_or_default()
         );
     }
     weights_changed

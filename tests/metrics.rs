@@ -382,10 +382,14 @@ async fn metrics_after_real_traffic_match_it_and_pass_promtool() {
 
     // Backend state: up, then marked down.
     assert_eq!(get(&m, "weir_backend_up", &a), 1.0);
+    // No health check: up until marked, and `PASSIVE_FALL` failed connects in a row from
+    // traffic mark it.
+    let marked_by_traffic = dead_errors >= f64::from(weir::pool::PASSIVE_FALL);
     assert_eq!(
         get(&m, "weir_backend_up", &dead),
-        1.0,
-        "no health check: up until marked"
+        if marked_by_traffic { 0.0 } else { 1.0 },
+        "no health check: up until {} failed connects",
+        weir::pool::PASSIVE_FALL
     );
     dead_backend.set_health(Health::Down);
     let text = scrape(metrics).await; // refreshed right before the render, no waiting
@@ -671,7 +675,7 @@ async fn shutdown_is_not_held_by_the_metrics_endpoint() {
 }
 
 #[tokio::test]
-async fn a_backend_that_is_gone_reports_no_state() {
+async fn a_backend_that_is_gone_leaves_no_series() {
     let _listening = LISTENING.read().await;
     let backend = TestBackend::start("g").await;
     let gone = "mt_gone";
@@ -695,11 +699,14 @@ async fn a_backend_that_is_gone_reports_no_state() {
     server.stop().await;
     drop(server);
     let m = parse(&scrape(metrics).await);
-    assert_eq!(get(&m, "weir_backend_up", &labels), 0.0);
-    for state in State::ALL {
-        let labels = [labels[0], labels[1], ("state", state.as_str())];
-        assert_eq!(get(&m, "weir_backend_state", &labels), 0.0, "{state}");
-    }
+    let left: Vec<&Sample> = m
+        .iter()
+        .filter(|s| s.labels.get("pool").map(String::as_str) == Some(gone))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "series of a stopped server's backend: {left:?}"
+    );
 }
 
 #[tokio::test]
@@ -956,4 +963,281 @@ async fn a_real_prometheus_scrapes_weir() {
         q.is_some_and(|q| q > 0.0 && q <= 10.0),
         "p99 connect time: {q:?}"
     );
+}
+
+/// A config file: listener `{tag}_front` on `bind` before pool `{tag}` with `backends`
+/// (name, address), metrics on 127.0.0.1:0.
+fn tagged_yaml(tag: &str, bind: &str, backends: &[(&str, SocketAddr)]) -> String {
+    let mut text = format!(
+        "metrics:\n  bind: 127.0.0.1:0\nlisteners:\n  {tag}_front:\n    bind: {bind}\n    pool: {tag}\npools:\n  {tag}:\n    backends:\n"
+    );
+    for (name, addr) in backends {
+        text += &format!("      - address: {addr}\n        name: {name}\n");
+    }
+    text
+}
+
+/// Starts weir from `text` written to `dir/weir.yaml`, so that it can be reloaded.
+async fn start_file(
+    dir: &TempDir,
+    tag: &str,
+    text: &str,
+) -> (Server, SocketAddr, SocketAddr, PathBuf) {
+    let path = dir.join("weir.yaml");
+    std::fs::write(&path, text).unwrap();
+    let config = weir::config::load(&path).expect("valid config");
+    let server = Server::start(config, Some(path.clone()))
+        .await
+        .expect("weir starts");
+    let front = server.listener_addr(&format!("{tag}_front")).unwrap();
+    let metrics = server.metrics_addr().expect("metrics address");
+    (server, front, metrics, path)
+}
+
+/// The series of a backend are named by pool and backend name: a backend moved to a new
+/// address by a reload shares them with its predecessor while that one retires. They show
+/// the live backend throughout, and its predecessor's going doesn't zero them.
+#[tokio::test]
+async fn a_moved_backend_shows_its_own_state_while_and_after_the_old_one_retires() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_moved";
+    let dir = TempDir::new(tag);
+    let old = TestBackend::start("old").await;
+    let new = TestBackend::start("new").await;
+    let (server, front, metrics, path) = start_file(
+        &dir,
+        tag,
+        &tagged_yaml(tag, "127.0.0.1:0", &[("m", old.addr)]),
+    )
+    .await;
+    let (open, name) = connect_named(front).await;
+    assert_eq!(name, "old");
+    let predecessor = std::sync::Arc::downgrade(&server.backend(tag, "m").unwrap());
+
+    std::fs::write(
+        &path,
+        tagged_yaml(tag, &front.to_string(), &[("m", new.addr)]),
+    )
+    .unwrap();
+    server.handle.reload().await.expect("the reload applies");
+    let (_s, name) = connect_named(front).await;
+    assert_eq!(name, "new");
+
+    let labels = [("pool", tag), ("backend", "m")];
+    let state = |m: &[Sample], s: &str| {
+        get(
+            m,
+            "weir_backend_state",
+            &[labels[0], labels[1], ("state", s)],
+        )
+    };
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(
+        get(&m, "weir_backend_up", &labels),
+        1.0,
+        "while the old one retires"
+    );
+    assert_eq!(state(&m, "up"), 1.0);
+    assert_eq!(state(&m, "draining"), 0.0);
+
+    // The old connection closes: the old backend leaves (and is dropped).
+    drop(open);
+    wait_until(DEADLINE, "the old backend to be dropped", || {
+        let gone = predecessor.upgrade().is_none();
+        async move { gone }
+    })
+    .await;
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(
+        get(&m, "weir_backend_up", &labels),
+        1.0,
+        "after the old one left"
+    );
+    assert_eq!(state(&m, "up"), 1.0);
+    assert_eq!(state(&m, "draining"), 0.0);
+}
+
+/// A backend removed by a reload while a connection is open on it is `retiring` in
+/// `weir_backend_state`, not an operator's `draining`.
+#[tokio::test]
+async fn a_removed_backend_with_a_connection_open_is_retiring() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_retiring";
+    let dir = TempDir::new(tag);
+    let a = TestBackend::start("a").await;
+    let (server, front, metrics, path) = start_file(
+        &dir,
+        tag,
+        &tagged_yaml(tag, "127.0.0.1:0", &[("a", a.addr)]),
+    )
+    .await;
+    let (_open, name) = connect_named(front).await;
+    assert_eq!(name, "a");
+    let b = TestBackend::start("b").await;
+    std::fs::write(
+        &path,
+        tagged_yaml(tag, &front.to_string(), &[("b", b.addr)]),
+    )
+    .unwrap();
+    server.handle.reload().await.expect("the reload applies");
+
+    let labels = [("pool", tag), ("backend", "a")];
+    let m = parse(&scrape(metrics).await);
+    let state = |s: &str| {
+        get(
+            &m,
+            "weir_backend_state",
+            &[labels[0], labels[1], ("state", s)],
+        )
+    };
+    assert_eq!(state("retiring"), 1.0);
+    assert_eq!(state("draining"), 0.0);
+    assert_eq!(get(&m, "weir_backend_up", &labels), 0.0);
+}
+
+/// A backend removed by a reload takes its series with it once its last connection has
+/// closed and it is gone; a live backend keeps its series however idle.
+#[tokio::test]
+async fn a_removed_backend_takes_its_series_with_it_and_an_idle_one_keeps_them() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_forget";
+    let dir = TempDir::new(tag);
+    let live = TestBackend::start("live").await;
+    let extra = TestBackend::start("extra").await;
+    let (server, front, metrics, path) = start_file(
+        &dir,
+        tag,
+        &tagged_yaml(tag, "127.0.0.1:0", &[("live", live.addr)]),
+    )
+    .await;
+    echo_once(front, "live", 10).await;
+    let bind = front.to_string();
+    std::fs::write(
+        &path,
+        tagged_yaml(tag, &bind, &[("live", live.addr), ("extra", extra.addr)]),
+    )
+    .unwrap();
+    server.handle.reload().await.expect("the reload adds extra");
+    // Round robin: one of the next two connections goes to extra; keep it open.
+    let mut on_extra = None;
+    for _ in 0..2 {
+        let (stream, name) = connect_named(front).await;
+        if name == "extra" {
+            on_extra = Some(stream);
+        }
+    }
+    let mut on_extra = on_extra.expect("a connection on extra");
+    on_extra.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    on_extra.read_exact(&mut back).await.unwrap();
+    let removed = std::sync::Arc::downgrade(&server.backend(tag, "extra").unwrap());
+
+    std::fs::write(&path, tagged_yaml(tag, &bind, &[("live", live.addr)])).unwrap();
+    server
+        .handle
+        .reload()
+        .await
+        .expect("the reload removes extra");
+    let extra_labels = [("pool", tag), ("backend", "extra")];
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(
+        get(&m, "weir_backend_connections_active", &extra_labels),
+        1.0
+    );
+
+    drop(on_extra);
+    wait_until(DEADLINE, "the removed backend to be dropped", || {
+        let gone = removed.upgrade().is_none();
+        async move { gone }
+    })
+    .await;
+    let m = parse(&scrape(metrics).await);
+    let left: Vec<&Sample> = m
+        .iter()
+        .filter(|s| {
+            s.labels.get("pool").map(String::as_str) == Some(tag)
+                && s.labels.get("backend").map(String::as_str) == Some("extra")
+        })
+        .collect();
+    assert!(left.is_empty(), "series of the removed backend: {left:?}");
+    let live_labels = [("pool", tag), ("backend", "live")];
+    assert!(get(&m, "weir_backend_connections_total", &live_labels) >= 2.0);
+    assert_eq!(get(&m, "weir_backend_up", &live_labels), 1.0);
+    assert!(
+        value(
+            &m,
+            "weir_backend_connect_duration_seconds_count",
+            &live_labels
+        )
+        .is_some_and(|n| n >= 2.0),
+        "the live backend's histograms stay"
+    );
+}
+
+/// `weir_listener_max_connections` follows the config in force: a reload that changes a
+/// limit changes it, one that removes the limit or the listener removes the series.
+#[tokio::test]
+async fn listener_max_connections_follows_reloads() {
+    let _listening = LISTENING.read().await;
+    let tag = "mt_limit";
+    let dir = TempDir::new(tag);
+    let a = TestBackend::start("a").await;
+    let second = format!("{tag}_second");
+    let text = |bind: &str, front_limit: &str, second_listener: Option<(SocketAddr, &str)>| {
+        let mut listeners = format!("    pool: {tag}\n{front_limit}");
+        if let Some((addr, limit)) = second_listener {
+            listeners += &format!("  {second}:\n    bind: {addr}\n    pool: {tag}\n{limit}");
+        }
+        tagged_yaml(tag, bind, &[("a", a.addr)]).replacen(
+            &format!("    pool: {tag}\n"),
+            &listeners,
+            1,
+        )
+    };
+    let second_addr = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let (server, front, metrics, path) = start_file(
+        &dir,
+        tag,
+        &text(
+            "127.0.0.1:0",
+            "    max_connections: 5\n",
+            Some((second_addr, "    max_connections: 3\n")),
+        ),
+    )
+    .await;
+    let front_name = format!("{tag}_front");
+    let limit = |m: &[Sample], listener: &str| {
+        value(
+            m,
+            "weir_listener_max_connections",
+            &[("listener", listener)],
+        )
+    };
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(limit(&m, &front_name), Some(5.0));
+    assert_eq!(limit(&m, &second), Some(3.0));
+
+    let bind = front.to_string();
+    let reload = |body: String| {
+        std::fs::write(&path, body).unwrap();
+        server.handle.reload()
+    };
+    reload(text(
+        &bind,
+        "    max_connections: 9\n",
+        Some((second_addr, "    max_connections: 3\n")),
+    ))
+    .await
+    .unwrap();
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(limit(&m, &front_name), Some(9.0));
+
+    // front's limit removed, second removed: neither has a series any more.
+    reload(text(&bind, "", None)).await.unwrap();
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(limit(&m, &front_name), None, "the limit was removed");
+    assert_eq!(limit(&m, &second), None, "the listener was removed");
 }

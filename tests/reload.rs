@@ -113,17 +113,24 @@ async fn reload_adds_removes_reweighs_and_keeps_open_connections() {
     ));
     assert_eq!(
         backend_b.state(),
-        State::Draining,
-        "removed but still carrying a connection"
+        State::Retiring,
+        "removed but still carrying a connection: not an operator's drain"
     );
+    let rows = admin(&socket, "show backends").await;
+    let row = rows.lines().find(|l| l.contains(&b.addr.to_string()));
+    assert!(row.is_some_and(|r| r.contains(" retiring ")), "{rows}");
+    let json = admin(&socket, "show backends --json").await;
+    let json: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let row = json.iter().find(|r| r["name"] == "b").expect("b shown");
+    assert_eq!(row["state"], "retiring", "{row}");
 
-    // An operator can't put the removed backend back into rotation by hand.
+    // An operator can't put the removed backend back into rotation by hand, and is told why.
     let refused = admin(&socket, "enable pool/b").await;
     assert!(
-        refused.starts_with("error:") && refused.contains("removed by a reload"),
+        refused.starts_with("error: pool/b is retiring") && refused.contains("removed by a reload"),
         "{refused}"
     );
-    assert_eq!(backend_b.state(), State::Draining);
+    assert_eq!(backend_b.state(), State::Retiring);
 
     // Open connections are untouched, on the kept and on the removed backend.
     echo(&mut on_a, b"after reload").await;
@@ -352,12 +359,12 @@ async fn drained_stays_drained_across_reload_and_restart_with_the_state_file() {
     assert_eq!(restarted.backend("pool", "b").unwrap().weight(), 7);
 
     // A state entry for a backend that no longer exists is ignored.
+    restarted.stop().await;
     std::fs::write(
         &state,
         "{\"backends\":{\"pool/gone\":{\"admin\":\"drain\"}}}",
     )
     .unwrap();
-    restarted.stop().await;
     let config = weir::config::load(&path).unwrap();
     let again = Server::start(config, Some(path)).await.unwrap();
     assert_eq!(state_of(&again, "a"), State::Up);
@@ -479,4 +486,267 @@ async fn a_backend_moved_to_another_address_under_the_same_name() {
     assert_eq!(state_of(&server, "a"), State::Up);
     let (_s, name) = connect_named(front).await;
     assert_eq!(name, "new");
+}
+
+/// `yaml` with `check` (one line, indented for the pool) as the pool's health check.
+fn with_check(text: String, check: &str) -> String {
+    text.replacen(
+        "    backends:\n",
+        &format!("    health_check: {check}\n    backends:\n"),
+        1,
+    )
+}
+
+/// A port nothing listens on (yet).
+fn unused_port() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}
+
+/// A reload that adds a backend keeps the checker of the backend that stays, and with it
+/// its rise progress: one that had 1 of rise=3 passes comes up on its third pass, not on a
+/// fourth after a restarted checker counted from zero (and probed it again at once).
+#[tokio::test]
+async fn a_reload_that_adds_a_backend_keeps_the_other_checker_and_its_rise_progress() {
+    let dir = TempDir::new("reload-checker-kept");
+    let check = "{ interval: 300ms, timeout: 200ms, rise: 3, fall: 1 }";
+    let a_addr = unused_port();
+    let c = TestBackend::start("c").await;
+    let (server, front, path) = start_file(
+        &dir,
+        &with_check(
+            yaml("127.0.0.1:0", "round-robin", &[("a", a_addr, 1)], ""),
+            check,
+        ),
+    )
+    .await;
+    assert_eq!(
+        state_of(&server, "a"),
+        State::Down,
+        "its first probe failed"
+    );
+
+    // a starts listening: its next probe passes, 1 of 3.
+    let a = TestBackend::restart("a", a_addr).await;
+    wait_until(DEADLINE, "a's first passing probe", || {
+        let n = a.accepted();
+        async move { n >= 1 }
+    })
+    .await;
+    std::fs::write(
+        &path,
+        with_check(
+            yaml(
+                &front.to_string(),
+                "round-robin",
+                &[("a", a_addr, 1), ("c", c.addr, 1)],
+                "",
+            ),
+            check,
+        ),
+    )
+    .unwrap();
+    let reply = server.handle.reload().await.expect("the reload applies");
+    assert!(reply.contains("1 backend added"), "{reply}");
+
+    wait_for_state(&server, "pool", "a", State::Up, DEADLINE).await;
+    assert_eq!(
+        a.accepted(),
+        3,
+        "a came up on its third pass: the reload neither probed it again nor reset its count"
+    );
+}
+
+/// A backend whose greeting comes `delay` after each connect (a probe expecting it takes
+/// that long), then echoes.
+async fn slow_greeter(name: &'static str, delay: std::time::Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if stream
+                    .write_all(format!("{name}\n").as_bytes())
+                    .await
+                    .is_ok()
+                {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A pool added by a reload is published once its first round of probes is done, as at
+/// startup: its first client, right after the reload returns, is served.
+#[tokio::test]
+async fn a_pool_added_by_a_reload_serves_its_first_client_right_after_the_reload() {
+    let dir = TempDir::new("reload-pool-added");
+    let a = TestBackend::start("a").await;
+    let (server, front, path) = start_file(
+        &dir,
+        &yaml("127.0.0.1:0", "round-robin", &[("a", a.addr, 1)], ""),
+    )
+    .await;
+    // Its probe waits 150 ms for the greeting it expects.
+    let slow = slow_greeter("slow", std::time::Duration::from_millis(150)).await;
+    let second = unused_port();
+    let text = yaml(&front.to_string(), "round-robin", &[("a", a.addr, 1)], "").replace(
+        "pools:\n",
+        &format!("  second:\n    bind: {second}\n    pool: added\npools:\n"),
+    ) + &format!(
+        "  added:\n    health_check: {{ interval: 5s, timeout: 2s, expect: \"slow\" }}\n    backends:\n      - address: {slow}\n        name: slow\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let reply = server.handle.reload().await.expect("the reload applies");
+    assert!(reply.contains("1 pool added"), "{reply}");
+    assert_eq!(state_of_in(&server, "added", "slow"), State::Up);
+    let (_client, name) = connect_named(second).await;
+    assert_eq!(name, "slow");
+}
+
+fn state_of_in(server: &Server, pool: &str, backend: &str) -> State {
+    server.backend(pool, backend).unwrap().state()
+}
+
+/// The reply says what changed compared with what runs: settings a reload applies in place
+/// are listed, and `metrics.bind` put back to what is served is no change.
+#[tokio::test]
+async fn the_reload_reply_lists_exactly_what_changed() {
+    let dir = TempDir::new("reload-reply");
+    let a = TestBackend::start("a").await;
+    let text = |bind: &str, metrics: &str, listener: &str, top: &str| {
+        yaml(
+            bind,
+            "round-robin",
+            &[("a", a.addr, 1)],
+            &format!("{top}metrics:\n  bind: {metrics}\n"),
+        )
+        .replace("    pool: pool\n", &format!("    pool: pool\n{listener}"))
+    };
+    let (server, front, path) = start_file(&dir, &text("127.0.0.1:0", "127.0.0.1:0", "", "")).await;
+    let metrics = server.metrics_addr().unwrap();
+    let front = front.to_string();
+    let reload = |body: String| {
+        std::fs::write(&path, body).unwrap();
+        server.handle.reload()
+    };
+
+    let same = reload(text(&front, "127.0.0.1:0", "", "")).await.unwrap();
+    assert_eq!(same, "reloaded, nothing changed");
+    let reply = reload(text(&front, "127.0.0.1:0", "    max_connections: 7\n", ""))
+        .await
+        .unwrap();
+    assert_eq!(reply, "reloaded: 1 listener changed");
+    let reply = reload(text(
+        &front,
+        "127.0.0.1:0",
+        "    max_connections: 7\n    idle_timeout: 5m\n",
+        "",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(reply, "reloaded: 1 listener changed");
+    let reply = reload(text(
+        &front,
+        "127.0.0.1:0",
+        "    max_connections: 7\n    idle_timeout: 5m\n",
+        "shutdown_timeout: 3s\n",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(reply, "reloaded: shutdown_timeout changed");
+    assert_eq!(
+        server.config().shutdown_timeout,
+        std::time::Duration::from_secs(3)
+    );
+
+    // metrics.bind: another port takes a restart; back to the running one is no change,
+    // whether as configured (port 0) or as bound.
+    let other = unused_port().to_string();
+    let reply = reload(text(&front, &other, "", "")).await.unwrap();
+    assert!(
+        reply.contains("1 listener changed")
+            && reply.contains("shutdown_timeout changed")
+            && reply.contains(&format!(
+                "metrics.bind changed: takes effect at the next restart (metrics are served on {metrics} until then)"
+            )),
+        "{reply}"
+    );
+    let back = reload(text(&front, "127.0.0.1:0", "", "")).await.unwrap();
+    assert_eq!(back, "reloaded, nothing changed");
+    let bound = reload(text(&front, &metrics.to_string(), "", ""))
+        .await
+        .unwrap();
+    assert_eq!(bound, "reloaded, nothing changed");
+}
+
+/// One rule for an operator's `set weight`, at a reload and at a restart: it holds until
+/// the file's weight for that backend changes.
+#[tokio::test]
+async fn an_operators_weight_holds_until_the_files_changes_at_reload_and_restart() {
+    let dir = TempDir::new("reload-weights");
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let state = dir.join("state.json");
+    let socket = dir.join("admin.sock");
+    let extra = format!(
+        "admin:\n  socket: {}\n  state_file: {}\n",
+        socket.display(),
+        state.display()
+    );
+    let text = |bind: &str, weight: u32| {
+        yaml(
+            bind,
+            "round-robin",
+            &[("a", a.addr, 1), ("b", b.addr, weight)],
+            &extra,
+        )
+    };
+    let weight = |server: &Server| server.backend("pool", "b").unwrap().weight();
+    let restart = |server: Server, body: String| {
+        let path = dir.join("weir.yaml");
+        async move {
+            server.stop().await;
+            drop(server);
+            std::fs::write(&path, body).unwrap();
+            let config = weir::config::load(&path).unwrap();
+            Server::start(config, Some(path)).await.unwrap()
+        }
+    };
+
+    // Reload: the same file keeps the operator's 5; an edited one (1 -> 3) wins.
+    let (server, front, path) = start_file(&dir, &text("127.0.0.1:0", 1)).await;
+    let front = front.to_string();
+    assert!(
+        admin(&socket, "set weight pool/b 5")
+            .await
+            .contains("weight 5")
+    );
+    std::fs::write(&path, text(&front, 1)).unwrap();
+    server.handle.reload().await.unwrap();
+    assert_eq!(weight(&server), 5, "reload, file unchanged");
+    std::fs::write(&path, text(&front, 3)).unwrap();
+    server.handle.reload().await.unwrap();
+    assert_eq!(weight(&server), 3, "reload, file edited");
+
+    // Restart: the same file keeps the operator's 5; an edited one (3 -> 4) wins.
+    assert!(
+        admin(&socket, "set weight pool/b 5")
+            .await
+            .contains("weight 5")
+    );
+    let server = restart(server, text("127.0.0.1:0", 3)).await;
+    assert_eq!(weight(&server), 5, "restart, file unchanged");
+    let server = restart(server, text("127.0.0.1:0", 4)).await;
+    assert_eq!(weight(&server), 4, "restart, file edited");
+    // And the override is gone for good: not even the old file value brings it back.
+    let server = restart(server, text("127.0.0.1:0", 3)).await;
+    assert_eq!(weight(&server), 3, "a dropped override stays dropped");
 }

@@ -6,6 +6,7 @@
 //! single atomics on each backend and need no message.
 //!
 //! - `handle.rs`: [`ControlHandle`], what others hold, and [`ControlError`].
+//! - `checks.rs`: the health checkers it runs, one per backend.
 //! - `plan.rs`: a reload as a plan, computed by a pure function (unit-tested without sockets).
 //! - `reload.rs`: applying it, in two phases: first everything that can fail (reading and
 //!   validating the file, binding new listener sockets), with nothing changed yet; then
@@ -15,6 +16,7 @@
 //! and open connections carry over. A removed backend is drained and stays visible until
 //! its last connection closes.
 
+mod checks;
 mod handle;
 pub mod plan;
 mod reload;
@@ -28,13 +30,13 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use checks::Checkers;
 use handle::Command;
 pub use handle::{ControlError, ControlHandle};
 
 use crate::backend::Backend;
 use crate::balance::WEIGHT_RANGE;
 use crate::config::{BackendConfig, Config, ListenerConfig, OnDown, PoolConfig};
-use crate::health;
 use crate::metrics::ReloadMetrics;
 use crate::pool::{Pool, PoolSnapshot};
 use crate::proxy::{self, BoundSocket, Listener};
@@ -50,13 +52,15 @@ pub struct ControlTask {
     config: Arc<ArcSwap<Config>>,
     config_path: Option<PathBuf>,
     shutdown: Shutdown,
-    /// Per pool: the token its health checkers stop on (a reload replaces them).
-    pool_checks: BTreeMap<String, CancellationToken>,
+    /// One health checker per checked backend that isn't retiring.
+    checkers: Checkers,
     /// Per listener: the token its accept or receive loop stops on.
     listener_stops: BTreeMap<String, CancellationToken>,
     /// Backends a reload removed that still have open connections. Held by identity, not
     /// by name: a reload may bring a backend of the same name at another address.
     retiring: Vec<Arc<Backend>>,
+    /// What was bound at start, for the reload's reply.
+    fixed: plan::Fixed,
     metrics: ReloadMetrics,
 }
 
@@ -68,11 +72,22 @@ impl ControlTask {
             config: Arc::new(ArcSwap::from_pointee(config.clone())),
             config_path,
             shutdown: shutdown.clone(),
-            pool_checks: BTreeMap::new(),
+            checkers: Checkers::default(),
             listener_stops: BTreeMap::new(),
             retiring: Vec::new(),
+            fixed: plan::Fixed {
+                metrics_bind: config.metrics_bind,
+                metrics_addr: None,
+                admin_socket: config.admin_socket.clone(),
+            },
             metrics: ReloadMetrics::default(),
         }
+    }
+
+    /// The address the metrics endpoint bound (port 0 became a real port): a reload that
+    /// writes it into `metrics.bind` changes nothing.
+    pub fn set_metrics_addr(&mut self, addr: Option<std::net::SocketAddr>) {
+        self.fixed.metrics_addr = addr;
     }
 
     pub fn publish(&self, tables: Tables) {
@@ -82,6 +97,7 @@ impl ControlTask {
     /// Starts the task; it stops with accepting (during the grace period nothing is
     /// rerouted). The handle is what everyone else holds.
     pub fn spawn(self) -> ControlHandle {
+        self.prune_state_file();
         let (tx, rx) = mpsc::channel(64);
         let handle = ControlHandle {
             tx,
@@ -170,6 +186,25 @@ impl ControlTask {
         Ok(())
     }
 
+    /// At start: writes the state file back when what startup restored differs from it
+    /// (the restore dropped a weight whose file value has changed since it was set, or an
+    /// entry for a backend no longer in the config), so that a dropped weight cannot come
+    /// back at a later restart when the file returns to its old value. A file that cannot
+    /// be read is left as it is for the operator; the next admin change rewrites it.
+    fn prune_state_file(&self) {
+        let config = self.config.load();
+        let Some(path) = &config.state_file else {
+            return;
+        };
+        let Ok(on_disk) = state_file::read(path) else {
+            return;
+        };
+        if on_disk != state_file::capture(&self.tables.load(), &config) {
+            // A failure is logged by save_state; startup goes on.
+            let _ = self.save_state();
+        }
+    }
+
     /// Writes the state file, when one is configured, and returns once it is on disk.
     /// A failure is logged (and counted by `state_file`), never fatal: the change stays in
     /// force, and the caller says it was not saved.
@@ -185,32 +220,23 @@ impl ControlTask {
         })
     }
 
-    /// Starts the health checkers of `pool` (replacing any running ones); returns the
-    /// first-round receivers. Retiring backends are not checked.
+    /// Starts a health checker for every backend of `pool`, each probing at once (a new
+    /// pool: at startup or added by a reload); returns the first-round receivers.
     pub fn start_checks(&mut self, pool: &Pool, config: &PoolConfig) -> Vec<oneshot::Receiver<()>> {
-        if let Some(old) = self.pool_checks.remove(&pool.name) {
-            old.cancel();
-        }
         let Some(check) = &config.health_check else {
             return Vec::new();
         };
-        let stop = self.shutdown.stop_accepting.child_token();
-        let receivers = pool
-            .load_full()
-            .backends
-            .iter()
-            .filter(|b| !self.is_retiring(b))
-            .map(|backend| {
-                health::spawn_checker(
-                    Arc::clone(backend),
-                    check.clone(),
-                    pool.protocol,
-                    &self.shutdown,
-                    stop.clone(),
-                )
-            })
-            .collect();
-        self.pool_checks.insert(pool.name.clone(), stop);
+        let mut receivers = Vec::new();
+        for backend in &pool.load_full().backends {
+            let rx = self.checkers.start(
+                backend,
+                check,
+                pool.protocol,
+                &self.shutdown,
+                Duration::ZERO,
+            );
+            receivers.push(rx);
+        }
         receivers
     }
 

@@ -7,25 +7,64 @@
 //! - A backend stays when its pool, name and resolved address stay: it is the same
 //!   `Arc<Backend>` (health, admin state, counters, open connections carry over).
 //! - A weight changed in the file wins over an operator's `set weight`; an unchanged one
-//!   leaves the operator's value alone.
+//!   leaves the operator's value alone (the state file applies the same rule at a restart,
+//!   by its `config_weight`).
 //! - A removed backend with open connections is retired: drained, kept in its pool's
 //!   snapshot until its last connection closes. One that comes back before that is
 //!   enabled again.
 //! - A listener is rebound when it is new, its protocol changed, or its address changed
 //!   (the address it actually bound counts as unchanged: port 0 became a real port).
 //! - A pool whose protocol changed is a new pool.
+//! - Health checkers are per backend: while a pool's check stays the same, a backend that
+//!   stays keeps its checker (and its rise/fall progress); one that comes (or comes back
+//!   from retiring) gets one, one that goes or retires loses its own. A changed check
+//!   restarts them all; a removed one stops them all before the backends are set up.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::config::{Config, ListenerConfig, PoolConfig};
 use crate::tables::Tables;
 
+/// What was bound at start and a reload cannot move: `metrics.bind` and `admin.socket`
+/// as they are served (not as the config in force says: a reload that changed them took
+/// no effect on them).
+#[derive(Clone, Debug, Default)]
+pub struct Fixed {
+    /// `metrics.bind` as configured at start.
+    pub metrics_bind: Option<SocketAddr>,
+    /// The address the metrics endpoint actually bound (port 0 became a real port).
+    pub metrics_addr: Option<SocketAddr>,
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// What a reload cannot apply, compared with what is served: said in its reply.
+pub fn restart_notes(fixed: &Fixed, new: &Config) -> Vec<String> {
+    let mut notes = Vec::new();
+    let metrics_same = new.metrics_bind == fixed.metrics_bind
+        || (new.metrics_bind.is_some() && new.metrics_bind == fixed.metrics_addr);
+    if !metrics_same {
+        let serving = match fixed.metrics_addr.or(fixed.metrics_bind) {
+            Some(addr) => format!("metrics are served on {addr} until then"),
+            None => "no metrics endpoint until then".to_string(),
+        };
+        notes.push(format!(
+            "metrics.bind changed: takes effect at the next restart ({serving})"
+        ));
+    }
+    if new.admin_socket != fixed.admin_socket {
+        notes.push("admin.socket changed: takes effect at the next restart".to_string());
+    }
+    notes
+}
+
 /// Everything a reload will do, in the order it is applied.
 #[derive(Debug, Default)]
 pub struct ReloadPlan {
-    /// Settings read only at start that changed: said in the reply.
+    /// Settings read only at start that changed: said in the reply (`restart_notes`).
     pub notes: Vec<String>,
     /// One per listener of the new config, in its order.
     pub listeners: Vec<ListenerStep>,
@@ -60,10 +99,34 @@ pub struct PoolUpdate {
     /// Retiring backends that left for good (their last connection closed): no longer
     /// tracked.
     pub forget: Vec<Arc<Backend>>,
-    /// The backend set or the health check changed: checkers start again.
-    pub restart_checks: bool,
-    /// The health check was removed: every backend is up unless connects fail.
-    pub mark_all_up: bool,
+    /// What happens to the pool's health checkers.
+    pub checks: Checks,
+}
+
+/// What a reload does to a pool's health checkers: one per backend that is not retiring
+/// (a retiring backend is not checked), while the pool has a health check.
+#[derive(Debug)]
+pub enum Checks {
+    /// No health check, before or after.
+    Off,
+    /// The same health check: every running checker goes on untouched, with its rise/fall
+    /// progress.
+    Keep {
+        /// Positions in `backends` whose checker starts: backends that are new, or back
+        /// from retiring. Their first probe comes after a random share of the interval,
+        /// so that they are not all probed at once.
+        start: Vec<usize>,
+        /// Backends whose checker stops: removed by this reload (retiring or gone).
+        stop: Vec<Arc<Backend>>,
+    },
+    /// The check changed or was added: every checker of the pool stops, and one starts
+    /// (spread over the interval) for every backend that is not retiring. A backend that
+    /// was checked before goes on by rise/fall from its current health.
+    Restart,
+    /// The check was removed: every checker stops, and only once they have all ended are
+    /// the backends set up, so that no probe finishing in between can leave a backend down
+    /// with no checker left to undo it.
+    Remove,
 }
 
 #[derive(Debug)]
@@ -97,19 +160,21 @@ pub struct Changes {
     pub listeners_added: usize,
     pub listeners_removed: usize,
     pub listeners_rebound: usize,
+    /// Listeners that stay, with another `max_connections`, `idle_timeout` or pool.
+    pub listeners_changed: usize,
+    /// Top-level settings applied as they are (`shutdown_timeout`, `admin.state_file`).
+    pub settings: Vec<&'static str>,
 }
 
 /// The plan to go from `current` (running, built from `old`) to `new`. `retiring` are the
 /// backends earlier reloads removed that still have open connections.
 pub fn plan(current: &Tables, old: &Config, new: &Config, retiring: &[Arc<Backend>]) -> ReloadPlan {
     let mut plan = ReloadPlan::default();
-    if new.metrics_bind != old.metrics_bind {
-        plan.notes
-            .push("metrics.bind changed: takes effect at the next restart".to_string());
+    if new.shutdown_timeout != old.shutdown_timeout {
+        plan.changes.settings.push("shutdown_timeout");
     }
-    if new.admin_socket != old.admin_socket {
-        plan.notes
-            .push("admin.socket changed: takes effect at the next restart".to_string());
+    if new.state_file != old.state_file {
+        plan.changes.settings.push("admin.state_file");
     }
     plan_listeners(&mut plan, current, old, new);
     plan_pools(&mut plan, current, old, new, retiring);
@@ -129,6 +194,16 @@ fn plan_listeners(plan: &mut ReloadPlan, current: &Tables, old: &Config, new: &C
             None => true,
         };
         if !rebind {
+            // Its settings are applied in place (max_connections, idle_timeout, pool, …):
+            // every key but the address, which stays (or was port 0).
+            let settings = |l: &ListenerConfig| ListenerConfig {
+                bind: listener.bind,
+                ..l.clone()
+            };
+            let was = old_listeners.get(listener.name.as_str());
+            if was.is_none_or(|was| settings(was) != *listener) {
+                plan.changes.listeners_changed += 1;
+            }
             plan.listeners
                 .push(ListenerStep::Keep(listener.name.clone()));
             continue;
@@ -207,24 +282,29 @@ fn plan_pool(
         name: config.name.clone(),
         backends: Vec::with_capacity(config.backends.len()),
         forget: Vec::new(),
-        restart_checks: false,
-        mark_all_up: false,
+        checks: Checks::Off,
     };
-    let mut set_changed = false;
     let mut kept: Vec<&Arc<Backend>> = Vec::new();
+    // Checkers to start (positions in the new list) and stop, when the check stays.
+    let mut start = Vec::new();
+    let mut stop = Vec::new();
     for (index, backend_config) in config.backends.iter().enumerate() {
         let found = current
             .iter()
             .find(|b| b.name == backend_config.name && b.addr == backend_config.addr);
         let Some(backend) = found else {
             changes.backends_added += 1;
-            set_changed = true;
+            start.push(update.backends.len());
             update.backends.push(BackendStep::Add(index));
             continue;
         };
         kept.push(backend);
         let unretire = is_retiring(backend);
-        set_changed |= unretire;
+        if unretire {
+            // Back in rotation: counted as added, as its removal was counted.
+            changes.backends_added += 1;
+            start.push(update.backends.len());
+        }
         let weight_edited = old_weight(&backend_config.name) != Some(backend_config.weight);
         let set_weight = (weight_edited && backend.weight() != backend_config.weight)
             .then_some(backend_config.weight);
@@ -237,36 +317,67 @@ fn plan_pool(
             unretire,
         });
     }
+    plan_removed(changes, current, &kept, retiring, &mut update, &mut stop);
+    update.checks = checks(was, config, start, stop);
+    // The pool's own settings (strategy, timeouts, health check, …); its backends are
+    // counted one by one above.
+    let settings = |p: &PoolConfig| PoolConfig {
+        backends: Vec::new(),
+        ..p.clone()
+    };
+    if was.is_none_or(|was| settings(was) != settings(config)) {
+        changes.pools_changed += 1;
+    }
+    update
+}
+
+/// The backends of `current` that the new config no longer has (not `kept`): retired
+/// when connections are open, else gone (forgotten when an earlier reload removed them).
+/// Their checkers stop (`stop`).
+fn plan_removed(
+    changes: &mut Changes,
+    current: &[Arc<Backend>],
+    kept: &[&Arc<Backend>],
+    retiring: &[Arc<Backend>],
+    update: &mut PoolUpdate,
+    stop: &mut Vec<Arc<Backend>>,
+) {
     for backend in current {
         if kept.iter().any(|k| Arc::ptr_eq(k, backend)) {
             continue;
         }
-        set_changed = true;
-        let newly = !is_retiring(backend);
+        let newly = !retiring.iter().any(|r| Arc::ptr_eq(r, backend));
+        if newly {
+            changes.backends_removed += 1;
+            stop.push(Arc::clone(backend));
+        }
         if backend.active() > 0 {
-            if newly {
-                changes.backends_removed += 1;
-            }
             update.backends.push(BackendStep::Retire {
                 backend: Arc::clone(backend),
                 newly,
             });
-        } else if newly {
-            changes.backends_removed += 1;
-        } else {
+        } else if !newly {
             update.forget.push(Arc::clone(backend));
         }
     }
-    let settings_changed = was != Some(config);
+}
+
+/// What happens to the checkers of a pool that stays (`start` and `stop` apply when its
+/// check is unchanged).
+fn checks(
+    was: Option<&PoolConfig>,
+    config: &PoolConfig,
+    start: Vec<usize>,
+    stop: Vec<Arc<Backend>>,
+) -> Checks {
+    let had_check = was.is_some_and(|w| w.health_check.is_some());
     let check_changed = was.map(|w| &w.health_check) != Some(&config.health_check);
-    if settings_changed || set_changed {
-        update.mark_all_up = check_changed && config.health_check.is_none();
-        update.restart_checks = check_changed || set_changed;
-        if settings_changed && !set_changed {
-            changes.pools_changed += 1;
-        }
+    match &config.health_check {
+        None if had_check => Checks::Remove,
+        None => Checks::Off,
+        Some(_) if check_changed => Checks::Restart,
+        Some(_) => Checks::Keep { start, stop },
     }
-    update
 }
 
 impl std::fmt::Display for Changes {
@@ -289,10 +400,16 @@ impl std::fmt::Display for Changes {
                 "listener rebound",
                 "listeners rebound",
             ),
+            (
+                self.listeners_changed,
+                "listener changed",
+                "listeners changed",
+            ),
         ]
         .into_iter()
         .filter(|(n, _, _)| *n > 0)
         .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+        .chain(self.settings.iter().map(|s| format!("{s} changed")))
         .collect();
         if parts.is_empty() {
             f.write_str("reloaded, nothing changed")
@@ -354,7 +471,7 @@ mod tests {
         assert_eq!(plan.changes, Changes::default());
         assert_eq!(plan.listeners, vec![ListenerStep::Keep("l".into())]);
         let update = update(&plan);
-        assert!(!update.restart_checks);
+        assert!(matches!(update.checks, Checks::Off));
         let kept: Vec<_> = update
             .backends
             .iter()
@@ -424,7 +541,6 @@ mod tests {
         let plan = plan(&current, &old, &new, &[]);
         let update = update(&plan);
         assert_eq!(plan.changes.backends_removed, 2);
-        assert!(update.restart_checks, "the backend set changed");
         assert!(matches!(
             &update.backends[..],
             [BackendStep::Keep { .. }, BackendStep::Retire { backend, newly: true }] if Arc::ptr_eq(backend, &running[1])
@@ -477,15 +593,114 @@ mod tests {
     }
 
     #[test]
-    fn removing_the_health_check_marks_backends_up_and_restarts_checks() {
+    fn removing_the_health_check_stops_the_checkers() {
         let check = "    health_check: { interval: 1s }\n";
         let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], check);
         let current = tables(&old, "127.0.0.1:7000");
         let new = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
         let plan = plan(&current, &old, &new, &[]);
         let update = update(&plan);
-        assert!(update.mark_all_up && update.restart_checks);
+        assert!(matches!(update.checks, Checks::Remove));
         assert_eq!(plan.changes.pools_changed, 1);
+    }
+
+    const CHECK: &str = "    health_check: { interval: 1s, rise: 3 }\n";
+
+    fn positions_and_stopped(checks: &Checks) -> (Vec<usize>, Vec<String>) {
+        match checks {
+            Checks::Keep { start, stop } => {
+                (start.clone(), stop.iter().map(|b| b.name.clone()).collect())
+            }
+            other => panic!("expected the checkers kept, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unchanged_check_keeps_every_checker_of_a_backend_that_stays() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 1)], CHECK);
+        let current = tables(&old, "127.0.0.1:7000");
+        // The same file: nothing starts, nothing stops.
+        let same = plan(&current, &old, &old.clone(), &[]);
+        assert_eq!(
+            positions_and_stopped(&update(&same).checks),
+            (vec![], vec![])
+        );
+        // A backend added in the middle: only its checker starts.
+        let added = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1), ("c", 3, 1), ("b", 2, 1)],
+            CHECK,
+        );
+        let plan_added = plan(&current, &old, &added, &[]);
+        assert_eq!(
+            positions_and_stopped(&update(&plan_added).checks),
+            (vec![1], vec![])
+        );
+        // Another strategy, the same check: the checkers stay.
+        let strategy = CHECK.to_string() + "    strategy: least-connections\n";
+        let restrategised = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 1)], &strategy);
+        let plan_strategy = plan(&current, &old, &restrategised, &[]);
+        assert_eq!(
+            positions_and_stopped(&update(&plan_strategy).checks),
+            (vec![], vec![])
+        );
+        assert_eq!(plan_strategy.changes.pools_changed, 1);
+    }
+
+    #[test]
+    fn a_removed_backend_loses_its_checker_whether_it_retires_or_goes() {
+        let old = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1), ("b", 2, 1), ("c", 3, 1)],
+            CHECK,
+        );
+        let current = tables(&old, "127.0.0.1:7000");
+        let running = current.pools["p"].load_full().backends.clone();
+        let _open = running[1].connect_guard(); // b retires, c goes at once
+        let new = yaml("127.0.0.1:7000", &[("a", 1, 1)], CHECK);
+        let plan = plan(&current, &old, &new, &[]);
+        assert_eq!(
+            positions_and_stopped(&update(&plan).checks),
+            (vec![], vec!["b".to_string(), "c".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_backend_back_from_retiring_gets_a_checker_and_one_still_retiring_none() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1), ("b", 2, 1)], CHECK);
+        let current = tables(&old, "127.0.0.1:7000");
+        let running = current.pools["p"].load_full().backends.clone();
+        let _open = running[1].connect_guard();
+        // a and b were removed by an earlier reload and are still retiring.
+        let retiring = running.clone();
+        let new = yaml("127.0.0.1:7000", &[("a", 1, 1)], CHECK);
+        let plan = plan(&current, &old, &new, &retiring);
+        let update = update(&plan);
+        assert_eq!(positions_and_stopped(&update.checks), (vec![0], vec![]));
+        assert!(matches!(
+            &update.backends[..],
+            [
+                BackendStep::Keep { unretire: true, .. },
+                BackendStep::Retire { newly: false, .. }
+            ]
+        ));
+    }
+
+    #[test]
+    fn a_changed_or_added_check_restarts_the_checkers() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], CHECK);
+        let current = tables(&old, "127.0.0.1:7000");
+        let changed = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1)],
+            "    health_check: { interval: 2s, rise: 3 }\n",
+        );
+        let plan_changed = plan(&current, &old, &changed, &[]);
+        assert!(matches!(update(&plan_changed).checks, Checks::Restart));
+        let unchecked = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let current = tables(&unchecked, "127.0.0.1:7000");
+        let plan_added = plan(&current, &unchecked, &old, &[]);
+        assert!(matches!(update(&plan_added).checks, Checks::Restart));
     }
 
     #[test]
@@ -503,6 +718,73 @@ mod tests {
         assert_eq!(
             plan.changes.to_string(),
             "reloaded: 1 pool added, 1 pool removed, 1 backend added, 1 backend removed, 1 listener added, 1 listener removed"
+        );
+    }
+
+    #[test]
+    fn the_reply_lists_settings_applied_in_place() {
+        let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], "");
+        let current = tables(&old, "127.0.0.1:7000");
+        let mut new = old.clone();
+        new.listeners[0].max_connections = Some(7);
+        assert_eq!(
+            plan(&current, &old, &new, &[]).changes.to_string(),
+            "reloaded: 1 listener changed"
+        );
+        let mut new = old.clone();
+        new.listeners[0].idle_timeout = std::time::Duration::from_secs(5);
+        new.shutdown_timeout = std::time::Duration::from_secs(1);
+        assert_eq!(
+            plan(&current, &old, &new, &[]).changes.to_string(),
+            "reloaded: 1 listener changed, shutdown_timeout changed"
+        );
+        // A weight is a backend's change, not the pool's.
+        let reweighed = yaml("127.0.0.1:7000", &[("a", 1, 4)], "");
+        assert_eq!(
+            plan(&current, &old, &reweighed, &[]).changes.to_string(),
+            "reloaded: 1 weight changed"
+        );
+        // The pool's own settings count, even when its backends change too.
+        let both = yaml(
+            "127.0.0.1:7000",
+            &[("a", 1, 1), ("b", 2, 1)],
+            "    retries: 5\n",
+        );
+        assert_eq!(
+            plan(&current, &old, &both, &[]).changes.to_string(),
+            "reloaded: 1 pool changed, 1 backend added"
+        );
+    }
+
+    #[test]
+    fn restart_notes_compare_with_what_is_served() {
+        let with_metrics = |bind: Option<&str>| Config {
+            metrics_bind: bind.map(|b| b.parse().unwrap()),
+            ..yaml("127.0.0.1:7000", &[("a", 1, 1)], "")
+        };
+        let fixed = Fixed {
+            metrics_bind: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_addr: Some("127.0.0.1:9100".parse().unwrap()),
+            admin_socket: None,
+        };
+        // As configured at start, or the port it became: nothing to say.
+        assert!(restart_notes(&fixed, &with_metrics(Some("127.0.0.1:0"))).is_empty());
+        assert!(restart_notes(&fixed, &with_metrics(Some("127.0.0.1:9100"))).is_empty());
+        let moved = restart_notes(&fixed, &with_metrics(Some("127.0.0.1:9200")));
+        assert_eq!(
+            moved,
+            vec![
+                "metrics.bind changed: takes effect at the next restart (metrics are served on 127.0.0.1:9100 until then)"
+            ]
+        );
+        assert_eq!(restart_notes(&fixed, &with_metrics(None)).len(), 1);
+        let unserved = Fixed::default();
+        assert!(restart_notes(&unserved, &with_metrics(None)).is_empty());
+        assert_eq!(
+            restart_notes(&unserved, &with_metrics(Some("127.0.0.1:9100"))),
+            vec![
+                "metrics.bind changed: takes effect at the next restart (no metrics endpoint until then)"
+            ]
         );
     }
 }

@@ -2,12 +2,23 @@
 //! task) is built. The connection path only bumps them: no lookup by name, no label
 //! allocation, no lock.
 
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 use super::names::*;
 
+/// How many live `BackendMetrics` write the series of each (pool, backend name). A series
+/// is named by its labels only, so a backend that a reload moves to another address under
+/// the same name shares its predecessor's series while that one retires: the one that
+/// goes must leave them alone when a successor still owns them.
+static OWNERS: Mutex<BTreeMap<(String, String), usize>> = Mutex::new(BTreeMap::new());
+
 /// Per-backend handles, created once when the backend is built.
 pub struct BackendMetrics {
+    /// (pool, backend name): the labels, the key in `OWNERS`.
+    owner: (String, String),
     pub connections_total: Counter,
     pub connections_active: Gauge,
     pub connect_errors: Counter,
@@ -26,7 +37,7 @@ pub struct BackendMetrics {
     /// Written by the refresh task only (`show_state`).
     up: Gauge,
     /// One per `BACKEND_STATES`, in that order.
-    states: [Gauge; 5],
+    states: [Gauge; BACKEND_STATES.len()],
     weight: Gauge,
 }
 
@@ -35,7 +46,11 @@ impl BackendMetrics {
         let labels = [("pool", pool.to_string()), ("backend", backend.to_string())];
         let state = |s: &'static str| gauge!(BACKEND_STATE, "pool" => pool.to_string(), "backend" => backend.to_string(), "state" => s);
         let check = |result: &'static str| counter!(HEALTH_CHECKS, "pool" => pool.to_string(), "backend" => backend.to_string(), "result" => result);
+        let owner = (pool.to_string(), backend.to_string());
+        let mut owners = OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
+        *owners.entry(owner.clone()).or_insert(0) += 1;
         BackendMetrics {
+            owner,
             connections_total: counter!(BACKEND_CONNECTIONS, &labels),
             connections_active: gauge!(BACKEND_CONNECTIONS_ACTIVE, &labels),
             connect_errors: counter!(BACKEND_CONNECT_ERRORS, &labels),
@@ -63,15 +78,29 @@ impl BackendMetrics {
     }
 }
 
-/// A backend that is gone (removed by a reload, its last connection closed) is no longer
-/// refreshed, and the exporter cannot delete series: without this its last `up 1` would
-/// stay forever and hide a pool with no backend left. It reports no state instead.
+/// A backend that is gone (removed by a reload or by discovery, its last connection
+/// closed; its pool removed; its server stopped) takes its series with it: left behind they
+/// would grow memory and scrape size with every reload, and its last `up 1` would hide a
+/// pool with no backend left. Not while another live backend of the same pool and name
+/// (moved to a new address) still owns them.
 impl Drop for BackendMetrics {
     fn drop(&mut self) {
-        self.up.set(0.0);
-        for state in &self.states {
-            state.set(0.0);
+        let mut owners = OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
+        let left = match owners.get_mut(&self.owner) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left > 0 {
+            return;
         }
+        owners.remove(&self.owner);
+        // Under the lock: a successor registering now gets fresh series, not ones deleted
+        // under it. This backend's own handles go with it and write nothing more.
+        let (pool, backend) = &self.owner;
+        super::recorder::forget(None, &[("pool", pool), ("backend", backend)]);
     }
 }
 
@@ -159,4 +188,30 @@ impl ReloadMetrics {
 /// reload that changes the limit.
 pub fn listener_max_connections(listener: &str) -> Gauge {
     gauge!(LISTENER_MAX_CONNECTIONS, "listener" => listener.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up_of(text: &str, pool: &str) -> Option<String> {
+        let prefix = format!("weir_backend_up{{pool=\"{pool}\",backend=\"m\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn a_backend_that_goes_leaves_the_series_a_live_namesake_owns() {
+        let recorder = super::super::recorder().expect("the recorder installs");
+        let old = BackendMetrics::new("handles_p", "m");
+        let new = BackendMetrics::new("handles_p", "m");
+        new.show_state(0, 1);
+        drop(old);
+        let text = recorder.render();
+        assert_eq!(up_of(&text, "handles_p").as_deref(), Some("1"), "{text}");
+        drop(new);
+        let text = recorder.render();
+        assert!(!text.contains("pool=\"handles_p\""), "{text}");
+    }
 }

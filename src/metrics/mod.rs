@@ -11,6 +11,7 @@ pub mod handles;
 pub mod names;
 mod process;
 pub mod recorder;
+mod registry;
 
 pub use handles::{BackendMetrics, ListenerMetrics, ReloadMetrics, UdpListenerMetrics};
-pub use recorder::{Recorder, recorder};
+pub use recorder::{Recorder, forget, recorder};

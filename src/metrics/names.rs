@@ -44,4 +44,4 @@ pub const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
 pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
 
 /// The values of `weir_backend_state`'s `state` label, in `backend::State`'s order.
-pub const BACKEND_STATES: [&str; 5] = ["up", "down", "draining", "drained", "disabled"];
+pub const BACKEND_STATES: [&str; 6] = ["up", "down", "draining", "drained", "disabled", "retiring"];

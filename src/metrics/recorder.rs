@@ -1,5 +1,6 @@
 //! The Prometheus recorder: installed once per process, with weir's histogram buckets and
-//! HELP lines.
+//! HELP lines, over weir's own registry (`registry.rs`, which says why), so that the series
+//! of a backend that is gone can be deleted ([`forget`]).
 //!
 //! The recorder is process-global (the `metrics` facade allows one). It is installed by the
 //! first server start, before any backend is built, because handles created before it
@@ -8,13 +9,16 @@
 //! never see them. Several servers in one process (tests) share the recorder: their series
 //! are told apart by their labels only.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, gauge};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit, describe_counter,
+    describe_gauge, describe_histogram, gauge,
+};
 
 use super::names::*;
 use super::process::ProcessMetrics;
+use super::registry::Registry;
 
 /// Connect times: 100 µs (same host) to 10 s (well past any sane connect_timeout).
 pub const CONNECT_BUCKETS: &[f64] = &[
@@ -33,7 +37,7 @@ pub const HEALTH_CHECK_BUCKETS: &[f64] = CONNECT_BUCKETS;
 
 /// The installed recorder and the process-wide handles that belong to no backend.
 pub struct Recorder {
-    handle: PrometheusHandle,
+    registry: Arc<Registry>,
     process: ProcessMetrics,
 }
 
@@ -42,13 +46,16 @@ impl Recorder {
     /// Blocking (reads /proc): call it off the runtime's workers.
     pub fn render(&self) -> String {
         self.process.refresh();
-        self.handle.render()
+        self.registry.render()
     }
+}
 
-    /// Folds histogram samples into their buckets, so memory stays bounded when nobody
-    /// scrapes.
-    pub fn upkeep(&self) {
-        self.handle.run_upkeep();
+/// Deletes every series named `name` (any name when None) whose labels include all of
+/// `labels`, from the installed recorder (nothing when none is installed). For series
+/// nobody writes again: a backend gone for good, a limit removed.
+pub fn forget(name: Option<&str>, labels: &[(&str, &str)]) {
+    if let Some(Some(recorder)) = RECORDER.get() {
+        recorder.registry.forget(name, labels);
     }
 }
 
@@ -60,24 +67,47 @@ pub fn recorder() -> Option<&'static Recorder> {
     RECORDER.get_or_init(install).as_ref()
 }
 
+/// What the facade holds: the registry `Recorder` renders.
+struct Shared(Arc<Registry>);
+
+impl metrics::Recorder for Shared {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0.describe_gauge(key, unit, description);
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0.describe_histogram(key, unit, description);
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.0.register_counter(key, metadata)
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.0.register_gauge(key, metadata)
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        self.0.register_histogram(key, metadata)
+    }
+}
+
 fn install() -> Option<Recorder> {
-    let buckets = [
+    let registry = Arc::new(Registry::new(&[
         (BACKEND_CONNECT_DURATION, CONNECT_BUCKETS),
         (CONNECTION_DURATION, CONNECTION_BUCKETS),
         (HEALTH_CHECK_DURATION, HEALTH_CHECK_BUCKETS),
-    ];
-    let mut builder = PrometheusBuilder::new();
-    for (name, bounds) in buckets {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full(name.into()), bounds)
-            .expect("bucket lists are not empty");
-    }
-    match builder.install_recorder() {
-        Ok(handle) => {
+    ]));
+    match metrics::set_global_recorder(Shared(Arc::clone(&registry))) {
+        Ok(()) => {
             describe();
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             Some(Recorder {
-                handle,
+                registry,
                 process: ProcessMetrics::new(),
             })
         }
@@ -116,7 +146,7 @@ const HELP: &[(Kind, &str, &str)] = &[
     (
         Kind::Gauge,
         BACKEND_STATE,
-        "1 for the backend's current state (up, down, draining, drained, disabled), 0 for the others.",
+        "1 for the backend's current state (up, down, draining, drained, disabled, retiring), 0 for the others.",
     ),
     (Kind::Gauge, BACKEND_WEIGHT, "The backend's current weight."),
     (
