@@ -561,7 +561,10 @@ fn logs_into_a_pipe_have_no_colour_codes() {
         spawn_weir_keeping_start_log(weir().args(["run", "-c"]).arg(&config));
     let _child = KillOnDrop(child);
     // The line after "accepting on …": "weir … running".
-    lines.push(logs.recv_timeout(common::DEADLINE).expect("weir says it runs"));
+    lines.push(
+        logs.recv_timeout(common::DEADLINE)
+            .expect("weir says it runs"),
+    );
     assert!(lines.iter().any(|l| l.contains("INFO")), "{lines:?}");
     for line in &lines {
         assert!(!line.contains('\u{1b}'), "a colour code in {line:?}");

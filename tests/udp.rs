@@ -416,7 +416,11 @@ async fn without_a_health_check_three_icmp_errors_mark_a_udp_backend_down() {
         })
         .await;
     }
-    assert_eq!(dead_backend.state(), State::Down, "three ICMP errors in a row");
+    assert_eq!(
+        dead_backend.state(),
+        State::Down,
+        "three ICMP errors in a row"
+    );
     live_backend.set_admin(Admin::Enabled);
     let answer = udp_exchange(&client, front, b"now?").await;
     assert_eq!(answer, "live:now?");
