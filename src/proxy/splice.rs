@@ -152,11 +152,18 @@ pub fn splice<'a>(
         let (hard, down) = (pin!(hard.cancelled()), pin!(down.cancelled()));
         let mut stops = pin!(Stops { hard, down });
         let mut stops = Watch::new(stops.as_mut());
-        // Armed only when a socket needs it (see `Conn::poll_reset`).
-        let mut reset = pin!(None);
+        // Armed only when a socket needs it (see `Conn::poll_reset`), and boxed then: the
+        // task of a connection that never arms it doesn't carry tokio's readiness future.
+        let mut reset = None;
         let end = poll_fn(|cx| {
-            let reset = reset.as_mut();
-            conn.poll(cx, &sockets, timer.as_mut(), &mut stops, reset, reset_of)
+            conn.poll(
+                cx,
+                &sockets,
+                timer.as_mut(),
+                &mut stops,
+                &mut reset,
+                reset_of,
+            )
         })
         .await;
         conn.finish(end, &sockets)
@@ -232,7 +239,7 @@ impl Conn<'_> {
         sockets: &'s Sockets,
         mut timer: Pin<&mut Sleep>,
         stops: &mut Watch<'_, S>,
-        reset: Pin<&mut Option<R>>,
+        reset: &mut Option<Pin<Box<R>>>,
         arm: fn(&'s TcpStream) -> R,
     ) -> Poll<End> {
         if let Poll::Ready(end) = stops.as_mut().poll(cx) {
@@ -313,12 +320,14 @@ impl Conn<'_> {
     /// its EOF, is passed on at once, not when the backend reads again or a timeout
     /// fires. The watch waits on the socket's error readiness: no system call until it
     /// fires, and it is armed (or moved to the other socket) only when needed, then left
-    /// armed, so a request/response connection never arms one.
+    /// armed, so a request/response connection never arms one. It is boxed when first
+    /// armed (one allocation for the connection's life: moving it reuses the box), so an
+    /// idle connection's task doesn't hold it.
     fn poll_reset<'s, R: Future<Output = io::Result<Ready>>>(
         &mut self,
         cx: &mut Context<'_>,
         sockets: &'s Sockets,
-        mut reset: Pin<&mut Option<R>>,
+        reset: &mut Option<Pin<Box<R>>>,
         arm: fn(&'s TcpStream) -> R,
     ) -> Poll<End> {
         let Some(side) = self.unwatched() else {
@@ -326,13 +335,16 @@ impl Conn<'_> {
         };
         let socket = sockets.get(side);
         if self.watching != Some(side) {
-            reset.set(Some(arm(socket)));
+            match reset {
+                Some(watch) => watch.set(arm(socket)),
+                None => *reset = Some(Box::pin(arm(socket))),
+            }
             self.watching = Some(side);
         }
-        let Some(watch) = reset.as_pin_mut() else {
+        let Some(watch) = reset else {
             return Poll::Pending;
         };
-        if ready!(watch.poll(cx)).is_err() {
+        if ready!(watch.as_mut().poll(cx)).is_err() {
             // The runtime is shutting down.
             return Poll::Ready(End::Shutdown);
         }
