@@ -120,14 +120,19 @@ pub struct Counters<'a> {
     pub to_client: &'a Counter,
 }
 
-/// Splices `client` ⇄ `backend` until the connection ends (see the module docs).
+/// Splices `client` ⇄ `backend` until the connection ends (see the module docs). The
+/// caller drops `client` right after, which closes it (and `backend` is closed as the
+/// future ends).
 ///
 /// A plain fn returning an `async move` block that uses its captures in place: an
 /// `async fn` would keep a second copy of its arguments in the task for its whole life.
+/// `client` is borrowed: the caller's task holds it already (an `async` block's captures
+/// stay in its future for its whole life, even once moved out), so moving it here would
+/// hold it twice; `options` is taken by value, so the caller keeps no copy.
 pub fn splice<'a>(
-    client: TcpStream,
+    client: &'a TcpStream,
     backend: TcpStream,
-    options: &SpliceOptions,
+    options: SpliceOptions,
     counters: Counters<'a>,
     hard: &'a CancellationToken,
     down: &'a CancellationToken,
@@ -192,15 +197,15 @@ impl<H: Future, D: Future> Future for Stops<'_, H, D> {
 }
 
 /// The connection's two sockets, shared by the pumps and the reset watch.
-struct Sockets {
-    client: TcpStream,
+struct Sockets<'a> {
+    client: &'a TcpStream,
     backend: TcpStream,
 }
 
-impl Sockets {
+impl Sockets<'_> {
     fn get(&self, side: Side) -> &TcpStream {
         match side {
-            Side::Client => &self.client,
+            Side::Client => self.client,
             Side::Backend => &self.backend,
         }
     }
@@ -236,7 +241,7 @@ impl Conn<'_> {
     fn poll<'s, S: Future<Output = End>, R: Future<Output = io::Result<Ready>>>(
         &mut self,
         cx: &mut Context<'_>,
-        sockets: &'s Sockets,
+        sockets: &'s Sockets<'_>,
         mut timer: Pin<&mut Sleep>,
         stops: &mut Watch<'_, S>,
         reset: &mut Option<Pin<Box<R>>>,
@@ -269,8 +274,8 @@ impl Conn<'_> {
 
     /// Polls the pumps that are not done: Ok(whether one finished now), or how the
     /// connection ended.
-    fn poll_pumps(&mut self, cx: &mut Context<'_>, sockets: &Sockets) -> Result<bool, End> {
-        let (client, backend) = (&sockets.client, &sockets.backend);
+    fn poll_pumps(&mut self, cx: &mut Context<'_>, sockets: &Sockets<'_>) -> Result<bool, End> {
+        let (client, backend) = (sockets.client, &sockets.backend);
         let mut finished_now = false;
         if !self.upstream.done {
             let last = self.downstream.done;
@@ -326,7 +331,7 @@ impl Conn<'_> {
     fn poll_reset<'s, R: Future<Output = io::Result<Ready>>>(
         &mut self,
         cx: &mut Context<'_>,
-        sockets: &'s Sockets,
+        sockets: &'s Sockets<'_>,
         reset: &mut Option<Pin<Box<R>>>,
         arm: fn(&'s TcpStream) -> R,
     ) -> Poll<End> {
@@ -396,7 +401,7 @@ impl Conn<'_> {
     /// a FIN after a stream cut short would look like a complete one, so that side is
     /// reset instead (and loses what its send buffer still held, which the reset makes
     /// plain too).
-    fn finish(self, end: End, sockets: &Sockets) -> Outcome {
+    fn finish(self, end: End, sockets: &Sockets<'_>) -> Outcome {
         let (reset_client, reset_backend) = match &end {
             End::ClientReset(_) => (false, true),
             End::BackendReset(_) => (true, false),
@@ -404,7 +409,7 @@ impl Conn<'_> {
             _ => (self.downstream.holds_bytes(), self.upstream.holds_bytes()),
         };
         if reset_client {
-            let _ = SockRef::from(&sockets.client).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(sockets.client).set_linger(Some(Duration::ZERO));
         }
         if reset_backend {
             let _ = SockRef::from(&sockets.backend).set_linger(Some(Duration::ZERO));
@@ -463,7 +468,9 @@ mod tests {
                 to_backend: &to_backend,
                 to_client: &to_client,
             };
-            splice(client_side, backend_side, &options, counters, &hard, &down).await
+            let outcome = splice(&client_side, backend_side, options, counters, &hard, &down).await;
+            drop(client_side);
+            outcome
         });
         (client, backend, running)
     }

@@ -103,27 +103,39 @@ fn handle(
             to_backend: &backend.metrics.bytes_sent,
             to_client: &backend.metrics.bytes_received,
         };
-        let outcome = splice::splice(client, upstream, &options, counters, &hard, &down).await;
-        backend
-            .metrics
-            .connection_duration
-            .record(started.elapsed().as_secs_f64());
-        if matches!(outcome.end, splice::End::BackendDown) {
-            backend.metrics.closed_on_down.increment(1);
+        let outcome = splice::splice(&client, upstream, options, counters, &hard, &down).await;
+        drop(client); // closed as the splice ends, as `splice` wants
+        ended(listener, peer, backend, started, &outcome);
+    }
+}
+
+/// Records and logs how a connection ended.
+fn ended(
+    listener: &Listener,
+    peer: SocketAddr,
+    backend: &crate::backend::Backend,
+    started: std::time::Instant,
+    outcome: &splice::Outcome,
+) {
+    backend
+        .metrics
+        .connection_duration
+        .record(started.elapsed().as_secs_f64());
+    if matches!(outcome.end, splice::End::BackendDown) {
+        backend.metrics.closed_on_down.increment(1);
+    }
+    match &outcome.end {
+        splice::End::Done => {}
+        end @ (splice::End::ClientReset(_)
+        | splice::End::IdleTimeout
+        | splice::End::HalfCloseTimeout) => {
+            tracing::debug!(listener = %listener.name, client = %peer, backend = %backend.name, "connection ended: {}", end.describe())
         }
-        match &outcome.end {
-            splice::End::Done => {}
-            end @ (splice::End::ClientReset(_)
-            | splice::End::IdleTimeout
-            | splice::End::HalfCloseTimeout) => {
-                tracing::debug!(listener = %listener.name, client = %peer, backend = %backend.name, "connection ended: {}", end.describe())
-            }
-            end => tracing::info!(
-                listener = %listener.name, client = %peer, pool = %backend.pool, backend = %backend.name,
-                sent = outcome.bytes_to_backend, received = outcome.bytes_to_client,
-                "connection ended: {}", end.describe()
-            ),
-        }
+        end => tracing::info!(
+            listener = %listener.name, client = %peer, pool = %backend.pool, backend = %backend.name,
+            sent = outcome.bytes_to_backend, received = outcome.bytes_to_client,
+            "connection ended: {}", end.describe()
+        ),
     }
 }
 
