@@ -122,8 +122,11 @@ pub struct Backend {
     retiring: AtomicBool,
     /// Fired, and replaced by a fresh one, when the backend is marked down while
     /// `close_on_down` holds: every connection and session opened on it watches the one
-    /// current when it started, and ends at once.
+    /// current when it started, and ends at once. Each is a child of `shutdown` (shutdown's
+    /// hard token), so it fires at shutdown's end too: a TCP connection waits on this one
+    /// token for both, and tells them apart with `shutdown.is_cancelled()`.
     down: ArcSwap<CancellationToken>,
+    shutdown: CancellationToken,
     /// Set by `enable` after `disable` in a pool with a health check: the checker starts
     /// afresh (first probe decides); `probe_now` wakes it for that probe at once.
     recheck: AtomicBool,
@@ -146,8 +149,31 @@ impl std::fmt::Debug for Backend {
 
 impl Backend {
     /// A new backend. `healthy` is its starting health: up when it has no health check,
-    /// down until its first pass when it has one.
+    /// down until its first pass when it has one. Its down signal never fires for a
+    /// shutdown (see `new_under`).
     pub fn new(
+        pool: &str,
+        name: &str,
+        address: &str,
+        addr: SocketAddr,
+        weight: u32,
+        healthy: bool,
+    ) -> Arc<Self> {
+        Self::new_under(
+            &CancellationToken::new(),
+            pool,
+            name,
+            address,
+            addr,
+            weight,
+            healthy,
+        )
+    }
+
+    /// `new`, with down signals that are children of `shutdown` (shutdown's hard token):
+    /// they fire when it does.
+    pub fn new_under(
+        shutdown: &CancellationToken,
         pool: &str,
         name: &str,
         address: &str,
@@ -173,7 +199,8 @@ impl Backend {
             admin_since_ms: AtomicU64::new(0),
             close_on_down: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
-            down: ArcSwap::from_pointee(CancellationToken::new()),
+            down: ArcSwap::from_pointee(shutdown.child_token()),
+            shutdown: shutdown.clone(),
             recheck: AtomicBool::new(false),
             probe_now: tokio::sync::Notify::new(),
             metrics: BackendMetrics::new(pool, name),
@@ -309,7 +336,8 @@ impl Backend {
     }
 
     /// What a connection or session opened now watches: fired when this backend is
-    /// marked down under `on_down: close`. One `ArcSwap` load per connection.
+    /// marked down under `on_down: close`, and when shutdown's hard token fires (for a
+    /// backend made by `new_under`). One `ArcSwap` load per connection.
     pub fn down_signal(&self) -> CancellationToken {
         CancellationToken::clone(&self.down.load())
     }
@@ -319,7 +347,7 @@ impl Backend {
     pub fn mark_down(&self) -> bool {
         let was_up = self.set_health(Health::Down) == Health::Up;
         if was_up && self.close_on_down.load(Ordering::Relaxed) {
-            let fired = self.down.swap(Arc::new(CancellationToken::new()));
+            let fired = self.down.swap(Arc::new(self.shutdown.child_token()));
             fired.cancel();
         }
         was_up

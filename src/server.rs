@@ -110,7 +110,7 @@ async fn build(
     let exporter = Exporter::new(config.metrics_bind)?;
     let mut tables = Tables::default();
     for pool_config in &config.pools {
-        let pool = control::build_pool(pool_config);
+        let pool = control::build_pool(pool_config, &shutdown.hard);
         tables.pools.insert(pool_config.name.clone(), pool);
     }
     restore_state(&config, &tables);

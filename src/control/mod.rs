@@ -300,12 +300,13 @@ impl ControlTask {
     }
 }
 
-/// A pool built from its config, every backend new.
-pub fn build_pool(config: &PoolConfig) -> Arc<Pool> {
+/// A pool built from its config, every backend new; `hard` is shutdown's hard token (the
+/// parent of the backends' down signals).
+pub fn build_pool(config: &PoolConfig, hard: &CancellationToken) -> Arc<Pool> {
     let backends = config
         .backends
         .iter()
-        .map(|b| new_backend(config, b))
+        .map(|b| new_backend(config, b, hard))
         .collect();
     Pool::new(
         &config.name,
@@ -315,8 +316,13 @@ pub fn build_pool(config: &PoolConfig) -> Arc<Pool> {
 }
 
 /// A backend with a health check starts down: its first probe decides.
-fn new_backend(pool: &PoolConfig, backend: &BackendConfig) -> Arc<Backend> {
-    let new = Backend::new(
+fn new_backend(
+    pool: &PoolConfig,
+    backend: &BackendConfig,
+    hard: &CancellationToken,
+) -> Arc<Backend> {
+    let new = Backend::new_under(
+        hard,
         &pool.name,
         &backend.name,
         &backend.address,

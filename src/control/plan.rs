@@ -446,7 +446,9 @@ mod tests {
     fn tables(config: &Config, bind: &str) -> Tables {
         let mut tables = Tables::default();
         for pool in &config.pools {
-            tables.pools.insert(pool.name.clone(), build_pool(pool));
+            tables
+                .pools
+                .insert(pool.name.clone(), build_pool(pool, &Default::default()));
         }
         for listener in &config.listeners {
             let pool = Arc::clone(&tables.pools[&listener.pool]);

@@ -94,7 +94,7 @@ impl ControlTask {
             let config = pool_config(new, name);
             // A pool whose protocol changed: the old pool's checkers go with it.
             self.checkers.stop_pool(name).await;
-            let pool = build_pool(config);
+            let pool = build_pool(config, &self.shutdown.hard);
             first_round.extend(self.start_checks(&pool, config));
             if let Some(check) = &config.health_check {
                 longest = longest.max(check.timeout);
@@ -141,7 +141,9 @@ impl ControlTask {
                     }
                     Arc::clone(backend)
                 }
-                BackendStep::Add(index) => new_backend(config, &config.backends[*index]),
+                BackendStep::Add(index) => {
+                    new_backend(config, &config.backends[*index], &self.shutdown.hard)
+                }
                 BackendStep::Retire { backend, newly } => {
                     if *newly {
                         self.retiring.push(Arc::clone(backend));

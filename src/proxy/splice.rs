@@ -16,6 +16,9 @@
 //! - the backend was marked down under `on_down: close` (its `down` token): both sides
 //!   are reset.
 //!
+//! The backend's `down` token is a child of `hard` (`Backend::new_under`): the connection
+//! waits on that one token for both, and tells them apart by whether `hard` fired.
+//!
 //! A connection that ends for any reason but a reset closes with a FIN towards each side
 //! that got every byte read for it; a side whose peer stopped reading, so that bytes for
 //! it are still held, is reset instead: a stream cut short never looks complete.
@@ -154,8 +157,8 @@ pub fn splice<'a>(
         let mut timer = pin!(sleep_until(TokioInstant::from_std(
             conn.last_activity + conn.idle_timeout
         )));
-        let (hard, down) = (pin!(hard.cancelled()), pin!(down.cancelled()));
-        let mut stops = pin!(Stops { hard, down });
+        // `down` fires for shutdown's hard stop too (it is a child of `hard`).
+        let mut stops = pin!(down.cancelled());
         let mut stops = Watch::new(stops.as_mut());
         // Armed only when a socket needs it (see `Conn::poll_reset`), and boxed then: the
         // task of a connection that never arms it doesn't carry tokio's readiness future.
@@ -170,29 +173,15 @@ pub fn splice<'a>(
                 reset_of,
             )
         })
-        .await;
+        .await
+        .unwrap_or_else(|| {
+            if hard.is_cancelled() {
+                End::Shutdown
+            } else {
+                End::BackendDown
+            }
+        });
         conn.finish(end, &sockets)
-    }
-}
-
-/// Shutdown's hard stop and the backend's down signal, polled as one: each token is shared
-/// by many connections, so both are polled through one `Watch`.
-struct Stops<'p, H, D> {
-    hard: Pin<&'p mut H>,
-    down: Pin<&'p mut D>,
-}
-
-impl<H: Future, D: Future> Future for Stops<'_, H, D> {
-    type Output = End;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
-        if self.hard.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::Shutdown);
-        }
-        if self.down.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::BackendDown);
-        }
-        Poll::Pending
     }
 }
 
@@ -236,9 +225,11 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
+    /// `stops` is the backend's down signal (shared by many connections, so polled
+    /// through a `Watch`), which fires for shutdown's hard stop too: `None` when it fired.
     /// `reset` is the reset watch of one socket, when armed (`watching` says which), and
     /// `arm` makes one (`reset_of`).
-    fn poll<'s, S: Future<Output = End>, R: Future<Output = io::Result<Ready>>>(
+    fn poll<'s, S: Future<Output = ()>, R: Future<Output = io::Result<Ready>>>(
         &mut self,
         cx: &mut Context<'_>,
         sockets: &'s Sockets<'_>,
@@ -246,19 +237,19 @@ impl Conn<'_> {
         stops: &mut Watch<'_, S>,
         reset: &mut Option<Pin<Box<R>>>,
         arm: fn(&'s TcpStream) -> R,
-    ) -> Poll<End> {
-        if let Poll::Ready(end) = stops.as_mut().poll(cx) {
-            return Poll::Ready(end);
+    ) -> Poll<Option<End>> {
+        if stops.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
         }
         let finished_now = match self.poll_pumps(cx, sockets) {
             Ok(finished_now) => finished_now,
-            Err(end) => return Poll::Ready(end),
+            Err(end) => return Poll::Ready(Some(end)),
         };
         if self.upstream.done && self.downstream.done {
-            return Poll::Ready(End::Done);
+            return Poll::Ready(Some(End::Done));
         }
         if let Poll::Ready(end) = self.poll_reset(cx, sockets, reset, arm) {
-            return Poll::Ready(end);
+            return Poll::Ready(Some(end));
         }
         if finished_now {
             // Half-closed from now: the quiet time of the direction still open counts from
@@ -269,7 +260,7 @@ impl Conn<'_> {
                 timer.as_mut().reset(deadline);
             }
         }
-        self.poll_timer(cx, timer)
+        self.poll_timer(cx, timer).map(Some)
     }
 
     /// Polls the pumps that are not done: Ok(whether one finished now), or how the
@@ -450,10 +441,12 @@ mod tests {
         options: SpliceOptions,
         hard: CancellationToken,
     ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
-        spliced_watching(options, hard, CancellationToken::new()).await
+        let down = hard.child_token();
+        spliced_watching(options, hard, down).await
     }
 
-    /// `spliced` with the backend's down signal.
+    /// `spliced` with the backend's down signal (a child of `hard`, as
+    /// `Backend::new_under` makes it).
     async fn spliced_watching(
         options: SpliceOptions,
         hard: CancellationToken,
@@ -528,9 +521,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_down_signal_resets_both_sides() {
-        let down = CancellationToken::new();
+        let hard = CancellationToken::new();
+        let down = hard.child_token();
         let (mut client, mut backend, running) =
-            spliced_watching(options(), CancellationToken::new(), down.clone()).await;
+            spliced_watching(options(), hard, down.clone()).await;
         client.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
         backend.read_exact(&mut got).await.unwrap();
