@@ -468,6 +468,20 @@ mod tests {
         (client, backend, running)
     }
 
+    /// The size of the future `f` returns, without calling it.
+    fn returned_size<A, B, C, D, E, G, F>(_: fn(A, B, C, D, E, G) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The splice future is most of an idle connection's task (see `proxy::tcp`'s test of
+    /// the whole): it must not grow silently. 504 bytes now; the reset watch is boxed, the
+    /// client borrowed and one cancellation future serves shutdown and the down signal.
+    #[test]
+    fn the_splice_future_stays_small() {
+        let size = returned_size(splice);
+        assert!(size <= 512, "the splice future grew to {size} bytes");
+    }
+
     #[tokio::test]
     async fn small_and_bulk_chunks_arrive_in_order_and_are_counted() {
         let hard = CancellationToken::new();

@@ -145,6 +145,20 @@ mod tests {
 
     use super::*;
 
+    fn returned_size<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle connection's memory is mostly its task: tokio's header and trailer, the
+    /// tracker's token and this future, rounded up to 128 bytes. At 656 bytes (debug
+    /// build) the task is 768 bytes, one of jemalloc's size classes (1,366 B/conn in
+    /// `benches/compare.sh`'s idle_memory); a little more and it is the next class, 896.
+    #[test]
+    fn a_connection_task_fits_in_768_bytes() {
+        let size = returned_size(handle);
+        assert!(size <= 664, "the connection future grew to {size} bytes");
+    }
+
     /// What `handle` relies on to skip setting them per connection.
     #[tokio::test]
     async fn accepted_connections_have_nodelay_and_keepalive() {
