@@ -2,14 +2,20 @@
 //!
 //! The control task is the only writer: it builds a new `PoolSnapshot` (backends, balancer,
 //! timeouts) and swaps it in whole. The connection path only loads the snapshot.
+//!
+//! The pool's wait queue (`queue_timeout`) lives on the `Pool`, not the snapshot, so that
+//! a rebuild keeps its waiters; every backend published in a snapshot is attached to it.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{Backend, Passive};
+use crate::backend::{Backend, ConnGuard, Passive};
+use crate::metrics::PoolMetrics;
+use crate::queue::WaitQueue;
 
 /// Failed connects in a row that mark a backend down in a pool without a health check.
 pub const PASSIVE_FALL: u32 = 3;
@@ -26,10 +32,34 @@ pub struct PoolSnapshot {
     /// What failed connects from real traffic do: `fall` of them in a row (the health
     /// check's, or 3 without one) mark a backend down at once.
     pub passive_fall: Passive,
+    /// `queue_timeout`: 0 closes a connection at once when every eligible backend is full.
+    pub queue_timeout: Duration,
 }
 
+/// Why no backend slot could be taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoSlot {
+    /// No backend is eligible (or each was tried).
+    NoBackend,
+    /// Some are eligible, and every one of them is at its `max_connections`.
+    Full,
+}
+
+/// Picks that lose the race for a backend's last slot before giving up as `Full`.
+const CLAIM_RACES: usize = 8;
+
 impl PoolSnapshot {
+    /// Also sets each backend's `max_connections` and `backup` from `config` (a backend
+    /// found by discovery has neither): every snapshot build, so a reload changes them.
     pub fn new(config: &PoolConfig, backends: Vec<Arc<Backend>>) -> Self {
+        let settings: HashMap<&str, _> = (config.backends.iter())
+            .map(|b| (b.name.as_str(), (b.max_connections, b.backup)))
+            .collect();
+        for b in &backends {
+            let (limit, backup) = settings.get(b.name.as_str()).copied().unwrap_or_default();
+            b.set_max_connections(limit);
+            b.set_backup(backup);
+        }
         PoolSnapshot {
             balancer: Balancer::new(config.strategy, &backends),
             backends,
@@ -43,7 +73,39 @@ impl PoolSnapshot {
                     .map_or(PASSIVE_FALL, |h| h.fall),
                 retry: config.health_check.is_none(),
             },
+            queue_timeout: config.queue_timeout,
         }
+    }
+
+    /// Picks a backend for this client and takes one of its slots (`max_connections`).
+    /// Lock-free: a lost race for a last slot picks again.
+    pub fn claim(&self, client: IpAddr, exclude: &[usize]) -> Result<ConnGuard, NoSlot> {
+        for _ in 0..CLAIM_RACES {
+            let Some(i) = self.pick(client, exclude) else {
+                return Err(self.why_none(exclude));
+            };
+            if let Some(guard) = self.backends[i].try_connect_guard() {
+                return Ok(guard);
+            }
+        }
+        Err(NoSlot::Full)
+    }
+
+    /// After a failed pick (off the fast path): were the eligible backends all full?
+    #[cold]
+    fn why_none(&self, exclude: &[usize]) -> NoSlot {
+        let full = (self.backends.iter().enumerate())
+            .any(|(i, b)| b.is_eligible() && !b.has_room() && !exclude.contains(&i));
+        if full {
+            NoSlot::Full
+        } else {
+            NoSlot::NoBackend
+        }
+    }
+
+    /// The index of this backend in the snapshot.
+    pub fn index_of(&self, backend: &Arc<Backend>) -> Option<usize> {
+        self.backends.iter().position(|b| Arc::ptr_eq(b, backend))
     }
 
     /// An eligible backend for this client, skipping the indexes in `exclude`.
@@ -61,14 +123,25 @@ pub struct Pool {
     pub name: String,
     pub protocol: Protocol,
     snapshot: ArcSwap<PoolSnapshot>,
+    /// Connections waiting for a backend slot (`queue_timeout`), oldest first.
+    pub queue: Arc<WaitQueue<ConnGuard>>,
+    /// Owns the pool's series: they go with it.
+    _metrics: PoolMetrics,
 }
 
 impl Pool {
     pub fn new(name: &str, protocol: Protocol, snapshot: PoolSnapshot) -> Arc<Self> {
+        let metrics = PoolMetrics::new(name);
+        let queue = WaitQueue::new(metrics.queue_length.clone());
+        for b in &snapshot.backends {
+            b.attach_queue(&queue);
+        }
         Arc::new(Pool {
             name: name.to_string(),
             protocol,
             snapshot: ArcSwap::from_pointee(snapshot),
+            queue,
+            _metrics: metrics,
         })
     }
 
@@ -83,6 +156,9 @@ impl Pool {
 
     /// Control task only.
     pub fn publish(&self, snapshot: PoolSnapshot) {
+        for b in &snapshot.backends {
+            b.attach_queue(&self.queue);
+        }
         self.snapshot.store(Arc::new(snapshot));
     }
 }

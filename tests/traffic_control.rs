@@ -1,0 +1,217 @@
+//! Traffic control: `backends[].max_connections`, the pool's queue (`queue_timeout`) and
+//! `backends[].backup`, over real sockets (docs/traffic-control.md).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use weir::backend::{Admin, Health};
+use weir::balance::Strategy;
+use weir::config::Config;
+use weir::server::Server;
+
+/// A config whose listener is `{tag}_front` and pool `tag` (metric series of their own),
+/// with `max` connections per backend and `queue_timeout`.
+fn config(tag: &str, backends: &[&TestBackend], max: u64, queue: Duration) -> Config {
+    let list = backends
+        .iter()
+        .map(|b| {
+            let mut c = backend_config(&b.name, b.addr, 1);
+            c.max_connections = Some(max);
+            c
+        })
+        .collect();
+    let mut config = tcp_config(Strategy::RoundRobin, list);
+    config.listeners[0].name = format!("{tag}_front");
+    config.listeners[0].pool = tag.to_string();
+    config.pools[0].name = tag.to_string();
+    config.pools[0].queue_timeout = queue;
+    config.metrics_bind = Some("127.0.0.1:0".parse().unwrap());
+    config
+}
+
+async fn start_tagged(tag: &str, config: Config) -> (Server, SocketAddr) {
+    let server = Server::start(config, None).await.expect("weir starts");
+    let front = server.listener_addr(&format!("{tag}_front")).unwrap();
+    (server, front)
+}
+
+fn queued(server: &Server, pool: &str) -> usize {
+    server.handle.tables().pools[pool].queue.len()
+}
+
+async fn wait_queued(server: &Server, pool: &str, n: usize) {
+    wait_until(DEADLINE, &format!("{n} queued in {pool}"), || async {
+        queued(server, pool) == n
+    })
+    .await;
+}
+
+/// A connection to weir that has been accepted (and so is queued or connected).
+async fn open(front: SocketAddr) -> TcpStream {
+    tokio::time::timeout(DEADLINE, TcpStream::connect(front))
+        .await
+        .expect("connect in time")
+        .expect("connect")
+}
+
+/// Waits for weir to close `stream` without a byte (EOF or reset); returns when.
+async fn closed(stream: &mut TcpStream) -> Instant {
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed without data: {read:?}"
+    );
+    Instant::now()
+}
+
+/// The value of one series in weir's /metrics (0 when absent).
+async fn metric(server: &Server, series: &str) -> f64 {
+    let addr = server.metrics_addr().unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn rejected(tag: &str, reason: &str) -> String {
+    format!("weir_listener_rejected_total{{listener=\"{tag}_front\",reason=\"{reason}\"}}")
+}
+
+#[tokio::test]
+async fn a_full_backend_without_a_queue_closes_new_connections_at_once() {
+    let a = TestBackend::start("a").await;
+    let (server, front) = start_tagged("full", config("full", &[&a], 1, Duration::ZERO)).await;
+    let (_held, name) = connect_named(front).await;
+    assert_eq!(name, "a");
+    let mut extra = open(front).await;
+    closed(&mut extra).await;
+    assert_eq!(a.accepted(), 1, "the full backend got no second connection");
+    wait_until(DEADLINE, "backend_full counted", || async {
+        metric(&server, &rejected("full", "backend_full")).await == 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_freed_slot_goes_to_the_oldest_waiter() {
+    let a = TestBackend::start("a").await;
+    let (server, front) = start_tagged("fifo", config("fifo", &[&a], 1, DEADLINE)).await;
+    let (first, _) = connect_named(front).await;
+    let mut second = open(front).await;
+    wait_queued(&server, "fifo", 1).await;
+    let mut third = open(front).await;
+    wait_queued(&server, "fifo", 2).await;
+    assert_eq!(a.accepted(), 1, "waiting holds no backend connection");
+    let gauge = "weir_pool_queue_length{pool=\"fifo\"}";
+    assert_eq!(metric(&server, gauge).await, 2.0);
+
+    drop(first);
+    assert_eq!(read_line(&mut second).await, "a", "the oldest waiter first");
+    wait_queued(&server, "fifo", 1).await;
+    assert_eq!(a.accepted(), 2);
+    drop(second);
+    assert_eq!(read_line(&mut third).await, "a");
+    wait_queued(&server, "fifo", 0).await;
+    assert_eq!(metric(&server, gauge).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_queued_connection_is_closed_after_queue_timeout_and_counted() {
+    let a = TestBackend::start("a").await;
+    let timeout = Duration::from_millis(800);
+    let (server, front) = start_tagged("qto", config("qto", &[&a], 1, timeout)).await;
+    let (_held, _) = connect_named(front).await;
+    let started = Instant::now();
+    let mut waiting = open(front).await;
+    let waited = closed(&mut waiting).await - started;
+    assert!(
+        waited >= timeout && waited < timeout + Duration::from_secs(1),
+        "closed after {waited:?}"
+    );
+    assert_eq!(a.accepted(), 1);
+    wait_until(DEADLINE, "queue_timeout counted", || async {
+        metric(&server, &rejected("qto", "queue_timeout")).await == 1.0
+    })
+    .await;
+    assert_eq!(metric(&server, &rejected("qto", "backend_full")).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_the_queue_leaves_at_once() {
+    let a = TestBackend::start("a").await;
+    let (server, front) = start_tagged("leave", config("leave", &[&a], 1, DEADLINE)).await;
+    let (first, _) = connect_named(front).await;
+    let gone = open(front).await;
+    wait_queued(&server, "leave", 1).await;
+    drop(gone);
+    wait_queued(&server, "leave", 0).await;
+    let mut next = open(front).await;
+    wait_queued(&server, "leave", 1).await;
+    drop(first);
+    assert_eq!(
+        read_line(&mut next).await,
+        "a",
+        "the slot went to the waiter still there"
+    );
+    assert_eq!(a.accepted(), 2, "none for the client that left");
+}
+
+#[tokio::test]
+async fn a_queued_connection_never_goes_to_a_drained_or_down_backend() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let tag = "ineligible";
+    let (server, front) = start_tagged(tag, config(tag, &[&a, &b], 1, DEADLINE)).await;
+    let (on_a, name) = connect_named(front).await;
+    assert_eq!(name, "a");
+    let (on_b, name) = connect_named(front).await;
+    assert_eq!(name, "b");
+    let mut waiting = open(front).await;
+    wait_queued(&server, tag, 1).await;
+
+    let backend_a = server.backend(tag, "a").unwrap();
+    let backend_b = server.backend(tag, "b").unwrap();
+    backend_a.set_admin(Admin::Drain);
+    drop(on_a);
+    wait_until(DEADLINE, "a's connection closed", || async {
+        backend_a.active() == 0
+    })
+    .await;
+    assert_eq!(queued(&server, tag), 1, "a drained slot is not handed on");
+    drop(on_b);
+    assert_eq!(read_line(&mut waiting).await, "b");
+
+    // Down: b full again with `waiting`, a drained; a new waiter.
+    let mut last = open(front).await;
+    wait_queued(&server, tag, 1).await;
+    backend_b.set_health(Health::Down);
+    drop(waiting);
+    wait_until(DEADLINE, "b's connection closed", || async {
+        backend_b.active() == 0
+    })
+    .await;
+    assert_eq!(
+        queued(&server, tag),
+        1,
+        "a down backend's slot is not handed on"
+    );
+    // A slot that opens without a release (a back in rotation) goes to the head waiter.
+    backend_a.set_admin(Admin::Enabled);
+    assert_eq!(read_line(&mut last).await, "a");
+    assert_eq!(b.accepted(), 2);
+}
