@@ -498,8 +498,11 @@ impl Backend {
 
     /// A slot being released may go to a queued connection instead: the backend still
     /// takes new connections (never one drained, down, retiring or over a lowered limit).
+    /// Not a backup's: whether it may take one depends on the primaries, so its freed
+    /// slot is left to the oldest waiter's own pick (`proxy::tcp`'s head retry).
     fn may_pass_slot_on(&self) -> bool {
-        self.is_eligible()
+        !self.is_backup()
+            && self.is_eligible()
             && !self.is_retiring()
             && self.active.load(Ordering::Relaxed) <= self.limit.load(Ordering::Relaxed)
     }

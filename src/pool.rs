@@ -25,7 +25,10 @@ use crate::config::{PoolConfig, Protocol};
 
 pub struct PoolSnapshot {
     pub backends: Vec<Arc<Backend>>,
-    pub balancer: Balancer,
+    /// The backends that are not `backup`, balanced among themselves.
+    primary: Tier,
+    /// The `backup: true` ones, picked from only when no primary can take the connection.
+    backup: Option<Tier>,
     pub strategy: Strategy,
     pub connect_timeout: Duration,
     pub retries: u32,
@@ -45,6 +48,45 @@ pub enum NoSlot {
     Full,
 }
 
+/// One tier of a pool (its primaries, or its backups) with a balancer of its own, so that
+/// a pool without backups picks exactly as before, and one with backups asks the backup
+/// tier only after the primary tier found nothing.
+struct Tier {
+    backends: Vec<Arc<Backend>>,
+    balancer: Balancer,
+    /// Tier index → index in the snapshot's `backends`; None when the tier is all of them
+    /// in order (no backups).
+    to_pool: Option<Box<[usize]>>,
+}
+
+impl Tier {
+    /// The tier of `all` whose `backup` is `backup`.
+    fn new(strategy: Strategy, all: &[Arc<Backend>], backup: bool) -> Tier {
+        let to_pool: Vec<usize> = (0..all.len())
+            .filter(|&i| all[i].is_backup() == backup)
+            .collect();
+        let backends: Vec<Arc<Backend>> = to_pool.iter().map(|&i| Arc::clone(&all[i])).collect();
+        Tier {
+            balancer: Balancer::new(strategy, &backends),
+            to_pool: (backends.len() != all.len()).then(|| to_pool.into_boxed_slice()),
+            backends,
+        }
+    }
+
+    #[inline]
+    fn pick(&self, client: IpAddr, exclude: &[usize]) -> Option<usize> {
+        let Some(to_pool) = &self.to_pool else {
+            return self.balancer.pick(&self.backends, client, exclude);
+        };
+        // Only after a failed connect is `exclude` non-empty (and this allocates).
+        let local: Vec<usize> = (exclude.iter())
+            .filter_map(|e| to_pool.iter().position(|i| i == e))
+            .collect();
+        let i = self.balancer.pick(&self.backends, client, &local)?;
+        Some(to_pool[i])
+    }
+}
+
 /// Picks that lose the race for a backend's last slot before giving up as `Full`.
 const CLAIM_RACES: usize = 8;
 
@@ -61,7 +103,9 @@ impl PoolSnapshot {
             b.set_backup(backup);
         }
         PoolSnapshot {
-            balancer: Balancer::new(config.strategy, &backends),
+            primary: Tier::new(config.strategy, &backends, false),
+            backup: (backends.iter().any(|b| b.is_backup()))
+                .then(|| Tier::new(config.strategy, &backends, true)),
             backends,
             strategy: config.strategy,
             connect_timeout: config.connect_timeout,
@@ -108,10 +152,11 @@ impl PoolSnapshot {
         self.backends.iter().position(|b| Arc::ptr_eq(b, backend))
     }
 
-    /// An eligible backend for this client, skipping the indexes in `exclude`.
+    /// An eligible backend for this client, skipping the indexes in `exclude`: a primary
+    /// while one is eligible and not full, a backup only otherwise.
     #[inline]
     pub fn pick(&self, client: IpAddr, exclude: &[usize]) -> Option<usize> {
-        self.balancer.pick(&self.backends, client, exclude)
+        (self.primary.pick(client, exclude)).or_else(|| self.backup.as_ref()?.pick(client, exclude))
     }
 
     pub fn find(&self, name: &str) -> Option<&Arc<Backend>> {
@@ -160,5 +205,37 @@ impl Pool {
             b.attach_queue(&self.queue);
         }
         self.snapshot.store(Arc::new(snapshot));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Health;
+    use crate::balance::testutil::{backends, ip0};
+
+    #[test]
+    fn backups_only_when_no_primary_can_take_it_with_exclude_in_pool_indexes() {
+        let all = backends(&[1, 1, 1, 1]);
+        all[1].set_backup(true);
+        all[3].set_backup(true);
+        let primary = Tier::new(Strategy::RoundRobin, &all, false);
+        let backup = Tier::new(Strategy::RoundRobin, &all, true);
+        let pick = |exclude: &[usize]| {
+            (primary.pick(ip0(), exclude)).or_else(|| backup.pick(ip0(), exclude))
+        };
+        for _ in 0..20 {
+            assert!(matches!(pick(&[]), Some(0 | 2)));
+        }
+        assert_eq!(pick(&[0]), Some(2));
+        assert!(matches!(pick(&[0, 2]), Some(1 | 3)), "all primaries tried");
+        assert_eq!(pick(&[0, 2, 1]), Some(3));
+        all[0].set_health(Health::Down);
+        all[2].set_max_connections(Some(1));
+        let _full = all[2].try_connect_guard().unwrap();
+        assert!(matches!(pick(&[]), Some(1 | 3)), "down and full primaries");
+        assert_eq!(pick(&[3]), Some(1));
+        all[0].set_health(Health::Up);
+        assert_eq!(pick(&[]), Some(0), "back to the primary at once");
     }
 }

@@ -215,3 +215,56 @@ async fn a_queued_connection_never_goes_to_a_drained_or_down_backend() {
     assert_eq!(read_line(&mut last).await, "a");
     assert_eq!(b.accepted(), 2);
 }
+
+#[tokio::test]
+async fn a_backup_takes_connections_only_while_no_primary_can() {
+    let p = TestBackend::start("p").await;
+    let s = TestBackend::start("s").await;
+    let tag = "backup";
+    let mut config = config(tag, &[&p, &s], 1, Duration::ZERO);
+    config.pools[0].backends[1].backup = true;
+    let (server, front) = start_tagged(tag, config).await;
+    let primary = server.backend(tag, "p").unwrap();
+    let backup = server.backend(tag, "s").unwrap();
+    assert!(backup.is_backup() && !primary.is_backup());
+
+    for _ in 0..5 {
+        let (c, name) = connect_named(front).await;
+        assert_eq!(name, "p", "the primary while it is eligible");
+        drop(c);
+        wait_until(DEADLINE, "p idle", || async { primary.active() == 0 }).await;
+    }
+    let (on_p, _) = connect_named(front).await;
+    let (on_s, name) = connect_named(front).await;
+    assert_eq!(name, "s", "the backup while the primary is full");
+    drop((on_p, on_s));
+    wait_until(DEADLINE, "both idle", || async {
+        primary.active() == 0 && backup.active() == 0
+    })
+    .await;
+
+    primary.set_health(Health::Down);
+    let (mut on_backup, name) = connect_named(front).await;
+    assert_eq!(name, "s", "the backup while the primary is down");
+    primary.set_health(Health::Up);
+    let (_back, name) = connect_named(front).await;
+    assert_eq!(name, "p", "the primary as soon as it is up again");
+    on_backup.write_all(b"still here").await.unwrap();
+    let mut echoed = [0u8; 10];
+    tokio::time::timeout(DEADLINE, on_backup.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &echoed, b"still here",
+        "open backup connections are left alone"
+    );
+
+    let request = weir::admin::parse("show backends").unwrap();
+    let shown = weir::admin::execute(request, &server.handle).await.unwrap();
+    let row = shown
+        .lines()
+        .find(|l| l.contains(&s.addr.to_string()))
+        .unwrap();
+    assert!(row.contains(" yes "), "BACKUP shown: {shown}");
+}
