@@ -6,6 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::patroni;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -267,4 +268,135 @@ async fn a_backup_takes_connections_only_while_no_primary_can() {
         .find(|l| l.contains(&s.addr.to_string()))
         .unwrap();
     assert!(row.contains(" yes "), "BACKUP shown: {shown}");
+}
+
+/// A PostgreSQL server of its own (`max_connections = 10`) on 127.0.0.1, run as the
+/// postgres user when the tests run as root; stopped on drop.
+struct Postgres {
+    postmaster: std::process::Child,
+    dir: TempDir,
+    port: u16,
+    bin: std::path::PathBuf,
+}
+
+impl Postgres {
+    /// None (SKIPPED said) when PostgreSQL or pgbench is not installed.
+    fn available() -> Option<std::path::PathBuf> {
+        let bin = patroni::postgres_bin_dir();
+        let Some(bin) = bin.filter(|b| b.join("pgbench").is_file()) else {
+            patroni::missing("PostgreSQL (server and pgbench) is not installed");
+            return None;
+        };
+        if patroni::is_root() && patroni::db_user_ids().is_none() {
+            patroni::missing("there is no postgres user to run PostgreSQL as");
+            return None;
+        }
+        Some(bin)
+    }
+
+    async fn start(bin: std::path::PathBuf) -> Postgres {
+        let dir = TempDir::new("pg");
+        if patroni::is_root() {
+            let chown = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir.path)
+                .status()
+                .unwrap();
+            assert!(chown.success());
+        }
+        let data = dir.join("data");
+        let init = patroni::db_command(bin.join("initdb").to_str().unwrap(), &dir.path)
+            .args(["-U", "postgres", "--auth=trust", "-D"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(init.success(), "initdb");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.join("postgres.log")).unwrap();
+        let postmaster = patroni::db_command(bin.join("postgres").to_str().unwrap(), &dir.path)
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                &format!("port={port}"),
+            ])
+            .args(["-c", "max_connections=10", "-c"])
+            .arg(format!("unix_socket_directories={}", dir.path.display()))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pg = Postgres {
+            postmaster,
+            dir,
+            port,
+            bin,
+        };
+        wait_until(Duration::from_secs(60), "PostgreSQL up", || async {
+            pg.pgbench(port, &["-i", "-s", "1", "-q"]).await.0
+        })
+        .await;
+        pg
+    }
+
+    /// Runs pgbench against 127.0.0.1:`port`; (success, stdout + stderr).
+    async fn pgbench(&self, port: u16, args: &[&str]) -> (bool, String) {
+        let out = tokio::process::Command::new(self.bin.join("pgbench"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        patroni::stop_postmaster(&self.dir.join("data"));
+        let _ = self.postmaster.wait();
+    }
+}
+
+/// The case: 30 pgbench clients (a new connection per transaction) through weir,
+/// whose one backend allows 5 connections with a 5 s queue, in front of a PostgreSQL
+/// allowing 10: every transaction succeeds, none sees "too many clients".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_never_sees_too_many_clients() {
+    let Some(bin) = Postgres::available() else {
+        return;
+    };
+    let pg = Postgres::start(bin).await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", pg.port).parse().unwrap();
+    let mut config = tcp_config(
+        Strategy::LeastConnections,
+        vec![backend_config("pg", addr, 1)],
+    );
+    config.listeners[0].name = "pgbench_front".into();
+    config.listeners[0].pool = "pgbench".into();
+    config.pools[0].name = "pgbench".into();
+    config.pools[0].backends[0].max_connections = Some(5);
+    config.pools[0].queue_timeout = Duration::from_secs(5);
+    let (server, front) = start_tagged("pgbench", config).await;
+    let args = ["-c", "30", "-j", "30", "-C", "-S", "-t", "10"];
+    let (ok, out) = pg.pgbench(front.port(), &args).await;
+    eprintln!("{out}");
+    assert!(!out.contains("too many clients"), "{out}");
+    assert!(ok, "pgbench: {out}");
+    assert!(out.contains("actually processed: 300/300"), "{out}");
+    let backend = server.backend("pgbench", "pg").unwrap();
+    assert!(
+        backend.total() >= 300,
+        "a connection per transaction: {out}"
+    );
 }
