@@ -1,4 +1,5 @@
-//! `pick()` of each strategy at 4, 64 and 1,024 backends, all eligible, weights varied;
+//! `pick()` of each strategy at 4, 64 and 1,024 backends, all eligible, weights varied,
+//! each with a `max_connections` (far from reached: the check is an atomic compare);
 //! and `Balancer::new` at 1,024, since round-robin and source-hash build tables.
 //!
 //! `cargo bench --bench pick -- --warm-up-time 1 --measurement-time 2` for a short run.
@@ -20,20 +21,23 @@ const STRATEGIES: [Strategy; 4] = [
 ];
 
 /// `n` healthy backends with weights spread over 1..=1000 (gcd 1, so round-robin's
-/// schedule is as long as it gets: about 500 slots per backend).
+/// schedule is as long as it gets: about 500 slots per backend), each limited to 1,000
+/// connections.
 fn backends(n: usize) -> Vec<Arc<Backend>> {
     (0..n)
         .map(|i| {
             let addr = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 8080));
             let weight = 1 + (i as u32 * 7919) % 1000;
-            Backend::new(
+            let backend = Backend::new(
                 "bench",
                 &format!("backend-{i}"),
                 &addr.to_string(),
                 addr,
                 weight,
                 true,
-            )
+            );
+            backend.set_max_connections(Some(1_000));
+            backend
         })
         .collect()
 }

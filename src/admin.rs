@@ -95,7 +95,7 @@ impl std::fmt::Display for Target {
 pub const HELP: &str = "\
 commands:
   help                          this list
-  show backends [--json]        every backend: pool, name, address, state, weight, connections, last check
+  show backends [--json]        every backend: pool, name, address, state, weight, connections, limit, queue, last check
   show listeners [--json]       every listener: name, protocol, bind, pool, connections
   drain POOL/BACKEND            no new connections; open ones go on; health checks go on
   disable POOL/BACKEND          like drain, and its health checks pause
@@ -248,7 +248,9 @@ fn find(tables: &Tables, target: &Target) -> Result<Arc<Backend>, AdminError> {
 fn show_backends(tables: &Tables, json: bool) -> String {
     let backends = tables.backends();
     if json {
-        let rows: Vec<BackendRow> = backends.iter().map(|b| BackendRow::of(b)).collect();
+        let rows: Vec<BackendRow> = (backends.iter())
+            .map(|b| BackendRow::of(b, queued(tables, &b.pool)))
+            .collect();
         return json_lines(&rows);
     }
     let header = [
@@ -258,6 +260,9 @@ fn show_backends(tables: &Tables, json: bool) -> String {
         "STATE",
         "WEIGHT",
         "ACTIVE",
+        "MAX",
+        "BACKUP",
+        "QUEUED",
         "TOTAL",
         "LAST CHECK",
     ];
@@ -272,6 +277,9 @@ fn show_backends(tables: &Tables, json: bool) -> String {
                 b.state().to_string(),
                 b.weight().to_string(),
                 b.active().to_string(),
+                b.max_connections().map_or("-".into(), |m| m.to_string()),
+                if b.is_backup() { "yes" } else { "no" }.to_string(),
+                queued(tables, &b.pool).to_string(),
                 b.total().to_string(),
                 if last.is_empty() {
                     "-".to_string()
@@ -284,6 +292,11 @@ fn show_backends(tables: &Tables, json: bool) -> String {
     table(&header, &rows)
 }
 
+/// Connections waiting in the queue of pool `pool` (`queue_timeout`).
+fn queued(tables: &Tables, pool: &str) -> usize {
+    tables.pools.get(pool).map_or(0, |p| p.queue.len())
+}
+
 fn show_listeners(tables: &Tables, json: bool) -> String {
     let listeners = tables.listeners.values();
     if json {
@@ -294,12 +307,15 @@ fn show_listeners(tables: &Tables, json: bool) -> String {
                 bind: l.bind.to_string(),
                 pool: l.pool.load().name.clone(),
                 active: l.active(),
+                queued: l.pool.load().queue.len(),
                 total: l.total(),
             })
             .collect();
         return json_lines(&rows);
     }
-    let header = ["LISTENER", "PROTOCOL", "BIND", "POOL", "ACTIVE", "TOTAL"];
+    let header = [
+        "LISTENER", "PROTOCOL", "BIND", "POOL", "ACTIVE", "QUEUED", "TOTAL",
+    ];
     let rows = listeners
         .map(|l| {
             vec![
@@ -308,6 +324,7 @@ fn show_listeners(tables: &Tables, json: bool) -> String {
                 l.bind.to_string(),
                 l.pool.load().name.clone(),
                 l.active().to_string(),
+                l.pool.load().queue.len().to_string(),
                 l.total().to_string(),
             ]
         })
@@ -330,12 +347,17 @@ struct BackendRow<'a> {
     admin: &'static str,
     weight: u32,
     active: u64,
+    /// `max_connections`; null when unlimited.
+    max_connections: Option<u64>,
+    backup: bool,
+    /// Connections waiting in its pool's queue.
+    queued: usize,
     total: u64,
     last_check: Option<String>,
 }
 
 impl<'a> BackendRow<'a> {
-    fn of(b: &'a Backend) -> Self {
+    fn of(b: &'a Backend, queued: usize) -> Self {
         let last = b.last_check();
         BackendRow {
             pool: &b.pool,
@@ -354,6 +376,9 @@ impl<'a> BackendRow<'a> {
             },
             weight: b.weight(),
             active: b.active(),
+            max_connections: b.max_connections(),
+            backup: b.is_backup(),
+            queued,
             total: b.total(),
             last_check: (!last.is_empty()).then(|| last.to_string()),
         }
@@ -367,6 +392,8 @@ struct ListenerRow<'a> {
     bind: String,
     pool: String,
     active: u64,
+    /// Connections of its pool waiting for a backend slot.
+    queued: usize,
     total: u64,
 }
 

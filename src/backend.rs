@@ -16,6 +16,10 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{BackendMetrics, names};
+use crate::queue::WaitQueue;
+
+/// `max_connections` of a backend without one.
+pub const UNLIMITED: u64 = u64::MAX;
 
 /// What the health checker (or passive checking) last concluded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +135,13 @@ pub struct Backend {
     /// afresh (first probe decides); `probe_now` wakes it for that probe at once.
     recheck: AtomicBool,
     probe_now: tokio::sync::Notify,
+    /// `max_connections` (`UNLIMITED` when unset), written by the control task.
+    limit: AtomicU64,
+    /// `backup: true`, written by the control task.
+    backup: AtomicBool,
+    /// The pool's wait queue, which a released slot is handed to (set once: a backend
+    /// never changes pools).
+    queue: OnceLock<Arc<WaitQueue<ConnGuard>>>,
     pub metrics: BackendMetrics,
 }
 
@@ -203,6 +214,9 @@ impl Backend {
             shutdown: shutdown.clone(),
             recheck: AtomicBool::new(false),
             probe_now: tokio::sync::Notify::new(),
+            limit: AtomicU64::new(UNLIMITED),
+            backup: AtomicBool::new(false),
+            queue: OnceLock::new(),
             metrics: BackendMetrics::new(pool, name),
         })
     }
@@ -213,6 +227,42 @@ impl Backend {
     pub fn is_eligible(&self) -> bool {
         self.admin.load(Ordering::Relaxed) == Admin::Enabled as u8
             && (self.health.load(Ordering::Relaxed) == Health::Up as u8 || self.retry_due())
+    }
+
+    /// Below its `max_connections`: one more connection fits (two relaxed loads; the
+    /// slot itself is taken by `try_connect_guard`).
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        self.active.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
+    }
+
+    /// `max_connections`; None when unlimited.
+    pub fn max_connections(&self) -> Option<u64> {
+        match self.limit.load(Ordering::Relaxed) {
+            UNLIMITED => None,
+            n => Some(n),
+        }
+    }
+
+    /// Control task only (from the config, at every snapshot build).
+    pub fn set_max_connections(&self, limit: Option<u64>) {
+        self.limit
+            .store(limit.unwrap_or(UNLIMITED), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn is_backup(&self) -> bool {
+        self.backup.load(Ordering::Relaxed)
+    }
+
+    /// Control task only (from the config, at every snapshot build).
+    pub fn set_backup(&self, backup: bool) {
+        self.backup.store(backup, Ordering::Relaxed);
+    }
+
+    /// The pool's wait queue; the first call wins (a backend belongs to one pool).
+    pub fn attach_queue(&self, queue: &Arc<WaitQueue<ConnGuard>>) {
+        let _ = self.queue.set(Arc::clone(queue));
     }
 
     /// Marked down by traffic in a pool without a health check, and its backoff has
@@ -442,33 +492,101 @@ impl Backend {
         }
     }
 
-    /// Counts a new connection (or UDP session) against this backend until the guard drops.
+    /// Counts a new connection (or UDP session) against this backend until the guard drops,
+    /// whatever its `max_connections` (udp sessions; see `try_connect_guard`).
     pub fn connect_guard(self: &Arc<Self>) -> ConnGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.counted_new()
+    }
+
+    /// Takes one of its `max_connections` slots, or None when they are all taken (a race
+    /// with another pick since `has_room`). Lock-free: a compare-and-swap on `active`.
+    pub fn try_connect_guard(self: &Arc<Self>) -> Option<ConnGuard> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit == UNLIMITED {
+            return Some(self.connect_guard());
+        }
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(self.counted_new())
+    }
+
+    fn counted_new(self: &Arc<Self>) -> ConnGuard {
         self.total.fetch_add(1, Ordering::Relaxed);
         self.metrics.connections_total.increment(1);
         self.metrics.connections_active.increment(1.0);
         ConnGuard {
             backend: Arc::clone(self),
+            armed: true,
         }
+    }
+
+    /// A slot being released may go to a queued connection instead: the backend still
+    /// takes new connections (never one drained, down, retiring or over a lowered limit).
+    /// Not a backup's: whether it may take one depends on the primaries, so its freed
+    /// slot is left to the oldest waiter's own pick (`proxy::tcp`'s head retry).
+    fn may_pass_slot_on(&self) -> bool {
+        !self.is_backup()
+            && self.is_eligible()
+            && !self.is_retiring()
+            && self.active.load(Ordering::Relaxed) <= self.limit.load(Ordering::Relaxed)
     }
 }
 
-/// Holds one `active` count on a backend; released on every path by `Drop`.
+/// Holds one `active` count on a backend; released on every path by `Drop`, or, for a
+/// backend with `max_connections` while connections wait in its pool's queue, handed on
+/// to the oldest of them.
 pub struct ConnGuard {
     backend: Arc<Backend>,
+    /// False once its count has been passed on (or never held).
+    armed: bool,
 }
 
 impl ConnGuard {
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
+
+    /// Hands this slot to the pool's oldest waiter; true when one took it.
+    #[cold]
+    fn pass_on(&self, queue: &WaitQueue<ConnGuard>) -> bool {
+        let slot = ConnGuard {
+            backend: Arc::clone(&self.backend),
+            armed: true,
+        };
+        match queue.hand_off(slot) {
+            Ok(()) => {
+                self.backend.total.fetch_add(1, Ordering::Relaxed);
+                self.backend.metrics.connections_total.increment(1);
+                true
+            }
+            Err(mut slot) => {
+                slot.armed = false;
+                false
+            }
+        }
+    }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.backend.active.fetch_sub(1, Ordering::Relaxed);
-        self.backend.metrics.connections_active.decrement(1.0);
+        if !self.armed {
+            return;
+        }
+        let b = &self.backend;
+        if b.limit.load(Ordering::Relaxed) != UNLIMITED
+            && let Some(queue) = b.queue.get()
+            && !queue.is_empty()
+            && b.may_pass_slot_on()
+            && self.pass_on(queue)
+        {
+            return;
+        }
+        b.active.fetch_sub(1, Ordering::Relaxed);
+        b.metrics.connections_active.decrement(1.0);
     }
 }
 

@@ -70,6 +70,7 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
             connect_timeout: Duration::from_secs(1),
             retries: 2,
             on_down: OnDown::Keep,
+            queue_timeout: Duration::ZERO,
             health_check: None,
             backends: backends
                 .iter()
@@ -78,6 +79,8 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
                     address: b.addr.to_string(),
                     addr: b.addr,
                     weight: b.weight,
+                    max_connections: None,
+                    backup: false,
                 })
                 .collect(),
         }],

@@ -6,7 +6,8 @@
 //! 1. Leaf types: [`config`] (YAML → serde types → validation → the runtime `Config`),
 //!    [`backend`] (live state; health and admin state as separate atomics, so a probe can
 //!    never undo an operator's drain), [`metrics`] (every name once, handles registered
-//!    once, the recorder), [`net`] (bind, keepalive, accept with backoff, socket-error
+//!    once, the recorder), [`queue`] (a pool's first-come-first-served wait for a backend
+//!    slot), [`net`] (bind, keepalive, accept with backoff, socket-error
 //!    classes), [`shutdown`].
 //! 2. Picking: [`balance`] (one file per strategy; `Strategy` owns its names), [`pool`]
 //!    (backends and balancer as one immutable snapshot).
@@ -58,6 +59,7 @@ pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod proxy;
+pub mod queue;
 pub mod run;
 pub mod server;
 pub mod shutdown;

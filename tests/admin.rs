@@ -164,7 +164,8 @@ async fn show_backends_and_listeners_as_tables_and_json() {
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
         [
-            "POOL", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "LAST", "CHECK"
+            "POOL", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "ACTIVE", "MAX", "BACKUP", "QUEUED",
+            "TOTAL", "LAST", "CHECK"
         ]
     );
     let state_column = lines[0].find("STATE").unwrap();
@@ -176,15 +177,37 @@ async fn show_backends_and_listeners_as_tables_and_json() {
     }
     let a_row: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
-        &a_row[..7],
-        ["pool", "a", &a_addr.to_string(), "up", "1", "1", "1"]
+        &a_row[..10],
+        [
+            "pool",
+            "a",
+            &a_addr.to_string(),
+            "up",
+            "1",
+            "1",
+            "-",
+            "no",
+            "0",
+            "1"
+        ]
     );
-    assert_eq!(a_row[7], "pass", "last check: {text}");
-    assert!(a_row[8].ends_with("ms"), "{text}");
+    assert_eq!(a_row[10], "pass", "last check: {text}");
+    assert!(a_row[11].ends_with("ms"), "{text}");
     let b_row: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(
-        &b_row[..7],
-        ["pool", "b", &b_addr.to_string(), "up", "1", "0", "0"]
+        &b_row[..10],
+        [
+            "pool",
+            "b",
+            &b_addr.to_string(),
+            "up",
+            "1",
+            "0",
+            "-",
+            "no",
+            "0",
+            "0"
+        ]
     );
 
     let rows = json_rows(&admin(&s.socket, "show backends --json").await);
@@ -206,11 +229,13 @@ async fn show_backends_and_listeners_as_tables_and_json() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
-        ["LISTENER", "PROTOCOL", "BIND", "POOL", "ACTIVE", "TOTAL"]
+        [
+            "LISTENER", "PROTOCOL", "BIND", "POOL", "ACTIVE", "QUEUED", "TOTAL"
+        ]
     );
     assert_eq!(
         lines[1].split_whitespace().collect::<Vec<_>>(),
-        ["front", "tcp", &s.front.to_string(), "pool", "1", "1"]
+        ["front", "tcp", &s.front.to_string(), "pool", "1", "0", "1"]
     );
     let rows = json_rows(&admin(&s.socket, "show listeners --json").await);
     assert_eq!(
@@ -221,6 +246,7 @@ async fn show_backends_and_listeners_as_tables_and_json() {
             "bind": s.front.to_string(),
             "pool": "pool",
             "active": 1,
+            "queued": 0,
             "total": 1,
         })]
     );

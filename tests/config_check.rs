@@ -310,7 +310,7 @@ pools:
         &[
             "unknown key \"stratgy\"",
             "in a pool",
-            "strategy, connect_timeout, retries, on_down, health_check, backends",
+            "strategy, connect_timeout, retries, on_down, queue_timeout, health_check, backends",
         ],
     );
     assert_eq!(all.len(), 1);
@@ -1679,4 +1679,57 @@ mod generated {
             let _ = parse(&text, FILE);
         }
     }
+}
+
+#[test]
+fn traffic_control_keys_parse_and_their_mistakes_are_named() {
+    let config = valid(
+        "\
+listeners:
+  pg:
+    bind: 127.0.0.1:5000
+    pool: pg
+pools:
+  pg:
+    queue_timeout: 5s
+    backends:
+      - address: 127.0.0.1:5432
+        max_connections: 5
+      - address: 127.0.0.1:5433
+        backup: true
+",
+    );
+    let pool = &config.pools[0];
+    assert_eq!(pool.queue_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(pool.backends[0].max_connections, Some(5));
+    assert!(!pool.backends[0].backup);
+    assert_eq!(pool.backends[1].max_connections, None);
+    assert!(pool.backends[1].backup);
+
+    let all = problems(
+        "\
+listeners:
+  pg:
+    bind: 127.0.0.1:5000
+    pool: pg
+pools:
+  pg:
+    queue_timeout: 2h
+    backends:
+      - address: 127.0.0.1:5432
+        max_connections: 0
+        backup: maybe
+",
+    );
+    let text = all.join("\n");
+    assert_eq!(all.len(), 3, "{text}");
+    assert!(
+        text.contains(":7:20: queue_timeout \"2h\" is too long"),
+        "{text}"
+    );
+    assert!(text.contains(":10:26: max_connections 0"), "{text}");
+    assert!(
+        text.contains(":11:17: backup \"maybe\" must be true or false"),
+        "{text}"
+    );
 }

@@ -135,10 +135,13 @@ impl std::str::FromStr for Strategy {
     }
 }
 
-/// Whether backend `i` may take this connection: eligible now and not already tried.
+/// Whether backend `i` may take this connection: eligible now, below its
+/// `max_connections` (a full backend is skipped exactly like a down one, by every
+/// strategy) and not already tried.
 #[inline]
 fn available(backends: &[Arc<Backend>], i: usize, exclude: &[usize]) -> bool {
-    backends[i].is_eligible() && !exclude.contains(&i)
+    let b = &backends[i];
+    b.is_eligible() && b.has_room() && !exclude.contains(&i)
 }
 
 /// The weights as the tables use them. Config allows `WEIGHT_RANGE`; a 0 (which nothing
@@ -308,6 +311,33 @@ mod tests {
                     "{strategy:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn every_strategy_skips_a_full_backend_like_a_down_one() {
+        let backends = backends(&[3, 1, 2]);
+        backends[0].set_max_connections(Some(1));
+        let _holds_the_slot = backends[0].try_connect_guard().unwrap();
+        assert!(backends[0].try_connect_guard().is_none(), "the limit holds");
+        for &strategy in ALL {
+            let balancer = Balancer::new(strategy, &backends);
+            for n in 0..300 {
+                let i = balancer.pick(&backends, client(n), &[]).unwrap();
+                assert_ne!(i, 0, "{strategy:?} picked the full backend");
+            }
+            assert_eq!(
+                balancer.pick(&backends, ip0(), &[1, 2]),
+                None,
+                "{strategy:?}"
+            );
+            backends[0].set_max_connections(Some(2));
+            assert_eq!(
+                balancer.pick(&backends, ip0(), &[1, 2]),
+                Some(0),
+                "{strategy:?} picks it again once it has room"
+            );
+            backends[0].set_max_connections(Some(1));
         }
     }
 

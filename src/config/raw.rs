@@ -55,6 +55,7 @@ pub(super) struct RawPool {
     pub(super) connect_timeout: Option<Pos<String>>,
     pub(super) retries: Option<Pos<String>>,
     pub(super) on_down: Option<Pos<String>>,
+    pub(super) queue_timeout: Option<Pos<String>>,
     /// `health_check:` with no value (null) means a check with every default.
     pub(super) health_check: Option<Pos<Option<RawHealthCheck>>>,
     pub(super) backends: Option<Pos<Vec<Pos<RawBackend>>>>,
@@ -80,6 +81,8 @@ pub(super) struct RawBackend {
     pub(super) address: Option<Pos<String>>,
     pub(super) name: Option<Pos<String>>,
     pub(super) weight: Option<Pos<String>>,
+    pub(super) max_connections: Option<Pos<String>>,
+    pub(super) backup: Option<Pos<String>>,
     pub(super) reported: Vec<&'static str>,
 }
 
@@ -132,6 +135,7 @@ const POOL: Schema = Schema {
         "connect_timeout",
         "retries",
         "on_down",
+        "queue_timeout",
         "health_check",
         "backends",
     ],
@@ -154,7 +158,7 @@ const CHECK: Schema = Schema {
 const BACKEND: Schema = Schema {
     what: "a backend",
     place: "in a backend",
-    keys: &["address", "name", "weight"],
+    keys: &["address", "name", "weight", "max_connections", "backup"],
 };
 
 /// The config text as raw types; None (recorded) for a syntax error or an empty file.
@@ -484,6 +488,7 @@ fn pool(cx: &mut Cx, f: Fields) -> RawPool {
             "connect_timeout" => r.connect_timeout = scalar(cx, v, key),
             "retries" => r.retries = scalar(cx, v, key),
             "on_down" => r.on_down = scalar(cx, v, key),
+            "queue_timeout" => r.queue_timeout = scalar(cx, v, key),
             "health_check" => r.health_check = health_check(cx, v),
             "backends" => r.backends = backends(cx, v, &mut r.reported),
             _ => {}
@@ -565,6 +570,8 @@ fn backend(cx: &mut Cx, f: Fields) -> RawBackend {
             "address" => r.address = required(cx, v, key, &mut r.reported),
             "name" => r.name = scalar(cx, v, key),
             "weight" => r.weight = scalar(cx, v, key),
+            "max_connections" => r.max_connections = scalar(cx, v, key),
+            "backup" => r.backup = scalar(cx, v, key),
             _ => {}
         }
     }

@@ -62,6 +62,9 @@ pub struct PoolConfig {
     pub retries: u32,
     /// What happens to the open connections (udp: sessions) of a backend marked down.
     pub on_down: OnDown,
+    /// How long a connection waits for a slot when every eligible backend is at its
+    /// `max_connections` (0: closed at once).
+    pub queue_timeout: Duration,
     pub health_check: Option<HealthCheckConfig>,
     /// In file order.
     pub backends: Vec<BackendConfig>,
@@ -108,6 +111,10 @@ pub struct BackendConfig {
     /// Resolved at load time.
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Open connections (udp: sessions) at once; None: unlimited.
+    pub max_connections: Option<u64>,
+    /// Gets new connections only while no other backend of the pool is eligible.
+    pub backup: bool,
 }
 
 /// The longest path a Unix socket can be bound or connected at: `sun_path` less its NUL

@@ -16,8 +16,8 @@ use super::runtime::{
 };
 use super::values::{
     CHECK_INTERVAL, CHECK_TIMEOUT, CONNECT_TIMEOUT, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT,
-    SHUTDOWN_TIMEOUT, backend_addr, bind_addr, binds_clash, check_name, duration, hex_bytes,
-    literal_escapes, number, on_down, protocol, strategy,
+    QUEUE_TIMEOUT, SHUTDOWN_TIMEOUT, backend_addr, bind_addr, binds_clash, boolean, check_name,
+    duration, hex_bytes, literal_escapes, number, on_down, protocol, strategy,
 };
 use super::yaml::Scalar;
 use crate::balance::{Strategy, WEIGHT_RANGE};
@@ -435,6 +435,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
             connect_timeout: Duration::from_secs(3),
             retries: 2,
             on_down: OnDown::Keep,
+            queue_timeout: Duration::ZERO,
             health_check: None,
             backends: Vec::new(),
         },
@@ -466,6 +467,13 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
         }
     }
     c.on_down = on_down(cx, &raw.on_down, &format!("{path}.on_down"));
+    c.queue_timeout = duration(
+        cx,
+        &raw.queue_timeout,
+        &format!("{path}.queue_timeout"),
+        &QUEUE_TIMEOUT,
+        Duration::ZERO,
+    );
     if let Some(hc) = &raw.health_check {
         let (check, without_send) = validate_check(cx, hc, &format!("{path}.health_check"));
         c.health_check = Some(check);
@@ -700,10 +708,16 @@ fn validate_backend(
         )
         .map_or(1, |w| w as u32),
     };
+    let max_connections = raw.max_connections.as_ref().and_then(|m| {
+        let key = format!("{path}.max_connections");
+        number(cx, m, &key, "max_connections", 1, u64::from(u32::MAX))
+    });
     Some(BackendConfig {
         name: name.value.clone(),
         address: address.value.clone(),
         addr: addr?,
         weight,
+        max_connections,
+        backup: boolean(cx, &raw.backup, &format!("{path}.backup"), "backup"),
     })
 }

@@ -44,6 +44,12 @@ pub(super) const HALF_CLOSE_TIMEOUT: DurationKey = DurationKey {
     min: MS,
     max: Duration::from_secs(24 * 24 * 3600),
 };
+/// 0 is the default (closed at once); a client waiting longer than an hour has gone.
+pub(super) const QUEUE_TIMEOUT: DurationKey = DurationKey {
+    key: "queue_timeout",
+    min: Duration::ZERO,
+    max: Duration::from_secs(3600),
+};
 /// Linux gives up on a SYN after about two minutes anyway.
 pub(super) const CONNECT_TIMEOUT: DurationKey = DurationKey {
     key: "connect_timeout",
@@ -354,6 +360,23 @@ pub(super) fn protocol(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> Prot
     }
 }
 
+/// `true` or `false` (YAML's other spellings, `yes`/`on`, are refused as ambiguous).
+pub(super) fn boolean(cx: &mut Cx, v: &Option<Pos<String>>, path: &str, key: &str) -> bool {
+    let Some(v) = v else { return false };
+    match v.value.trim() {
+        "true" => true,
+        "false" => false,
+        _ => {
+            cx.error(
+                Some(&v.at),
+                path,
+                format!("{key} \"{}\" must be true or false", v.value),
+            );
+            false
+        }
+    }
+}
+
 pub(super) fn on_down(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> OnDown {
     let Some(v) = v else { return OnDown::Keep };
     match v.value.trim() {
@@ -404,6 +427,7 @@ mod tests {
             &CONNECT_TIMEOUT,
             &CHECK_INTERVAL,
             &CHECK_TIMEOUT,
+            &QUEUE_TIMEOUT,
         ]
         .iter()
         .map(|k| (k.key, k.range()))
@@ -418,6 +442,7 @@ mod tests {
                 ("connect_timeout", "1ms..=1h".to_string()),
                 ("interval", "1ms..=24h".to_string()),
                 ("timeout", "1ms..=1h".to_string()),
+                ("queue_timeout", "0s..=1h".to_string()),
             ]
         );
     }

@@ -110,6 +110,10 @@ pub struct ListenerMetrics {
     pub connections_active: Gauge,
     pub rejected_no_backend: Counter,
     pub rejected_max_connections: Counter,
+    /// Every eligible backend was at its `max_connections` (and no queue, or it was full).
+    pub rejected_backend_full: Counter,
+    /// Waited in the pool's queue for `queue_timeout` without a slot.
+    pub rejected_queue_timeout: Counter,
     /// weir was out of descriptors or memory when connecting to a backend.
     pub rejected_resources: Counter,
 }
@@ -122,6 +126,8 @@ impl ListenerMetrics {
             connections_active: gauge!(LISTENER_CONNECTIONS_ACTIVE, "listener" => l.clone()),
             rejected_no_backend: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "no_backend"),
             rejected_max_connections: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "max_connections"),
+            rejected_backend_full: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "backend_full"),
+            rejected_queue_timeout: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "queue_timeout"),
             rejected_resources: counter!(LISTENER_REJECTED, "listener" => l, "reason" => "resources"),
         }
     }
@@ -180,6 +186,44 @@ impl ReloadMetrics {
         } else {
             self.failure.increment(1);
         }
+    }
+}
+
+/// Live pools by name, counted like `OWNERS`: the same name may be served twice at once
+/// (a reload's new pool before the old one goes; two servers in one test process).
+static POOL_OWNERS: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+
+/// Per-pool handles, created once when the pool is built; a pool that is gone takes its
+/// series with it (as `BackendMetrics` does).
+pub struct PoolMetrics {
+    pool: String,
+    /// `weir_pool_queue_length`.
+    pub queue_length: Gauge,
+}
+
+impl PoolMetrics {
+    pub fn new(pool: &str) -> Self {
+        let mut owners = POOL_OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
+        *owners.entry(pool.to_string()).or_insert(0) += 1;
+        PoolMetrics {
+            pool: pool.to_string(),
+            queue_length: gauge!(POOL_QUEUE_LENGTH, "pool" => pool.to_string()),
+        }
+    }
+}
+
+impl Drop for PoolMetrics {
+    fn drop(&mut self) {
+        let mut owners = POOL_OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
+        let left = owners.get_mut(&self.pool).map_or(0, |n| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        if left > 0 {
+            return;
+        }
+        owners.remove(&self.pool);
+        super::recorder::forget(Some(POOL_QUEUE_LENGTH), &[("pool", &self.pool)]);
     }
 }
 

@@ -13,5 +13,7 @@ mod process;
 pub mod recorder;
 mod registry;
 
-pub use handles::{BackendMetrics, ListenerMetrics, ReloadMetrics, UdpListenerMetrics};
+pub use handles::{
+    BackendMetrics, ListenerMetrics, PoolMetrics, ReloadMetrics, UdpListenerMetrics,
+};
 pub use recorder::{Recorder, forget, recorder};

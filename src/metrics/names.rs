@@ -31,6 +31,7 @@ pub const LISTENER_CONNECTIONS: &str = "weir_listener_connections_total";
 pub const LISTENER_CONNECTIONS_ACTIVE: &str = "weir_listener_connections_active";
 pub const LISTENER_REJECTED: &str = "weir_listener_rejected_total";
 pub const LISTENER_MAX_CONNECTIONS: &str = "weir_listener_max_connections";
+pub const POOL_QUEUE_LENGTH: &str = "weir_pool_queue_length";
 pub const UDP_DATAGRAMS: &str = "weir_udp_datagrams_total";
 pub const UDP_DROPPED: &str = "weir_udp_dropped_total";
 

@@ -215,6 +215,11 @@ const HELP: &[(Kind, &str, &str)] = &[
         "Client connections closed without being proxied, by reason.",
     ),
     (
+        Kind::Gauge,
+        POOL_QUEUE_LENGTH,
+        "Connections waiting in the pool's queue for a backend slot (backends[].max_connections, queue_timeout).",
+    ),
+    (
         Kind::Counter,
         UDP_DATAGRAMS,
         "UDP datagrams forwarded, by direction: to_backend (from clients) or to_client (replies).",

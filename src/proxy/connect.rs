@@ -12,12 +12,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::ConnGuard;
 use crate::net::{self, describe, set_keepalive};
-use crate::pool::PoolSnapshot;
+use crate::pool::{NoSlot, PoolSnapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("no backend available")]
     NoBackend,
+    /// Every eligible backend is at its `max_connections` (nothing was tried).
+    #[error("every eligible backend is at its max_connections")]
+    Full,
     #[error("every backend tried failed, last {backend}: {reason}")]
     AllFailed { backend: String, reason: String },
     /// weir is out of descriptors or memory: no backend is blamed, none is tried.
@@ -36,18 +39,31 @@ pub struct Connected {
     pub down: CancellationToken,
 }
 
-/// Connects to an eligible backend for `client`.
-pub async fn connect(snapshot: &PoolSnapshot, client: IpAddr) -> Result<Connected, ConnectError> {
+/// Connects to an eligible backend for `client`. `given` is a slot handed over by the
+/// pool's queue: tried first (unless its backend left rotation in the meantime), then
+/// the usual retries.
+pub async fn connect(
+    snapshot: &PoolSnapshot,
+    client: IpAddr,
+    mut given: Option<ConnGuard>,
+) -> Result<Connected, ConnectError> {
     // Indexes already tried; a small fixed array would do, but retries are configurable
     // and this only allocates when a connect fails.
     let mut tried: Vec<usize> = Vec::new();
     let mut last_failure: Option<(String, String)> = None;
+    let mut full = false;
     for _attempt in 0..=snapshot.retries {
-        let Some(index) = snapshot.pick(client, &tried) else {
-            break;
+        let guard = match given.take().filter(|g| g.backend().is_eligible()) {
+            Some(guard) => guard,
+            None => match snapshot.claim(client, &tried) {
+                Ok(guard) => guard,
+                Err(why) => {
+                    full = why == NoSlot::Full;
+                    break;
+                }
+            },
         };
-        let backend = &snapshot.backends[index];
-        let guard = backend.connect_guard();
+        let backend = std::sync::Arc::clone(guard.backend());
         let down = backend.down_signal();
         let started = Instant::now();
         let result = tokio::time::timeout(snapshot.connect_timeout, connect_to(backend.addr)).await;
@@ -75,24 +91,30 @@ pub async fn connect(snapshot: &PoolSnapshot, client: IpAddr) -> Result<Connecte
             ),
         };
         drop((guard, down));
-        tracing::warn!(
-            pool = %backend.pool,
-            backend = %backend.name,
-            address = %backend.addr,
-            "connect failed: {reason}"
-        );
-        backend.connect_failed(
-            snapshot.passive_fall,
-            "failed connects from traffic",
-            &reason,
-        );
+        failed(snapshot, &backend, &reason);
         last_failure = Some((backend.name.clone(), reason));
-        tried.push(index);
+        tried.extend(snapshot.index_of(&backend));
     }
     Err(match last_failure {
+        None if full => ConnectError::Full,
         None => ConnectError::NoBackend,
         Some((backend, reason)) => ConnectError::AllFailed { backend, reason },
     })
+}
+
+/// A failed connect to `backend`: logged, and counted by passive checking.
+fn failed(snapshot: &PoolSnapshot, backend: &crate::backend::Backend, reason: &str) {
+    tracing::warn!(
+        pool = %backend.pool,
+        backend = %backend.name,
+        address = %backend.addr,
+        "connect failed: {reason}"
+    );
+    backend.connect_failed(
+        snapshot.passive_fall,
+        "failed connects from traffic",
+        reason,
+    );
 }
 
 /// Connects a socket to `addr` and sets it up for proxying (TCP_NODELAY, keepalive).

@@ -3,14 +3,24 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::Listener;
 use super::connect::{self, ConnectError};
 use super::splice::{self, Counters, SpliceOptions};
+use crate::backend::ConnGuard;
 use crate::net;
+use crate::pool::Pool;
+use crate::queue::QUEUE_CAP;
 use crate::shutdown::Shutdown;
+
+/// How often the oldest queued connection looks for a slot that opened without a release
+/// (a backend coming up, a raised limit); released slots are handed over at once.
+const HEAD_RETRY: Duration = Duration::from_millis(100);
 
 /// Accepts until `stop` fires (a child of shutdown's stop-accepting token), then drops
 /// the socket so new connections are refused. Never exits on a transient error
@@ -60,39 +70,14 @@ fn handle(
             let _ = client.set_nodelay(true);
             let _ = net::set_keepalive(&client);
         }
-        let snapshot = listener.pool.load().load_full();
-        let connect::Connected {
+        let Some(connect::Connected {
             stream: upstream,
             guard,
             down,
-        } = tokio::select! {
-            // Boxed: the connect attempt's state lives only while it runs, instead of
-            // enlarging every connection's task for its whole life.
-            r = Box::pin(connect::connect(&snapshot, peer.ip())) => match r {
-                Ok(connected) => connected,
-                Err(ConnectError::Exhausted(_)) => {
-                    // Logged and counted by `net::report_exhaustion`.
-                    listener.metrics.rejected_resources.increment(1);
-                    return;
-                }
-                Err(e) => {
-                    listener.metrics.rejected_no_backend.increment(1);
-                    match e {
-                        ConnectError::NoBackend => tracing::warn!(
-                            listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
-                            "connection closed: no backend available"
-                        ),
-                        ConnectError::AllFailed { .. } | ConnectError::Exhausted(_) => tracing::warn!(
-                            listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
-                            "connection closed: {e}"
-                        ),
-                    }
-                    return;
-                }
-            },
-            () = hard.cancelled() => return,
+        }) = open_upstream(listener, &client, peer, &hard).await
+        else {
+            return;
         };
-        drop(snapshot);
         let backend = guard.backend();
         let started = std::time::Instant::now();
         let options = SpliceOptions {
@@ -137,6 +122,135 @@ fn ended(
             "connection ended: {}", end.describe()
         ),
     }
+}
+
+/// A backend connection for `peer`, waiting in the pool's queue while every eligible
+/// backend is full and `queue_timeout` allows; None (counted and logged) when there is
+/// none, or the client left or shutdown came first.
+async fn open_upstream(
+    listener: &Arc<Listener>,
+    client: &TcpStream,
+    peer: SocketAddr,
+    hard: &CancellationToken,
+) -> Option<connect::Connected> {
+    let mut given = None;
+    let mut deadline = None;
+    loop {
+        let snapshot = listener.pool.load().load_full();
+        let result = tokio::select! {
+            // Boxed: the connect attempt's state lives only while it runs, instead of
+            // enlarging every connection's task for its whole life.
+            r = Box::pin(connect::connect(&snapshot, peer.ip(), given.take())) => r,
+            () = hard.cancelled() => return None,
+        };
+        let error = match result {
+            Ok(connected) => return Some(connected),
+            Err(ConnectError::Full) if !snapshot.queue_timeout.is_zero() => ConnectError::Full,
+            Err(e) => return reject(listener, peer, &e),
+        };
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + snapshot.queue_timeout);
+        drop(snapshot);
+        let pool = listener.pool.load_full();
+        match wait_for_slot(&pool, client, peer, deadline, hard).await {
+            Wait::Slot(slot) => given = slot,
+            Wait::QueueFull => return reject(listener, peer, &error),
+            Wait::TimedOut => {
+                listener.metrics.rejected_queue_timeout.increment(1);
+                tracing::warn!(
+                    listener = %listener.name, client = %peer, pool = %pool.name,
+                    "connection closed: no backend slot within queue_timeout"
+                );
+                return None;
+            }
+            Wait::Left => {
+                tracing::debug!(listener = %listener.name, client = %peer, "client left the queue");
+                return None;
+            }
+        }
+    }
+}
+
+/// Counts and logs a connection closed for want of a backend.
+fn reject(listener: &Listener, peer: SocketAddr, e: &ConnectError) -> Option<connect::Connected> {
+    let pool = listener.pool.load();
+    match e {
+        // Logged and counted by `net::report_exhaustion`.
+        ConnectError::Exhausted(_) => listener.metrics.rejected_resources.increment(1),
+        ConnectError::Full => {
+            listener.metrics.rejected_backend_full.increment(1);
+            tracing::warn!(
+                listener = %listener.name, client = %peer, pool = %pool.name,
+                "connection closed: every eligible backend is at its max_connections"
+            );
+        }
+        ConnectError::NoBackend | ConnectError::AllFailed { .. } => {
+            listener.metrics.rejected_no_backend.increment(1);
+            tracing::warn!(
+                listener = %listener.name, client = %peer, pool = %pool.name,
+                "connection closed: {e}"
+            );
+        }
+    }
+    None
+}
+
+/// How a wait in the pool's queue ended.
+enum Wait {
+    /// A slot handed over by a release (or taken at the head of the queue); None: the
+    /// queue went away with its pool (reload), pick again.
+    Slot(Option<ConnGuard>),
+    /// `QUEUE_CAP` connections wait already.
+    QueueFull,
+    TimedOut,
+    /// The client closed or reset, or shutdown's hard deadline came.
+    Left,
+}
+
+/// Waits, first come first served, for a backend slot of `pool` until `deadline`. Holds
+/// no backend socket; leaving (any return, or this future dropped) leaves the queue.
+async fn wait_for_slot(
+    pool: &Pool,
+    client: &TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    hard: &CancellationToken,
+) -> Wait {
+    let Some(mut waiter) = pool.queue.join(QUEUE_CAP) else {
+        return Wait::QueueFull;
+    };
+    let mut watch_client = true;
+    let mut head_retry = tokio::time::interval(HEAD_RETRY);
+    head_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            slot = waiter.handed() => return Wait::Slot(slot),
+            () = tokio::time::sleep_until(deadline) => return Wait::TimedOut,
+            () = hard.cancelled() => return Wait::Left,
+            gone = client_gone(client), if watch_client => {
+                if gone {
+                    return Wait::Left;
+                }
+                // It sent bytes (kept for the backend): an EOF behind them cannot be seen
+                // without reading them, so from here the timeout ends a departed client.
+                watch_client = false;
+            }
+            _ = head_retry.tick() => {
+                if waiter.is_head()
+                    && let Ok(slot) = pool.load_full().claim(peer.ip(), &[])
+                {
+                    return Wait::Slot(Some(slot));
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the client's socket turns readable: true when that is its EOF or an
+/// error (it left), false when it is bytes (which stay unread).
+async fn client_gone(client: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(client.peek(&mut byte).await, Ok(0) | Err(_))
 }
 
 #[cfg(test)]

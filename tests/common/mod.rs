@@ -96,6 +96,8 @@ pub fn backend_config(name: &str, addr: SocketAddr, weight: u32) -> BackendConfi
         address: addr.to_string(),
         addr,
         weight,
+        max_connections: None,
+        backup: false,
     }
 }
 
@@ -122,6 +124,7 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             connect_timeout: Duration::from_secs(1),
             retries: 2,
             on_down: OnDown::Keep,
+            queue_timeout: Duration::ZERO,
             health_check: None,
             backends,
         }],

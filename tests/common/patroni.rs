@@ -53,7 +53,7 @@ pub fn available() -> bool {
 }
 
 /// The skip-or-fail rule of `require_program`, for what is not a program in PATH.
-fn missing(problem: &str) -> bool {
+pub fn missing(problem: &str) -> bool {
     if std::env::var_os("WEIR_REQUIRE_EXTERNAL").is_some_and(|v| v == "1") {
         panic!("{problem} and WEIR_REQUIRE_EXTERNAL=1: install it (see .ci/run)");
     }
@@ -76,11 +76,11 @@ pub fn postgres_bin_dir() -> Option<PathBuf> {
     found.pop().map(|(_, bin)| bin)
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-fn db_user_ids() -> Option<(u32, u32)> {
+pub fn db_user_ids() -> Option<(u32, u32)> {
     let id = |flag: &str| -> Option<u32> {
         let out = Command::new("id").args([flag, DB_USER]).output().ok()?;
         if !out.status.success() {
@@ -94,7 +94,7 @@ fn db_user_ids() -> Option<(u32, u32)> {
 /// A command that runs as the database user (as root), or as ourselves otherwise. It
 /// stays in our process group: a Ctrl-C of `cargo test` reaches it too (Patroni then
 /// stops its PostgreSQL).
-fn db_command(program: &str, home: &Path) -> Command {
+pub fn db_command(program: &str, home: &Path) -> Command {
     let mut command = if is_root() {
         let mut c = Command::new("setpriv");
         c.args([
@@ -439,7 +439,7 @@ fn kill(child: &mut Child) {
 /// Immediate shutdown (SIGQUIT: the postmaster ends its backends and exits) of the
 /// postmaster of `data_dir`, then SIGKILL if it is still there after 10 s. The pid is
 /// only signalled while it still runs `postgres` on this data dir.
-fn stop_postmaster(data_dir: &Path) {
+pub fn stop_postmaster(data_dir: &Path) {
     let Ok(pid_file) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
         return;
     };
