@@ -74,7 +74,7 @@ fn handle(
             stream: upstream,
             guard,
             down,
-        }) = open_upstream(listener, &client, peer, &hard).await
+        }) = Box::pin(open_upstream(listener, &client, peer, &hard)).await
         else {
             return;
         };
@@ -137,10 +137,11 @@ async fn open_upstream(
     let mut deadline = None;
     loop {
         let snapshot = listener.pool.load().load_full();
+        // Not boxed here: the caller boxes this whole future (connect attempts and queue
+        // waits), so its state lives only until a backend is connected, instead of
+        // enlarging every connection's task for its whole life; one allocation either way.
         let result = tokio::select! {
-            // Boxed: the connect attempt's state lives only while it runs, instead of
-            // enlarging every connection's task for its whole life.
-            r = Box::pin(connect::connect(&snapshot, peer.ip(), given.take())) => r,
+            r = connect::connect(&snapshot, peer.ip(), given.take()) => r,
             () = hard.cancelled() => return None,
         };
         let error = match result {
