@@ -354,6 +354,23 @@ pub(super) fn protocol(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> Prot
     }
 }
 
+/// A YAML boolean: `true`/`false` (also `yes`/`no`, `on`/`off`, any case); absent: false.
+pub(super) fn boolean(cx: &mut Cx, v: &Option<Pos<String>>, path: &str, key: &str) -> bool {
+    let Some(v) = v else { return false };
+    match v.value.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" => true,
+        "false" | "no" | "off" => false,
+        _ => {
+            cx.error(
+                Some(&v.at),
+                path,
+                format!("{key} must be true or false, not \"{}\"", v.value),
+            );
+            false
+        }
+    }
+}
+
 pub(super) fn on_down(cx: &mut Cx, v: &Option<Pos<String>>, path: &str) -> OnDown {
     let Some(v) = v else { return OnDown::Keep };
     match v.value.trim() {

@@ -2,6 +2,7 @@
 //! accept loops, connects and splicing ([`tcp`], [`connect`], [`splice`]), UDP sessions
 //! ([`udp`]).
 
+pub mod access;
 pub mod connect;
 pub mod splice;
 pub mod tcp;
@@ -9,7 +10,7 @@ pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -106,6 +107,7 @@ pub struct Listener {
     max_connections: AtomicU64,
     idle_timeout_ms: AtomicU64,
     half_close_timeout_ms: AtomicU64,
+    access_log: AtomicBool,
     active: AtomicU64,
     total: AtomicU64,
     pub metrics: ListenerMetrics,
@@ -123,6 +125,7 @@ impl Listener {
             max_connections: AtomicU64::new(0),
             idle_timeout_ms: AtomicU64::new(0),
             half_close_timeout_ms: AtomicU64::new(0),
+            access_log: AtomicBool::new(false),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             metrics: ListenerMetrics::new(&config.name),
@@ -136,14 +139,15 @@ impl Listener {
         self
     }
 
-    /// Takes `max_connections`, `idle_timeout` and `half_close_timeout` from `config`
-    /// (reload).
+    /// Takes `max_connections`, `idle_timeout`, `half_close_timeout` and `access_log` from
+    /// `config` (reload).
     pub fn apply(&self, config: &ListenerConfig) {
         let max = config.max_connections.map_or(u64::MAX, |m| m as u64);
         self.max_connections.store(max, Ordering::Relaxed);
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         (self.idle_timeout_ms).store(ms(config.idle_timeout), Ordering::Relaxed);
         (self.half_close_timeout_ms).store(ms(config.half_close_timeout), Ordering::Relaxed);
+        (self.access_log).store(config.access_log, Ordering::Relaxed);
     }
 
     pub fn max_connections(&self) -> Option<usize> {
@@ -159,6 +163,11 @@ impl Listener {
 
     pub fn half_close_timeout(&self) -> Duration {
         Duration::from_millis(self.half_close_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether finished connections are logged (`access_log`).
+    pub fn access_log(&self) -> bool {
+        self.access_log.load(Ordering::Relaxed)
     }
 
     pub fn active(&self) -> u64 {

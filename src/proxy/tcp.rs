@@ -3,12 +3,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Listener;
 use super::connect::{self, ConnectError};
 use super::splice::{self, Counters, SpliceOptions};
+use super::{Listener, access};
+use crate::backend::Backend;
 use crate::net;
 use crate::shutdown::Shutdown;
 
@@ -31,6 +33,9 @@ pub async fn accept_loop(
                 // Over max_connections: closed at once, never left in the backlog.
                 tracing::debug!(listener = %listener.name, client = %peer, "rejected: max_connections reached");
                 drop(stream);
+                if listener.access_log() {
+                    not_connected(&listener, peer, Instant::now(), "", 0, "max_connections");
+                }
                 return;
             };
             let hard = shutdown.hard.clone();
@@ -54,6 +59,8 @@ fn handle(
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let listener = admitted.listener();
+        // Only with access_log: the one clock read it adds per connection.
+        let accepted = listener.access_log().then(Instant::now);
         // On Linux inherited from the listening socket (see `net::bind_tcp`).
         #[cfg(not(target_os = "linux"))]
         {
@@ -65,32 +72,21 @@ fn handle(
             stream: upstream,
             guard,
             down,
+            connect_time,
+            retries,
         } = tokio::select! {
             // Boxed: the connect attempt's state lives only while it runs, instead of
             // enlarging every connection's task for its whole life.
             r = Box::pin(connect::connect(&snapshot, peer.ip())) => match r {
                 Ok(connected) => connected,
-                Err(ConnectError::Exhausted(_)) => {
-                    // Logged and counted by `net::report_exhaustion`.
-                    listener.metrics.rejected_resources.increment(1);
-                    return;
-                }
-                Err(e) => {
-                    listener.metrics.rejected_no_backend.increment(1);
-                    match e {
-                        ConnectError::NoBackend => tracing::warn!(
-                            listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
-                            "connection closed: no backend available"
-                        ),
-                        ConnectError::AllFailed { .. } | ConnectError::Exhausted(_) => tracing::warn!(
-                            listener = %listener.name, client = %peer, pool = %listener.pool.load().name,
-                            "connection closed: {e}"
-                        ),
-                    }
-                    return;
-                }
+                Err(e) => return refused(listener, peer, &e, accepted),
             },
-            () = hard.cancelled() => return,
+            () = hard.cancelled() => {
+                if let Some(accepted) = accepted {
+                    not_connected(listener, peer, accepted, "", 0, "shutdown");
+                }
+                return;
+            }
         };
         drop(snapshot);
         let backend = guard.backend();
@@ -111,20 +107,97 @@ fn handle(
         if matches!(outcome.end, splice::End::BackendDown) {
             backend.metrics.closed_on_down.increment(1);
         }
-        match &outcome.end {
-            splice::End::Done => {}
-            end @ (splice::End::ClientReset(_)
-            | splice::End::IdleTimeout
-            | splice::End::HalfCloseTimeout) => {
-                tracing::debug!(listener = %listener.name, client = %peer, backend = %backend.name, "connection ended: {}", end.describe())
+        ended(listener, peer, backend, &outcome);
+        if let Some(accepted) = accepted {
+            access::Entry {
+                listener: &listener.name,
+                pool: &backend.pool,
+                backend: &backend.name,
+                client: peer,
+                bytes_to_backend: outcome.bytes_to_backend,
+                bytes_to_client: outcome.bytes_to_client,
+                duration: accepted.elapsed(),
+                connect: Some(connect_time),
+                retries,
+                end: outcome.end.name(),
             }
-            end => tracing::info!(
-                listener = %listener.name, client = %peer, pool = %backend.pool, backend = %backend.name,
-                sent = outcome.bytes_to_backend, received = outcome.bytes_to_client,
-                "connection ended: {}", end.describe()
-            ),
+            .log();
         }
     }
+}
+
+/// Logs how a spliced connection ended (the ordinary ends at debug).
+fn ended(listener: &Listener, peer: SocketAddr, backend: &Backend, outcome: &splice::Outcome) {
+    match &outcome.end {
+        splice::End::Done => {}
+        end @ (splice::End::ClientReset(_)
+        | splice::End::IdleTimeout
+        | splice::End::HalfCloseTimeout) => {
+            tracing::debug!(listener = %listener.name, client = %peer, backend = %backend.name, "connection ended: {}", end.describe())
+        }
+        end => tracing::info!(
+            listener = %listener.name, client = %peer, pool = %backend.pool, backend = %backend.name,
+            sent = outcome.bytes_to_backend, received = outcome.bytes_to_client,
+            reason = end.name(),
+            "connection ended: {}", end.describe()
+        ),
+    }
+}
+
+/// A connection closed because no backend could be connected: counted, logged, and
+/// (`access_log`) an access line.
+fn refused(listener: &Listener, peer: SocketAddr, e: &ConnectError, accepted: Option<Instant>) {
+    let pool = listener.pool.load();
+    let (backend, tried, end) = match e {
+        ConnectError::Exhausted(_) => {
+            // Logged and counted by `net::report_exhaustion`.
+            listener.metrics.rejected_resources.increment(1);
+            ("", 0, "resources")
+        }
+        ConnectError::NoBackend => {
+            listener.metrics.rejected_no_backend.increment(1);
+            tracing::warn!(
+                listener = %listener.name, client = %peer, pool = %pool.name, reason = "no_backend",
+                "connection closed: no backend available"
+            );
+            ("", 0, "no_backend")
+        }
+        ConnectError::AllFailed { backend, tried, .. } => {
+            listener.metrics.rejected_no_backend.increment(1);
+            tracing::warn!(
+                listener = %listener.name, client = %peer, pool = %pool.name, backend = %backend,
+                reason = "connect_failed", "connection closed: {e}"
+            );
+            (backend.as_str(), tried.saturating_sub(1), "connect_failed")
+        }
+    };
+    if let Some(accepted) = accepted {
+        not_connected(listener, peer, accepted, backend, tried, end);
+    }
+}
+
+/// The access line of a connection that never reached a backend.
+fn not_connected(
+    listener: &Listener,
+    peer: SocketAddr,
+    accepted: Instant,
+    backend: &str,
+    retries: u32,
+    end: &str,
+) {
+    access::Entry {
+        listener: &listener.name,
+        pool: &listener.pool.load().name,
+        backend,
+        client: peer,
+        bytes_to_backend: 0,
+        bytes_to_client: 0,
+        duration: accepted.elapsed(),
+        connect: None,
+        retries,
+        end,
+    }
+    .log();
 }
 
 #[cfg(test)]
