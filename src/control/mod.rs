@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use checks::Checkers;
 use handle::Command;
-pub use handle::{ControlError, ControlHandle};
+pub use handle::{ControlError, ControlHandle, LoadStatus};
 
 use crate::backend::Backend;
 use crate::balance::WEIGHT_RANGE;
@@ -50,6 +50,7 @@ const RETIRE_EVERY: Duration = Duration::from_millis(500);
 pub struct ControlTask {
     tables: Arc<ArcSwap<Tables>>,
     config: Arc<ArcSwap<Config>>,
+    load: Arc<ArcSwap<LoadStatus>>,
     config_path: Option<PathBuf>,
     shutdown: Shutdown,
     /// One health checker per checked backend that isn't retiring.
@@ -70,6 +71,7 @@ impl ControlTask {
         ControlTask {
             tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
             config: Arc::new(ArcSwap::from_pointee(config.clone())),
+            load: Arc::new(ArcSwap::from_pointee(LoadStatus::new())),
             config_path,
             shutdown: shutdown.clone(),
             checkers: Checkers::default(),
@@ -103,6 +105,7 @@ impl ControlTask {
             tx,
             tables: Arc::clone(&self.tables),
             config: Arc::clone(&self.config),
+            load: Arc::clone(&self.load),
             config_path: self.config_path.clone(),
         };
         let stop = self.shutdown.stop_accepting.clone();
@@ -141,6 +144,8 @@ impl ControlTask {
             Command::Reload { reply } => {
                 let result = self.reload().await;
                 self.metrics.record(result.is_ok());
+                let error = result.as_ref().err().map(|e| e.to_string());
+                self.load.store(Arc::new(self.load.load().reloaded(error)));
                 match &result {
                     Ok(summary) => tracing::info!("reload: {summary}"),
                     Err(problems) => {
