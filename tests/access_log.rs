@@ -1,5 +1,6 @@
-//! `listeners.NAME.access_log`: the binary with `--log-format json`, connections that end
-//! in different ways, each access line parsed back and checked field by field.
+//! `listeners.NAME.access_log` and the other log lines operators read: the binary with
+//! `--log-format json`, connections that end in different ways, each line parsed back and
+//! checked field by field.
 
 mod common;
 
@@ -351,4 +352,143 @@ pools:
     assert_eq!(line["end"], "idle_timeout", "{line}");
     assert_eq!(line["pool"], "resolvers", "{line}");
     assert!(line["duration_ms"].as_u64().unwrap() >= 300, "{line}");
+}
+
+// ----- operator-facing log lines: facts as fields of their own ------------------------
+
+impl Weir {
+    /// The next line whose `fields.message` contains `needle`, parsed.
+    fn next_matching(&self, needle: &str) -> Value {
+        let deadline = Instant::now() + common::DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .logs
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {needle:?} in time"));
+            let value = json(&line);
+            let message = value["fields"]["message"].as_str().unwrap_or_default();
+            if message.contains(needle) {
+                return value;
+            }
+        }
+    }
+}
+
+#[test]
+fn max_connections_rejections_are_one_warning_per_burst() {
+    let (echo, seen) = goodbye_backend();
+    let config = format!(
+        "listeners:
+  front:
+    bind: 127.0.0.1:0
+    pool: app
+    max_connections: 1
+pools:
+  app:
+    backends:
+      - address: {echo}
+"
+    );
+    let weir = spawn("max", &config, 1, "info");
+    let front = weir.listeners["front"];
+    let mut held = TcpStream::connect(front).unwrap();
+    held.write_all(b"x").unwrap();
+    assert_eq!(seen.recv_timeout(common::DEADLINE).unwrap(), 1);
+    for _ in 0..3 {
+        let mut over = TcpStream::connect(front).unwrap();
+        closed_at_once(&mut over);
+    }
+    let warning = weir.next_matching("connections rejected");
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let fields = &warning["fields"];
+    assert_eq!(fields["listener"], "front", "{warning}");
+    assert_eq!(fields["reason"], "max_connections", "{warning}");
+    assert_eq!(fields["rejected"], 1, "{warning}");
+    assert_eq!(fields["max_connections"], 1, "{warning}");
+    let later = weir.lines_for(Duration::from_millis(300));
+    assert!(
+        !later.iter().any(|l| l.contains("connections rejected")),
+        "one warning per 10 s: {later:#?}"
+    );
+    held.shutdown(Shutdown::Write).unwrap();
+    held.read_to_end(&mut Vec::new()).unwrap();
+}
+
+#[test]
+fn state_changes_and_connect_failures_carry_pool_backend_and_reason_fields() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = backend.local_addr().unwrap();
+    let dead = dead_port();
+    let config = format!(
+        "listeners:
+  front:
+    bind: 127.0.0.1:0
+    pool: checked
+  broken:
+    bind: 127.0.0.1:0
+    pool: unchecked
+pools:
+  checked:
+    health_check:
+      interval: 100ms
+      timeout: 100ms
+      rise: 1
+      fall: 1
+    backends:
+      - address: {addr}
+        name: only
+  unchecked:
+    retries: 0
+    backends:
+      - address: {dead}
+        name: gone
+"
+    );
+    let weir = spawn("fields", &config, 2, "info");
+
+    // A connect that fails: the failure and the closed connection, both with fields.
+    let mut client = TcpStream::connect(weir.listeners["broken"]).unwrap();
+    closed_at_once(&mut client);
+    let failed = weir.next_matching("connect failed");
+    assert_eq!(failed["level"], "WARN", "{failed}");
+    assert_eq!(failed["fields"]["pool"], "unchecked", "{failed}");
+    assert_eq!(failed["fields"]["backend"], "gone", "{failed}");
+    assert_eq!(failed["fields"]["reason"], "connection refused", "{failed}");
+    let closed = weir.next_matching("connection closed");
+    assert_eq!(closed["fields"]["listener"], "broken", "{closed}");
+    assert_eq!(closed["fields"]["pool"], "unchecked", "{closed}");
+    assert_eq!(closed["fields"]["backend"], "gone", "{closed}");
+    assert_eq!(closed["fields"]["reason"], "connect_failed", "{closed}");
+
+    // The pool's only backend goes down: its line, then the pool's.
+    drop(backend);
+    let down = weir.next_matching("only down");
+    assert_eq!(down["level"], "WARN", "{down}");
+    assert_eq!(down["fields"]["pool"], "checked", "{down}");
+    assert_eq!(down["fields"]["backend"], "only", "{down}");
+    assert_eq!(down["fields"]["state"], "down", "{down}");
+    assert!(down["fields"]["reason"].as_str().is_some(), "{down}");
+    let empty = weir.next_matching("no eligible backend left");
+    assert_eq!(empty["level"], "WARN", "{empty}");
+    assert_eq!(empty["fields"]["pool"], "checked", "{empty}");
+    assert_eq!(empty["fields"]["reason"], "no_backend", "{empty}");
+
+    // It comes back on the same port.
+    let _backend = std::net::TcpListener::bind(addr).unwrap();
+    let up = weir.next_matching("only up");
+    assert_eq!(up["level"], "INFO", "{up}");
+    assert_eq!(up["fields"]["pool"], "checked", "{up}");
+    assert_eq!(up["fields"]["backend"], "only", "{up}");
+    assert_eq!(up["fields"]["state"], "up", "{up}");
+    let back = weir.next_matching("eligible again");
+    assert_eq!(back["fields"]["pool"], "checked", "{back}");
+    assert_eq!(back["fields"]["eligible"], 1, "{back}");
+    let again = weir.lines_for(Duration::from_millis(300));
+    assert!(
+        !again
+            .iter()
+            .any(|l| l.contains("eligible again") || l.contains("no eligible backend")),
+        "once per transition: {again:#?}"
+    );
 }

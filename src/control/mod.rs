@@ -20,6 +20,7 @@ mod checks;
 mod handle;
 pub mod plan;
 mod reload;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ use crate::tables::Tables;
 
 /// How often the control task looks for removed backends whose last connection closed.
 const RETIRE_EVERY: Duration = Duration::from_millis(500);
+/// How often it looks for pools that lost (or got back) their last eligible backend.
+const WATCH_POOLS_EVERY: Duration = Duration::from_millis(200);
 
 pub struct ControlTask {
     tables: Arc<ArcSwap<Tables>>,
@@ -63,6 +66,7 @@ pub struct ControlTask {
     /// What was bound at start, for the reload's reply.
     fixed: plan::Fixed,
     metrics: ReloadMetrics,
+    pools_watched: watch::PoolWatch,
 }
 
 impl ControlTask {
@@ -83,6 +87,7 @@ impl ControlTask {
                 admin_socket: config.admin_socket.clone(),
             },
             metrics: ReloadMetrics::default(),
+            pools_watched: watch::PoolWatch::default(),
         }
     }
 
@@ -116,11 +121,17 @@ impl ControlTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, stop: CancellationToken) {
         let mut retire = tokio::time::interval(RETIRE_EVERY);
         retire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut watch = tokio::time::interval(WATCH_POOLS_EVERY);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let command = tokio::select! {
                 c = rx.recv() => match c { Some(c) => c, None => return },
                 _ = retire.tick(), if !self.retiring.is_empty() => {
                     self.retire_idle_backends();
+                    continue;
+                }
+                _ = watch.tick() => {
+                    self.pools_watched.observe(&self.tables.load());
                     continue;
                 }
                 () = stop.cancelled() => return,

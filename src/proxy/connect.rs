@@ -91,6 +91,7 @@ pub async fn connect(snapshot: &PoolSnapshot, client: IpAddr) -> Result<Connecte
             pool = %backend.pool,
             backend = %backend.name,
             address = %backend.addr,
+            reason = %reason,
             "connect failed: {reason}"
         );
         backend.connect_failed(

@@ -108,6 +108,10 @@ pub struct Listener {
     idle_timeout_ms: AtomicU64,
     half_close_timeout_ms: AtomicU64,
     access_log: AtomicBool,
+    /// `max_connections` rejections not yet in a warning, and when the next may be logged
+    /// (`Listener::rejected_over_max`).
+    rejected_unlogged: AtomicU64,
+    next_reject_warning_ms: AtomicU64,
     active: AtomicU64,
     total: AtomicU64,
     pub metrics: ListenerMetrics,
@@ -126,6 +130,8 @@ impl Listener {
             idle_timeout_ms: AtomicU64::new(0),
             half_close_timeout_ms: AtomicU64::new(0),
             access_log: AtomicBool::new(false),
+            rejected_unlogged: AtomicU64::new(0),
+            next_reject_warning_ms: AtomicU64::new(0),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             metrics: ListenerMetrics::new(&config.name),
@@ -178,6 +184,35 @@ impl Listener {
         self.total.load(Ordering::Relaxed)
     }
 
+    /// A tcp connection was refused for `max_connections`: a warning at most every
+    /// `REJECT_WARN_EVERY` per listener, counting those since the last one (the others
+    /// at debug). Two atomics on a rejection, nothing on the accept path.
+    pub fn rejected_over_max(&self, client: SocketAddr) {
+        self.rejected_unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = elapsed_ms();
+        let next = self.next_reject_warning_ms.load(Ordering::Relaxed);
+        let due = now >= next
+            && self
+                .next_reject_warning_ms
+                .compare_exchange(
+                    next,
+                    now + REJECT_WARN_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if !due {
+            tracing::debug!(listener = %self.name, client = %client, "rejected: max_connections reached");
+            return;
+        }
+        let rejected = self.rejected_unlogged.swap(0, Ordering::Relaxed).max(1);
+        let max = self.max_connections().unwrap_or(0);
+        tracing::warn!(
+            listener = %self.name, client = %client, reason = "max_connections", rejected, max_connections = max,
+            "connections rejected: {max} open (max_connections); {rejected} rejected since the last warning (the next in 10s at the earliest)"
+        );
+    }
+
     /// Admits one connection (or UDP session) unless `max_connections` is reached.
     pub fn admit(self: &Arc<Self>) -> Option<ListenerGuard> {
         let prev = self.active.fetch_add(1, Ordering::AcqRel);
@@ -193,6 +228,18 @@ impl Listener {
             listener: Arc::clone(self),
         })
     }
+}
+
+/// `max_connections` warnings per listener: at most one this often.
+const REJECT_WARN_EVERY_MS: u64 = 10_000;
+
+/// Milliseconds since the first call (monotonic).
+fn elapsed_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// One admitted connection or session; released on drop.

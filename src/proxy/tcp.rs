@@ -31,8 +31,8 @@ pub async fn accept_loop(
         |(stream, peer): (TcpStream, SocketAddr)| {
             let Some(admitted) = listener.admit() else {
                 // Over max_connections: closed at once, never left in the backlog.
-                tracing::debug!(listener = %listener.name, client = %peer, "rejected: max_connections reached");
                 drop(stream);
+                listener.rejected_over_max(peer);
                 if listener.access_log() {
                     not_connected(&listener, peer, Instant::now(), "", 0, "max_connections");
                 }
