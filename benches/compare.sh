@@ -10,7 +10,8 @@
 # RR_REQUESTS [200000], IDLE_CONNS [10000], SETUPS ["direct haproxy nginx weir"],
 # FIGURES [all], NO_INSTALL=1 skips apt-get, NO_BUILD=1 uses the existing target/release/weir.
 # For experiments, a setup weir:VAR=VALUE runs weir with that environment variable set;
-# weir:WEIR_BIN=PATH runs another build of weir (A/B in one run).
+# weir:WEIR_BIN=PATH runs another build of weir (A/B in one run); weir:WEIR_ACCESS_LOG=1 turns
+# on the redis listener's access_log (lines to the log file).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}
@@ -162,12 +163,19 @@ EOF
 start_weir() {
     local setup=$1 cfg=$WORK/${1//[^a-zA-Z0-9]/_}.yaml env=()
     [[ $setup == *:* ]] && env=("${setup#*:}")
+    # weir:WEIR_ACCESS_LOG=1: the redis listener with access_log, its lines into weir.log.
+    local access=false log=warn
+    if [[ ${env[0]:-} == WEIR_ACCESS_LOG=1 ]]; then
+        access=true
+        log=warn,weir::access=info
+    fi
     cat >"$cfg" <<EOF
 shutdown_timeout: 1s
 listeners:
   redis:
     bind: 127.0.0.1:${PORT[$setup redis]}
     pool: redis
+    access_log: $access
   iperf:
     bind: 127.0.0.1:${PORT[$setup iperf]}
     pool: iperf
@@ -181,7 +189,7 @@ pools:
 EOF
     local bin=$REPO/target/release/weir
     [[ ${env[0]:-} == WEIR_BIN=* ]] && bin=${env[0]#WEIR_BIN=} # A/B against another build
-    env RUST_LOG=warn "${env[@]}" "$bin" run -c "$cfg" >>"$WORK/weir.log" 2>&1 &
+    env RUST_LOG=$log "${env[@]}" "$bin" run -c "$cfg" >>"$WORK/weir.log" 2>&1 &
     PID[$setup]=$!
 }
 

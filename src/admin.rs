@@ -42,7 +42,9 @@ pub enum AdminError {
     Empty,
     #[error("unknown command {0:?}; try \"help\"")]
     UnknownCommand(String),
-    #[error("unknown command {0:?}; usage: show backends [--json] | show listeners [--json]")]
+    #[error(
+        "unknown command {0:?}; usage: show backends [--json] | show listeners [--json] | show info [--json]"
+    )]
     UnknownShow(String),
     #[error("usage: {0}")]
     Usage(String),
@@ -72,6 +74,7 @@ pub enum Request {
     Help,
     ShowBackends { json: bool },
     ShowListeners { json: bool },
+    ShowInfo { json: bool },
     Drain(Target),
     Disable(Target),
     Enable(Target),
@@ -97,6 +100,7 @@ commands:
   help                          this list
   show backends [--json]        every backend: pool, name, address, state, weight, connections, limit, queue, last check
   show listeners [--json]       every listener: name, protocol, bind, pool, connections
+  show info [--json]            version, pid, uptime, config file and last reload, counts, file descriptors
   drain POOL/BACKEND            no new connections; open ones go on; health checks go on
   disable POOL/BACKEND          like drain, and its health checks pause
   enable POOL/BACKEND           back into rotation (state follows its health)
@@ -115,6 +119,8 @@ pub fn parse(line: &str) -> Result<Request, AdminError> {
         ["show", "backends", "--json"] => Ok(Request::ShowBackends { json: true }),
         ["show", "listeners"] => Ok(Request::ShowListeners { json: false }),
         ["show", "listeners", "--json"] => Ok(Request::ShowListeners { json: true }),
+        ["show", "info"] => Ok(Request::ShowInfo { json: false }),
+        ["show", "info", "--json"] => Ok(Request::ShowInfo { json: true }),
         ["show", ..] => Err(AdminError::UnknownShow(words.join(" "))),
         ["drain", target] => Ok(Request::Drain(target_of(target)?)),
         ["disable", target] => Ok(Request::Disable(target_of(target)?)),
@@ -154,6 +160,16 @@ pub async fn execute(request: Request, control: &ControlHandle) -> Result<String
         Request::Help => Ok(HELP.to_string()),
         Request::ShowBackends { json } => Ok(show_backends(&tables, json)),
         Request::ShowListeners { json } => Ok(show_listeners(&tables, json)),
+        Request::ShowInfo { json } => {
+            let info = crate::info::Info::of(control);
+            Ok(if json {
+                let mut text = serde_json::to_string_pretty(&info).unwrap_or_default();
+                text.push('\n');
+                text
+            } else {
+                info.text()
+            })
+        }
         Request::Drain(target) => {
             let backend = find(&tables, &target)?;
             backend.set_admin(Admin::Drain);
@@ -629,6 +645,14 @@ mod tests {
     #[test]
     fn parses_every_command() {
         assert_eq!(parse("help").ok(), Some(Request::Help));
+        assert_eq!(
+            parse("show info --json").ok(),
+            Some(Request::ShowInfo { json: true })
+        );
+        assert_eq!(
+            parse("show info").ok(),
+            Some(Request::ShowInfo { json: false })
+        );
         assert_eq!(
             parse("  show   backends ").ok(),
             Some(Request::ShowBackends { json: false })

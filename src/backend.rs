@@ -464,6 +464,9 @@ impl Backend {
             tracing::warn!(
                 pool = %self.pool,
                 backend = %self.name,
+                state = "down",
+                failures,
+                reason = %reason,
                 "{}/{} down: {failures} consecutive {what}, last: {reason}{again}",
                 self.pool,
                 self.name
@@ -484,6 +487,8 @@ impl Backend {
                 tracing::info!(
                     pool = %self.pool,
                     backend = %self.name,
+                    state = "up",
+                    reason = "a connect from traffic succeeded",
                     "{}/{} up: a connect from traffic succeeded",
                     self.pool,
                     self.name

@@ -62,6 +62,7 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
             max_connections: None,
             idle_timeout: Duration::from_secs(60),
             half_close_timeout: Duration::from_secs(60),
+            access_log: false,
         }],
         pools: vec![PoolConfig {
             name: "app".into(),

@@ -195,12 +195,12 @@ fn apply(backend: &Backend, change: Change, result: &Result<(), String>) {
     match change {
         Change::FirstPass => {
             backend.set_health(Health::Up);
-            tracing::info!("{pool}/{name} up: first check passed");
+            tracing::info!(pool = %pool, backend = %name, state = "up", reason = "first check passed", "{pool}/{name} up: first check passed");
         }
         Change::FirstFail => {
             backend.mark_down();
             let reason = result.as_ref().err().map_or("", String::as_str);
-            tracing::warn!("{pool}/{name} down: first check failed: {reason}");
+            tracing::warn!(pool = %pool, backend = %name, state = "down", reason = %reason, "{pool}/{name} down: first check failed: {reason}");
         }
         Change::Up { passes } => {
             // Logged once: only the writer that actually flipped it says so.
@@ -208,6 +208,8 @@ fn apply(backend: &Backend, change: Change, result: &Result<(), String>) {
                 // A backend marked down by traffic starts afresh.
                 backend.record_connect_success();
                 tracing::info!(
+                    pool = %pool, backend = %name, state = "up", passes,
+                    reason = "health checks passed",
                     "{pool}/{name} up: {passes} consecutive {}",
                     plural(passes, "pass", "passes")
                 );
@@ -217,6 +219,7 @@ fn apply(backend: &Backend, change: Change, result: &Result<(), String>) {
             if backend.mark_down() {
                 let reason = result.as_ref().err().map_or("", String::as_str);
                 tracing::warn!(
+                    pool = %pool, backend = %name, state = "down", failures, reason = %reason,
                     "{pool}/{name} down: {failures} consecutive {}, last: {reason}",
                     plural(failures, "failure", "failures")
                 );

@@ -15,7 +15,7 @@
 //!    (probes, rise/fall).
 //! 4. The one writer: [`control`] (the task and its handle; reload as a plan computed by a
 //!    pure function, then applied), [`tables`] (the read side everyone else looks at).
-//! 5. Edges: [`server`] (startup wiring), [`admin`] (the Unix-socket protocol), [`http`]
+//! 5. Edges: [`server`] (startup wiring), [`info`] (`show info`), [`admin`] (the Unix-socket protocol), [`http`]
 //!    (`/metrics`, `/ready`), [`state_file`].
 //! 6. Commands: [`run`], [`ctl`], [`demo`], [`cli`]; `main.rs` holds the exit codes.
 //!
@@ -55,6 +55,7 @@ pub mod ctl;
 pub mod demo;
 pub mod health;
 pub mod http;
+pub mod info;
 pub mod metrics;
 pub mod net;
 pub mod pool;

@@ -64,8 +64,15 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // An invalid RUST_LOG falls back to the default level, with a warning naming it.
+    let (filter, invalid) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => {
+            let given = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+            let invalid = given.map(|v| (v, e.to_string()));
+            (EnvFilter::new(default_level), invalid)
+        }
+    };
     // Colour only for a person at a terminal: never into files, pipes or the journal, and
     // never with NO_COLOR set (https://no-color.org).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -74,8 +81,12 @@ fn init_logging(format: LogFormat, default_level: &str) {
         .with_env_filter(filter)
         .with_ansi(colour)
         .with_writer(std::io::stderr);
+    weir::proxy::access::set_text_format(format == LogFormat::Text);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    if let Some((value, why)) = invalid {
+        tracing::warn!(rust_log = %value, "RUST_LOG {value:?} is invalid ({why}); using {default_level:?}");
     }
 }

@@ -719,3 +719,47 @@ async fn ctl_reads_the_socket_from_the_config_file() {
     assert_eq!(code, 2);
     assert!(stderr.contains("admin.socket is not set"), "{stderr}");
 }
+
+#[tokio::test]
+async fn show_info_as_text_and_json_follows_connections_and_reloads() {
+    let s = setup(&["a", "b"]).await;
+    let (_held, _name) = connect_named(s.front).await;
+    let info: serde_json::Value =
+        serde_json::from_str(&admin(&s.socket, "show info --json").await).unwrap();
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"), "{info}");
+    // In-process: weir's pid is the test's.
+    assert_eq!(info["pid"], std::process::id(), "{info}");
+    assert!(info["uptime_seconds"].as_u64().is_some(), "{info}");
+    assert_eq!(info["config_file"], serde_json::Value::Null, "{info}");
+    assert_eq!(info["load_ok"], true, "{info}");
+    assert_eq!(info["reloads"], 0, "{info}");
+    assert!(info["loaded_at"].as_str().unwrap().ends_with('Z'), "{info}");
+    assert_eq!(info["listeners"], 1, "{info}");
+    assert_eq!(info["pools"], 1, "{info}");
+    assert_eq!(info["backends"], 2, "{info}");
+    assert_eq!(info["connections"], 1, "{info}");
+    assert_eq!(info["udp_sessions"], 0, "{info}");
+    let (open, max) = (info["fds_open"].as_u64(), info["fds_max"].as_u64());
+    if cfg!(target_os = "linux") {
+        assert!(open.unwrap() > 0 && max.unwrap() >= open.unwrap(), "{info}");
+    }
+
+    // Started without a file: a reload fails, and show info says so.
+    assert!(admin(&s.socket, "reload").await.starts_with("error: "));
+    let text = admin(&s.socket, "show info").await;
+    for needle in [
+        format!("version:          {}", env!("CARGO_PKG_VERSION")),
+        format!("pid:              {}", std::process::id()),
+        "config file:      -".to_string(),
+        "(failed, the config before stays in force: this instance was started without a config file)".to_string(),
+        "reloads:          1".to_string(),
+        "backends:         2".to_string(),
+        "connections:      1".to_string(),
+        "udp sessions:     0".to_string(),
+        "file descriptors: ".to_string(),
+    ] {
+        assert!(text.contains(&needle), "no {needle:?} in:\n{text}");
+    }
+    let help = admin(&s.socket, "help").await;
+    assert!(help.contains("show info [--json]"), "{help}");
+}

@@ -1733,3 +1733,22 @@ pools:
         "{text}"
     );
 }
+
+#[test]
+fn access_log_is_a_boolean_off_by_default() {
+    assert!(!valid(MINIMAL).listeners[0].access_log);
+    let with = |v: &str| {
+        MINIMAL.replace(
+            "    pool: redis\n",
+            &format!("    pool: redis\n    access_log: {v}\n"),
+        )
+    };
+    assert!(valid(&with("true")).listeners[0].access_log);
+    assert!(!valid(&with("false")).listeners[0].access_log);
+    assert_problem(
+        &with("loud"),
+        5,
+        17,
+        &["access_log \"loud\" must be true or false"],
+    );
+}

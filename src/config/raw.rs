@@ -46,6 +46,7 @@ pub(super) struct RawListener {
     pub(super) max_connections: Option<Pos<String>>,
     pub(super) idle_timeout: Option<Pos<String>>,
     pub(super) half_close_timeout: Option<Pos<String>>,
+    pub(super) access_log: Option<Pos<String>>,
     pub(super) reported: Vec<&'static str>,
 }
 
@@ -125,6 +126,7 @@ const LISTENER: Schema = Schema {
         "max_connections",
         "idle_timeout",
         "half_close_timeout",
+        "access_log",
     ],
 };
 const POOL: Schema = Schema {
@@ -471,6 +473,7 @@ fn listener(cx: &mut Cx, f: Fields) -> RawListener {
             "max_connections" => r.max_connections = scalar(cx, v, key),
             "idle_timeout" => r.idle_timeout = scalar(cx, v, key),
             "half_close_timeout" => r.half_close_timeout = scalar(cx, v, key),
+            "access_log" => r.access_log = scalar(cx, v, key),
             _ => {}
         }
     }

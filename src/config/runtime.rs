@@ -50,6 +50,8 @@ pub struct ListenerConfig {
     /// tcp: once one side has finished sending, the connection is closed when the other
     /// side sends nothing for this long (default 60s). Unused by udp.
     pub half_close_timeout: Duration,
+    /// One log line (target `weir::access`) per finished connection (udp: ended session).
+    pub access_log: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -256,6 +256,12 @@ fn validate_listener(
     };
     let (max_connections, idle_timeout) = listener_limits(cx, raw, &path, protocol);
     let half_close_timeout = half_close_timeout(cx, raw, &path, protocol);
+    let access_log = boolean(
+        cx,
+        &raw.access_log,
+        &format!("{path}.access_log"),
+        "access_log",
+    );
     Some(ListenerConfig {
         name: n.clone(),
         bind: bind?,
@@ -264,6 +270,7 @@ fn validate_listener(
         max_connections,
         idle_timeout,
         half_close_timeout,
+        access_log,
     })
 }
 

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
@@ -54,17 +55,60 @@ pub(super) enum Command {
     },
 }
 
+/// When the config was last loaded or reloaded, and how that went (`show info`).
+#[derive(Clone, Debug)]
+pub struct LoadStatus {
+    /// When the control task started (about when weir started).
+    pub started: SystemTime,
+    pub started_at: Instant,
+    /// The last load or reload attempt.
+    pub at: SystemTime,
+    /// None: it worked; otherwise why not (the config in force is the one before).
+    pub error: Option<String>,
+    /// Reload attempts since start.
+    pub reloads: u64,
+}
+
+impl LoadStatus {
+    pub(super) fn new() -> Self {
+        let now = SystemTime::now();
+        LoadStatus {
+            started: now,
+            started_at: Instant::now(),
+            at: now,
+            error: None,
+            reloads: 0,
+        }
+    }
+
+    /// After a reload attempt.
+    pub(super) fn reloaded(&self, error: Option<String>) -> Self {
+        LoadStatus {
+            at: SystemTime::now(),
+            error,
+            reloads: self.reloads + 1,
+            ..self.clone()
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ControlHandle {
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) tables: Arc<ArcSwap<Tables>>,
     pub(super) config: Arc<ArcSwap<Config>>,
+    pub(super) load: Arc<ArcSwap<LoadStatus>>,
     pub config_path: Option<PathBuf>,
 }
 
 impl ControlHandle {
     pub fn tables(&self) -> Arc<Tables> {
         self.tables.load_full()
+    }
+
+    /// When the config was last (re)loaded, and whether that worked.
+    pub fn load_status(&self) -> Arc<LoadStatus> {
+        self.load.load_full()
     }
 
     /// The config in force (the last one loaded successfully).

@@ -20,6 +20,7 @@ mod checks;
 mod handle;
 pub mod plan;
 mod reload;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use checks::Checkers;
 use handle::Command;
-pub use handle::{ControlError, ControlHandle};
+pub use handle::{ControlError, ControlHandle, LoadStatus};
 
 use crate::backend::Backend;
 use crate::balance::WEIGHT_RANGE;
@@ -46,10 +47,13 @@ use crate::tables::Tables;
 
 /// How often the control task looks for removed backends whose last connection closed.
 const RETIRE_EVERY: Duration = Duration::from_millis(500);
+/// How often it looks for pools that lost (or got back) their last eligible backend.
+const WATCH_POOLS_EVERY: Duration = Duration::from_millis(200);
 
 pub struct ControlTask {
     tables: Arc<ArcSwap<Tables>>,
     config: Arc<ArcSwap<Config>>,
+    load: Arc<ArcSwap<LoadStatus>>,
     config_path: Option<PathBuf>,
     shutdown: Shutdown,
     /// One health checker per checked backend that isn't retiring.
@@ -62,6 +66,7 @@ pub struct ControlTask {
     /// What was bound at start, for the reload's reply.
     fixed: plan::Fixed,
     metrics: ReloadMetrics,
+    pools_watched: watch::PoolWatch,
 }
 
 impl ControlTask {
@@ -70,6 +75,7 @@ impl ControlTask {
         ControlTask {
             tables: Arc::new(ArcSwap::from_pointee(Tables::default())),
             config: Arc::new(ArcSwap::from_pointee(config.clone())),
+            load: Arc::new(ArcSwap::from_pointee(LoadStatus::new())),
             config_path,
             shutdown: shutdown.clone(),
             checkers: Checkers::default(),
@@ -81,6 +87,7 @@ impl ControlTask {
                 admin_socket: config.admin_socket.clone(),
             },
             metrics: ReloadMetrics::default(),
+            pools_watched: watch::PoolWatch::default(),
         }
     }
 
@@ -103,6 +110,7 @@ impl ControlTask {
             tx,
             tables: Arc::clone(&self.tables),
             config: Arc::clone(&self.config),
+            load: Arc::clone(&self.load),
             config_path: self.config_path.clone(),
         };
         let stop = self.shutdown.stop_accepting.clone();
@@ -113,11 +121,17 @@ impl ControlTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, stop: CancellationToken) {
         let mut retire = tokio::time::interval(RETIRE_EVERY);
         retire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut watch = tokio::time::interval(WATCH_POOLS_EVERY);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let command = tokio::select! {
                 c = rx.recv() => match c { Some(c) => c, None => return },
                 _ = retire.tick(), if !self.retiring.is_empty() => {
                     self.retire_idle_backends();
+                    continue;
+                }
+                _ = watch.tick() => {
+                    self.pools_watched.observe(&self.tables.load());
                     continue;
                 }
                 () = stop.cancelled() => return,
@@ -141,6 +155,8 @@ impl ControlTask {
             Command::Reload { reply } => {
                 let result = self.reload().await;
                 self.metrics.record(result.is_ok());
+                let error = result.as_ref().err().map(|e| e.to_string());
+                self.load.store(Arc::new(self.load.load().reloaded(error)));
                 match &result {
                     Ok(summary) => tracing::info!("reload: {summary}"),
                     Err(problems) => {

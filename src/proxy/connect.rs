@@ -22,7 +22,12 @@ pub enum ConnectError {
     #[error("every eligible backend is at its max_connections")]
     Full,
     #[error("every backend tried failed, last {backend}: {reason}")]
-    AllFailed { backend: String, reason: String },
+    AllFailed {
+        backend: String,
+        reason: String,
+        /// How many were tried.
+        tried: u32,
+    },
     /// weir is out of descriptors or memory: no backend is blamed, none is tried.
     #[error("weir is out of resources: {0}")]
     Exhausted(String),
@@ -37,6 +42,10 @@ pub struct Connected {
     /// Taken when the backend was picked, before connecting: being marked down while the
     /// connect is under way ends the connection too.
     pub down: CancellationToken,
+    /// How long the successful connect took.
+    pub connect_time: std::time::Duration,
+    /// Backends that failed before this one.
+    pub retries: u32,
 }
 
 /// Connects to an eligible backend for `client`. `given` is a slot handed over by the
@@ -70,14 +79,17 @@ pub async fn connect(
         let reason = match result {
             Ok(Ok(stream)) => {
                 backend.record_connect_success();
+                let connect_time = started.elapsed();
                 backend
                     .metrics
                     .connect_duration
-                    .record(started.elapsed().as_secs_f64());
+                    .record(connect_time.as_secs_f64());
                 return Ok(Connected {
                     stream,
                     guard,
                     down,
+                    connect_time,
+                    retries: tried.len() as u32,
                 });
             }
             Ok(Err(e)) if net::is_resource_exhaustion(&e) => {
@@ -98,7 +110,11 @@ pub async fn connect(
     Err(match last_failure {
         None if full => ConnectError::Full,
         None => ConnectError::NoBackend,
-        Some((backend, reason)) => ConnectError::AllFailed { backend, reason },
+        Some((backend, reason)) => ConnectError::AllFailed {
+            backend,
+            reason,
+            tried: tried.len() as u32,
+        },
     })
 }
 
@@ -108,6 +124,7 @@ fn failed(snapshot: &PoolSnapshot, backend: &crate::backend::Backend, reason: &s
         pool = %backend.pool,
         backend = %backend.name,
         address = %backend.addr,
+        reason = %reason,
         "connect failed: {reason}"
     );
     backend.connect_failed(

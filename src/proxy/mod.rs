@@ -2,6 +2,7 @@
 //! accept loops, connects and splicing ([`tcp`], [`connect`], [`splice`]), UDP sessions
 //! ([`udp`]).
 
+pub mod access;
 pub mod connect;
 pub mod splice;
 pub mod tcp;
@@ -9,7 +10,7 @@ pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -106,6 +107,11 @@ pub struct Listener {
     max_connections: AtomicU64,
     idle_timeout_ms: AtomicU64,
     half_close_timeout_ms: AtomicU64,
+    access_log: AtomicBool,
+    /// `max_connections` rejections not yet in a warning, and when the next may be logged
+    /// (`Listener::rejected_over_max`).
+    rejected_unlogged: AtomicU64,
+    next_reject_warning_ms: AtomicU64,
     active: AtomicU64,
     total: AtomicU64,
     pub metrics: ListenerMetrics,
@@ -123,6 +129,9 @@ impl Listener {
             max_connections: AtomicU64::new(0),
             idle_timeout_ms: AtomicU64::new(0),
             half_close_timeout_ms: AtomicU64::new(0),
+            access_log: AtomicBool::new(false),
+            rejected_unlogged: AtomicU64::new(0),
+            next_reject_warning_ms: AtomicU64::new(0),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             metrics: ListenerMetrics::new(&config.name),
@@ -136,14 +145,15 @@ impl Listener {
         self
     }
 
-    /// Takes `max_connections`, `idle_timeout` and `half_close_timeout` from `config`
-    /// (reload).
+    /// Takes `max_connections`, `idle_timeout`, `half_close_timeout` and `access_log` from
+    /// `config` (reload).
     pub fn apply(&self, config: &ListenerConfig) {
         let max = config.max_connections.map_or(u64::MAX, |m| m as u64);
         self.max_connections.store(max, Ordering::Relaxed);
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         (self.idle_timeout_ms).store(ms(config.idle_timeout), Ordering::Relaxed);
         (self.half_close_timeout_ms).store(ms(config.half_close_timeout), Ordering::Relaxed);
+        (self.access_log).store(config.access_log, Ordering::Relaxed);
     }
 
     pub fn max_connections(&self) -> Option<usize> {
@@ -161,12 +171,46 @@ impl Listener {
         Duration::from_millis(self.half_close_timeout_ms.load(Ordering::Relaxed))
     }
 
+    /// Whether finished connections are logged (`access_log`).
+    pub fn access_log(&self) -> bool {
+        self.access_log.load(Ordering::Relaxed)
+    }
+
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
     }
 
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// A tcp connection was refused for `max_connections`: a warning at most every
+    /// `REJECT_WARN_EVERY` per listener, counting those since the last one (the others
+    /// at debug). Two atomics on a rejection, nothing on the accept path.
+    pub fn rejected_over_max(&self, client: SocketAddr) {
+        self.rejected_unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = elapsed_ms();
+        let next = self.next_reject_warning_ms.load(Ordering::Relaxed);
+        let due = now >= next
+            && self
+                .next_reject_warning_ms
+                .compare_exchange(
+                    next,
+                    now + REJECT_WARN_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if !due {
+            tracing::debug!(listener = %self.name, client = %client, "rejected: max_connections reached");
+            return;
+        }
+        let rejected = self.rejected_unlogged.swap(0, Ordering::Relaxed).max(1);
+        let max = self.max_connections().unwrap_or(0);
+        tracing::warn!(
+            listener = %self.name, client = %client, reason = "max_connections", rejected, max_connections = max,
+            "connections rejected: {max} open (max_connections); {rejected} rejected since the last warning (the next in 10s at the earliest)"
+        );
     }
 
     /// Admits one connection (or UDP session) unless `max_connections` is reached.
@@ -184,6 +228,18 @@ impl Listener {
             listener: Arc::clone(self),
         })
     }
+}
+
+/// `max_connections` warnings per listener: at most one this often.
+const REJECT_WARN_EVERY_MS: u64 = 10_000;
+
+/// Milliseconds since the first call (monotonic).
+fn elapsed_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// One admitted connection or session; released on drop.

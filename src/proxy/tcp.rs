@@ -9,9 +9,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Listener;
 use super::connect::{self, ConnectError};
 use super::splice::{self, Counters, SpliceOptions};
+use super::{Listener, access};
 use crate::backend::ConnGuard;
 use crate::net;
 use crate::pool::Pool;
@@ -39,8 +39,16 @@ pub async fn accept_loop(
         |(stream, peer): (TcpStream, SocketAddr)| {
             let Some(admitted) = listener.admit() else {
                 // Over max_connections: closed at once, never left in the backlog.
-                tracing::debug!(listener = %listener.name, client = %peer, "rejected: max_connections reached");
                 drop(stream);
+                listener.rejected_over_max(peer);
+                if listener.access_log() {
+                    let start = AccessStart {
+                        accepted: std::time::Instant::now(),
+                        connect: std::time::Duration::ZERO,
+                        retries: 0,
+                    };
+                    not_connected(&listener, peer, Some(&start), "", 0, "max_connections");
+                }
                 return;
             };
             let hard = shutdown.hard.clone();
@@ -64,6 +72,15 @@ fn handle(
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
         let listener = admitted.listener();
+        // Only with access_log: a clock read and a small allocation per connection, so
+        // the task of a connection without it stays as small as it was.
+        let mut access = listener.access_log().then(|| {
+            Box::new(AccessStart {
+                accepted: std::time::Instant::now(),
+                connect: std::time::Duration::ZERO,
+                retries: 0,
+            })
+        });
         // On Linux inherited from the listening socket (see `net::bind_tcp`).
         #[cfg(not(target_os = "linux"))]
         {
@@ -74,10 +91,23 @@ fn handle(
             stream: upstream,
             guard,
             down,
-        }) = Box::pin(open_upstream(listener, &client, peer, &hard)).await
+            connect_time,
+            retries,
+        }) = Box::pin(open_upstream(
+            listener,
+            &client,
+            peer,
+            &hard,
+            access.as_deref(),
+        ))
+        .await
         else {
             return;
         };
+        if let Some(start) = access.as_mut() {
+            start.connect = connect_time;
+            start.retries = retries;
+        }
         let backend = guard.backend();
         let started = std::time::Instant::now();
         let options = SpliceOptions {
@@ -91,7 +121,29 @@ fn handle(
         let outcome = splice::splice(&client, upstream, options, counters, &hard, &down).await;
         drop(client); // closed as the splice ends, as `splice` wants
         ended(listener, peer, backend, started, &outcome);
+        if let Some(start) = access {
+            access::Entry {
+                listener: &listener.name,
+                pool: &backend.pool,
+                backend: &backend.name,
+                client: peer,
+                bytes_to_backend: outcome.bytes_to_backend,
+                bytes_to_client: outcome.bytes_to_client,
+                duration: start.accepted.elapsed(),
+                connect: Some(start.connect),
+                retries: start.retries,
+                end: outcome.end.name(),
+            }
+            .log();
+        }
     }
+}
+
+/// What the access line of a connection needs from before its splice (`access_log`).
+struct AccessStart {
+    accepted: std::time::Instant,
+    connect: std::time::Duration,
+    retries: u32,
 }
 
 /// Records and logs how a connection ended.
@@ -119,6 +171,7 @@ fn ended(
         end => tracing::info!(
             listener = %listener.name, client = %peer, pool = %backend.pool, backend = %backend.name,
             sent = outcome.bytes_to_backend, received = outcome.bytes_to_client,
+            reason = end.name(),
             "connection ended: {}", end.describe()
         ),
     }
@@ -132,6 +185,7 @@ async fn open_upstream(
     client: &TcpStream,
     peer: SocketAddr,
     hard: &CancellationToken,
+    access: Option<&AccessStart>,
 ) -> Option<connect::Connected> {
     let mut given = None;
     let mut deadline = None;
@@ -142,56 +196,100 @@ async fn open_upstream(
         // enlarging every connection's task for its whole life; one allocation either way.
         let result = tokio::select! {
             r = connect::connect(&snapshot, peer.ip(), given.take()) => r,
-            () = hard.cancelled() => return None,
+            () = hard.cancelled() => return not_connected(listener, peer, access, "", 0, "shutdown"),
         };
         let error = match result {
             Ok(connected) => return Some(connected),
             Err(ConnectError::Full) if !snapshot.queue_timeout.is_zero() => ConnectError::Full,
-            Err(e) => return reject(listener, peer, &e),
+            Err(e) => return reject(listener, peer, &e, access),
         };
         let deadline = *deadline.get_or_insert_with(|| Instant::now() + snapshot.queue_timeout);
         drop(snapshot);
         let pool = listener.pool.load_full();
         match wait_for_slot(&pool, client, peer, deadline, hard).await {
             Wait::Slot(slot) => given = slot,
-            Wait::QueueFull => return reject(listener, peer, &error),
+            Wait::QueueFull => return reject(listener, peer, &error, access),
             Wait::TimedOut => {
                 listener.metrics.rejected_queue_timeout.increment(1);
                 tracing::warn!(
                     listener = %listener.name, client = %peer, pool = %pool.name,
                     "connection closed: no backend slot within queue_timeout"
                 );
-                return None;
+                return not_connected(listener, peer, access, "", 0, "queue_timeout");
             }
             Wait::Left => {
                 tracing::debug!(listener = %listener.name, client = %peer, "client left the queue");
-                return None;
+                return not_connected(listener, peer, access, "", 0, "client_left");
             }
         }
     }
 }
 
 /// Counts and logs a connection closed for want of a backend.
-fn reject(listener: &Listener, peer: SocketAddr, e: &ConnectError) -> Option<connect::Connected> {
+fn reject(
+    listener: &Listener,
+    peer: SocketAddr,
+    e: &ConnectError,
+    access: Option<&AccessStart>,
+) -> Option<connect::Connected> {
     let pool = listener.pool.load();
-    match e {
-        // Logged and counted by `net::report_exhaustion`.
-        ConnectError::Exhausted(_) => listener.metrics.rejected_resources.increment(1),
+    let (backend, retries, end) = match e {
+        ConnectError::Exhausted(_) => {
+            // Logged and counted by `net::report_exhaustion`.
+            listener.metrics.rejected_resources.increment(1);
+            ("", 0, "resources")
+        }
         ConnectError::Full => {
             listener.metrics.rejected_backend_full.increment(1);
             tracing::warn!(
-                listener = %listener.name, client = %peer, pool = %pool.name,
+                listener = %listener.name, client = %peer, pool = %pool.name, reason = "backend_full",
                 "connection closed: every eligible backend is at its max_connections"
             );
+            ("", 0, "backend_full")
         }
-        ConnectError::NoBackend | ConnectError::AllFailed { .. } => {
+        ConnectError::NoBackend => {
             listener.metrics.rejected_no_backend.increment(1);
             tracing::warn!(
-                listener = %listener.name, client = %peer, pool = %pool.name,
-                "connection closed: {e}"
+                listener = %listener.name, client = %peer, pool = %pool.name, reason = "no_backend",
+                "connection closed: no backend available"
             );
+            ("", 0, "no_backend")
         }
+        ConnectError::AllFailed { backend, tried, .. } => {
+            listener.metrics.rejected_no_backend.increment(1);
+            tracing::warn!(
+                listener = %listener.name, client = %peer, pool = %pool.name, backend = %backend,
+                reason = "connect_failed", "connection closed: {e}"
+            );
+            (backend.as_str(), tried.saturating_sub(1), "connect_failed")
+        }
+    };
+    not_connected(listener, peer, access, backend, retries, end)
+}
+
+/// The access line (`access_log`) of a connection that never reached a backend; None.
+fn not_connected(
+    listener: &Listener,
+    peer: SocketAddr,
+    access: Option<&AccessStart>,
+    backend: &str,
+    retries: u32,
+    end: &str,
+) -> Option<connect::Connected> {
+    let start = access?;
+    access::Entry {
+        listener: &listener.name,
+        pool: &listener.pool.load().name,
+        backend,
+        client: peer,
+        bytes_to_backend: 0,
+        bytes_to_client: 0,
+        duration: start.accepted.elapsed(),
+        connect: None,
+        retries,
+        end,
     }
+    .log();
     None
 }
 

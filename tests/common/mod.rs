@@ -116,6 +116,7 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             max_connections: None,
             idle_timeout: Duration::from_secs(3600),
             half_close_timeout: Duration::from_secs(60),
+            access_log: false,
         }],
         pools: vec![PoolConfig {
             name: "pool".into(),

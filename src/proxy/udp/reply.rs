@@ -30,6 +30,13 @@ pub struct ReplyTo {
     pub control: pktinfo::Control,
 }
 
+/// A session's bytes each way, kept only for its access line (`access_log`).
+#[derive(Default)]
+pub struct SessionBytes {
+    pub to_backend: AtomicU64,
+    pub to_client: AtomicU64,
+}
+
 /// Reads a session's replies from its backend and sends them to the client.
 pub struct ReplyTask {
     pub listener: Arc<Listener>,
@@ -45,6 +52,8 @@ pub struct ReplyTask {
     /// The receive loop's "sweep now": told when the task ends on `down`, so the session
     /// and its counts go at once, not at the next sweep.
     pub sweep_now: Arc<Notify>,
+    /// With `access_log`: the session's byte counts.
+    pub bytes: Option<Arc<SessionBytes>>,
 }
 
 impl ReplyTask {
@@ -126,6 +135,9 @@ impl ReplyTask {
         self.activity.store(self.clock.now(), Ordering::Relaxed);
         self.backend.record_connect_success();
         self.backend.metrics.bytes_received.increment(bytes as u64);
+        if let Some(counted) = &self.bytes {
+            counted.to_client.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
         let stats = stats(&self.listener);
         let (sent, error) = if self.to.control.is_empty() {
             batch::send_all_to(

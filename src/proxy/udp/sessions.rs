@@ -31,11 +31,11 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use super::pktinfo;
-use super::reply::{ReplyTask, ReplyTo};
+use super::reply::{ReplyTask, ReplyTo, SessionBytes};
 use super::stats::{Clock, DropReason, WARN_EVERY, stats};
 use super::upstream::{Fault, backend_unreachable, upstream_socket};
 use crate::backend::{Backend, ConnGuard, Health};
-use crate::proxy::{Listener, ListenerGuard};
+use crate::proxy::{Listener, ListenerGuard, access};
 use crate::shutdown::Shutdown;
 
 /// One session in the receive loop's table.
@@ -45,6 +45,8 @@ struct Session {
     activity: Arc<AtomicU64>,
     /// The address the client sent to (wildcard binds on Linux), for a re-pick.
     local: Option<pktinfo::Local>,
+    /// With `access_log`: when it opened.
+    opened: Option<Instant>,
     _admitted: ListenerGuard,
 }
 
@@ -58,6 +60,9 @@ struct Upstream {
     down: CancellationToken,
     /// Finished: no reply reaches the client any more, the session is dead.
     reply: JoinHandle<()>,
+    /// With `access_log`: the session's byte counts (shared with the reply task, and kept
+    /// by a re-pick).
+    bytes: Option<Arc<SessionBytes>>,
     _reply_task: DropGuard,
 }
 
@@ -72,6 +77,18 @@ enum End {
     ClosedOnDown,
     /// Its reply task ended on its own (the upstream socket failed).
     ReplyEnded,
+}
+
+impl End {
+    /// Its name in access logs (`end`).
+    fn name(self) -> &'static str {
+        match self {
+            End::Idle => "idle_timeout",
+            End::OutOfRotation => "out_of_rotation",
+            End::ClosedOnDown => "backend_down",
+            End::ReplyEnded => "backend_error",
+        }
+    }
 }
 
 impl Session {
@@ -160,6 +177,7 @@ impl Opener {
 
     /// Notes the end of a session (the caller drops it, which releases its counts).
     fn ended(&self, session: &Session, client: SocketAddr, end: End) {
+        self.access(session, client, end.name());
         let backend = session.upstream.guard.backend();
         let why = match end {
             End::Idle => return,
@@ -174,6 +192,47 @@ impl Opener {
             listener = %self.listener.name, client = %client, pool = %backend.pool,
             "udp session on {} ended: {why}", backend.name
         );
+    }
+
+    /// The access line of an ended session (with `access_log`).
+    fn access(&self, session: &Session, client: SocketAddr, end: &str) {
+        let (Some(opened), Some(bytes)) = (session.opened, &session.upstream.bytes) else {
+            return;
+        };
+        let backend = session.upstream.guard.backend();
+        access::Entry {
+            listener: &self.listener.name,
+            pool: &backend.pool,
+            backend: &backend.name,
+            client,
+            bytes_to_backend: bytes.to_backend.load(Ordering::Relaxed),
+            bytes_to_client: bytes.to_client.load(Ordering::Relaxed),
+            duration: opened.elapsed(),
+            connect: None,
+            retries: 0,
+            end,
+        }
+        .log();
+    }
+
+    /// The access line of a datagram that opened no session (with `access_log`).
+    fn refused(&self, client: SocketAddr, end: &str) {
+        if !self.listener.access_log() {
+            return;
+        }
+        access::Entry {
+            listener: &self.listener.name,
+            pool: &self.listener.pool.load().name,
+            backend: "",
+            client,
+            bytes_to_backend: 0,
+            bytes_to_client: 0,
+            duration: Duration::ZERO,
+            connect: None,
+            retries: 0,
+            end,
+        }
+        .log();
     }
 
     /// Picks an eligible backend for `client`; None when there is none.
@@ -191,6 +250,7 @@ impl Opener {
         client: SocketAddr,
         local: Option<pktinfo::Local>,
         activity: &Arc<AtomicU64>,
+        bytes: Option<&Arc<SessionBytes>>,
     ) -> io::Result<Upstream> {
         let socket = Arc::new(upstream_socket(backend.addr)?);
         let guard = backend.connect_guard();
@@ -213,6 +273,7 @@ impl Opener {
             cancel: cancel.clone(),
             down: down.clone(),
             sweep_now: Arc::clone(&self.sweep_now),
+            bytes: bytes.cloned(),
         };
         let reply = self.tracker.spawn(reply.run());
         Ok(Upstream {
@@ -221,6 +282,7 @@ impl Opener {
             started: Instant::now(),
             down,
             reply,
+            bytes: bytes.cloned(),
             _reply_task: cancel.drop_guard(),
         })
     }
@@ -316,6 +378,7 @@ impl Table {
                 .increment(1);
             self.opener
                 .drop_datagram(DropReason::NoBackend, client, &"no backend available");
+            self.opener.refused(client, "no_backend");
             return None;
         };
         let Some(admitted) = self.opener.listener.admit() else {
@@ -326,16 +389,23 @@ impl Table {
                 client,
                 &format_args!("{max} sessions open (max_connections)"),
             );
+            self.opener.refused(client, "max_connections");
             return None;
         };
         let activity = Arc::new(AtomicU64::new(now));
-        match self.opener.open(&backend, client, local, &activity) {
+        let access_log = self.opener.listener.access_log();
+        let bytes = access_log.then(|| Arc::new(SessionBytes::default()));
+        match self
+            .opener
+            .open(&backend, client, local, &activity, bytes.as_ref())
+        {
             Ok(upstream) => {
                 tracing::debug!(listener = %self.opener.listener.name, client = %client, backend = %backend.name, "udp session opened");
                 Some(Session {
                     upstream,
                     activity,
                     local,
+                    opened: access_log.then(Instant::now),
                     _admitted: admitted,
                 })
             }
@@ -371,7 +441,14 @@ impl Table {
         if Arc::ptr_eq(&backend, old) {
             return;
         }
-        match opener.open(&backend, client, session.local, &session.activity) {
+        let bytes = session.upstream.bytes.clone();
+        match opener.open(
+            &backend,
+            client,
+            session.local,
+            &session.activity,
+            bytes.as_ref(),
+        ) {
             Ok(upstream) => {
                 tracing::info!(
                     listener = %opener.listener.name, client = %client, pool = %backend.pool,
@@ -426,6 +503,15 @@ impl Table {
     }
 }
 
+/// Sessions still open when the table goes (shutdown's end) get their access line.
+impl Drop for Table {
+    fn drop(&mut self) {
+        for (client, session) in &self.sessions {
+            self.opener.access(session, *client, "shutdown");
+        }
+    }
+}
+
 /// Sends a client's datagram to its session's backend. A pending ICMP error from an
 /// earlier datagram surfaces here instead of in the reply task: count it, then send again
 /// (the error was reported instead of sending).
@@ -442,6 +528,9 @@ fn forward(opener: &mut Opener, upstream: &Upstream, client: SocketAddr, data: &
         Ok(_) => {
             stats(&opener.listener).count_to_backend();
             backend.metrics.bytes_sent.increment(data.len() as u64);
+            if let Some(bytes) = &upstream.bytes {
+                (bytes.to_backend).fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
             return;
         }
         Err(e) => e,
