@@ -98,7 +98,7 @@ impl std::fmt::Display for Target {
 pub const HELP: &str = "\
 commands:
   help                          this list
-  show backends [--json]        every backend: pool, name, address, state, weight, connections, limit, queue, last check
+  show backends [--json]        every backend: pool, name, address, state, weight (and effective), connections, limit, queue, last check
   show listeners [--json]       every listener: name, protocol, bind, pool, connections
   show info [--json]            version, pid, uptime, config file and last reload, counts, file descriptors
   drain POOL/BACKEND            no new connections; open ones go on; health checks go on
@@ -275,6 +275,7 @@ fn show_backends(tables: &Tables, json: bool) -> String {
         "ADDRESS",
         "STATE",
         "WEIGHT",
+        "EFF",
         "ACTIVE",
         "MAX",
         "BACKUP",
@@ -292,6 +293,7 @@ fn show_backends(tables: &Tables, json: bool) -> String {
                 b.address.clone(),
                 b.state().to_string(),
                 b.weight().to_string(),
+                b.effective_weight().to_string(),
                 b.active().to_string(),
                 b.max_connections().map_or("-".into(), |m| m.to_string()),
                 if b.is_backup() { "yes" } else { "no" }.to_string(),
@@ -362,6 +364,10 @@ struct BackendRow<'a> {
     health: &'static str,
     admin: &'static str,
     weight: u32,
+    /// The weight its share follows now: below `weight` during a slow-start ramp.
+    effective_weight: u32,
+    /// How far into its slow-start ramp, in percent; null when not ramping.
+    slow_start_percent: Option<u8>,
     active: u64,
     /// `max_connections`; null when unlimited.
     max_connections: Option<u64>,
@@ -391,6 +397,8 @@ impl<'a> BackendRow<'a> {
                 Admin::Disabled => "disabled",
             },
             weight: b.weight(),
+            effective_weight: b.effective_weight(),
+            slow_start_percent: b.ramp_percent(),
             active: b.active(),
             max_connections: b.max_connections(),
             backup: b.is_backup(),

@@ -139,6 +139,14 @@ pub struct Backend {
     limit: AtomicU64,
     /// `backup: true`, written by the control task.
     backup: AtomicBool,
+    /// The pool's `slow_start` in ms (0: off), written by the control task.
+    slow_start_ms: AtomicU64,
+    /// When its current slow-start ramp began (`monotonic_ms`); 0: not ramping. Set when
+    /// it comes up or back into rotation, cleared by the first read after the ramp ends.
+    ramp_since_ms: AtomicU64,
+    /// Built from the config weir started with: its first health result is the startup
+    /// round, where every backend comes up at once and a ramp would be pointless.
+    startup_round: AtomicBool,
     /// The pool's wait queue, which a released slot is handed to (set once: a backend
     /// never changes pools).
     queue: OnceLock<Arc<WaitQueue<ConnGuard>>>,
@@ -216,6 +224,9 @@ impl Backend {
             probe_now: tokio::sync::Notify::new(),
             limit: AtomicU64::new(UNLIMITED),
             backup: AtomicBool::new(false),
+            slow_start_ms: AtomicU64::new(0),
+            ramp_since_ms: AtomicU64::new(0),
+            startup_round: AtomicBool::new(false),
             queue: OnceLock::new(),
             metrics: BackendMetrics::new(pool, name),
         })
@@ -306,14 +317,105 @@ impl Backend {
         }
     }
 
-    /// Sets health; returns the previous value.
+    /// Sets health; returns the previous value. Coming up starts a slow-start ramp
+    /// (unless it is the backend's first result in weir's startup round).
     pub fn set_health(&self, health: Health) -> Health {
         let prev = self.health.swap(health as u8, Ordering::AcqRel);
+        let startup = self.startup_round.swap(false, Ordering::Relaxed);
         if prev == Health::Up as u8 {
             Health::Up
         } else {
+            if health == Health::Up && !startup {
+                self.start_ramp();
+            }
             Health::Down
         }
+    }
+
+    /// Server startup only: this backend's first health result (its first probe) is
+    /// part of the round where all come up together, and starts no ramp.
+    pub fn in_startup_round(&self) {
+        self.startup_round.store(true, Ordering::Relaxed);
+    }
+
+    /// Control task only (from the pool's config, at every snapshot build).
+    pub fn set_slow_start(&self, ramp: Duration) {
+        let ms = u64::try_from(ramp.as_millis()).unwrap_or(u64::MAX);
+        self.slow_start_ms.store(ms, Ordering::Relaxed);
+        if ms == 0 {
+            self.ramp_since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The backend came up or back into rotation: with `slow_start`, its share of new
+    /// connections ramps from small to full from now on.
+    pub fn start_ramp(&self) {
+        if self.slow_start_ms.load(Ordering::Relaxed) != 0 {
+            self.ramp_since_ms.store(monotonic_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// In a slow-start ramp: a pick of it must pass `ramp_admits` (one relaxed load).
+    #[inline]
+    pub fn is_ramping(&self) -> bool {
+        self.ramp_since_ms.load(Ordering::Relaxed) != 0
+    }
+
+    /// How far into its ramp it is, as (elapsed ms, ramp ms); None when not ramping (a
+    /// ramp that has ended is cleared here).
+    fn ramp_progress(&self) -> Option<(u64, u64)> {
+        let since = self.ramp_since_ms.load(Ordering::Relaxed);
+        if since == 0 {
+            return None;
+        }
+        let ramp = self.slow_start_ms.load(Ordering::Relaxed);
+        let elapsed = monotonic_ms().saturating_sub(since);
+        if ramp == 0 || elapsed >= ramp {
+            // Only this ramp's own end clears it: a newer ramp keeps its start.
+            let _ = (self.ramp_since_ms).compare_exchange(
+                since,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return None;
+        }
+        Some((elapsed, ramp))
+    }
+
+    /// The weight its share follows now: its weight, or during a slow-start ramp that
+    /// weight scaled linearly by the time elapsed (at least 1), as HAProxy's `slowstart`.
+    pub fn effective_weight(&self) -> u32 {
+        let weight = self.weight();
+        match self.ramp_progress() {
+            None => weight,
+            Some((elapsed, ramp)) => {
+                let scaled = (u64::from(weight) * elapsed).div_ceil(ramp);
+                u32::try_from(scaled)
+                    .unwrap_or(weight)
+                    .clamp(1, weight.max(1))
+            }
+        }
+    }
+
+    /// A pick of this backend during its ramp is kept with the probability of how far
+    /// into the ramp it is, so that its share of new connections grows linearly from small
+    /// to full whatever the strategy; otherwise the pool picks another.
+    ///
+    /// The probability is elapsed / slow_start itself, not the rounded effective weight,
+    /// so that a backend of weight 1 ramps too.
+    #[cold]
+    pub fn ramp_admits(&self) -> bool {
+        match self.ramp_progress() {
+            None => true,
+            Some((elapsed, ramp)) => rand::random_range(0..ramp) < elapsed,
+        }
+    }
+
+    /// How far into its slow-start ramp it is, in percent; None when not ramping.
+    pub fn ramp_percent(&self) -> Option<u8> {
+        let (elapsed, ramp) = self.ramp_progress()?;
+        Some(u8::try_from(elapsed * 100 / ramp).unwrap_or(100))
     }
 
     pub fn admin(&self) -> Admin {
@@ -324,9 +426,14 @@ impl Backend {
         }
     }
 
+    /// Back into rotation (enable after drain or disable) while up starts a slow-start
+    /// ramp; after `disable` with a health check, the probe that brings it up does.
     pub fn set_admin(&self, admin: Admin) {
         let was = self.admin.swap(admin as u8, Ordering::AcqRel);
         if admin == Admin::Enabled {
+            if was != Admin::Enabled as u8 && self.health() == Health::Up {
+                self.start_ramp();
+            }
             self.admin_since_ms.store(0, Ordering::Relaxed);
         } else if was == Admin::Enabled as u8 {
             self.admin_since_ms.store(monotonic_ms(), Ordering::Relaxed);

@@ -72,6 +72,7 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
             retries: 2,
             on_down: OnDown::Keep,
             queue_timeout: Duration::ZERO,
+            slow_start: Duration::ZERO,
             health_check: None,
             backends: backends
                 .iter()

@@ -101,6 +101,10 @@ impl PoolSnapshot {
             let (limit, backup) = settings.get(b.name.as_str()).copied().unwrap_or_default();
             b.set_max_connections(limit);
             b.set_backup(backup);
+            b.set_slow_start(match config.strategy {
+                Strategy::SourceHash => Duration::ZERO,
+                _ => config.slow_start,
+            });
         }
         PoolSnapshot {
             primary: Tier::new(config.strategy, &backends, false),
@@ -154,9 +158,43 @@ impl PoolSnapshot {
 
     /// An eligible backend for this client, skipping the indexes in `exclude`: a primary
     /// while one is eligible and not full, a backup only otherwise.
+    ///
+    /// A backend in its slow-start ramp is kept only as often as its ramp admits
+    /// (`Backend::ramp_admits`); otherwise another of the same tier is picked, and when
+    /// none is left the first pick stands: a ramp shifts load, it never refuses a
+    /// connection.
     #[inline]
     pub fn pick(&self, client: IpAddr, exclude: &[usize]) -> Option<usize> {
+        let i = self.pick_by_tier(client, exclude)?;
+        if !self.backends[i].is_ramping() {
+            return Some(i);
+        }
+        self.pick_ramped(client, exclude, i)
+    }
+
+    #[inline]
+    fn pick_by_tier(&self, client: IpAddr, exclude: &[usize]) -> Option<usize> {
         (self.primary.pick(client, exclude)).or_else(|| self.backup.as_ref()?.pick(client, exclude))
+    }
+
+    /// `pick` when its first choice is ramping (off the fast path: it may allocate).
+    #[cold]
+    fn pick_ramped(&self, client: IpAddr, exclude: &[usize], first: usize) -> Option<usize> {
+        let tier = self.backends[first].is_backup();
+        let mut tried = exclude.to_vec();
+        let mut candidate = first;
+        loop {
+            if self.backends[candidate].ramp_admits() {
+                return Some(candidate);
+            }
+            tried.push(candidate);
+            match self.pick_by_tier(client, &tried) {
+                Some(next) if self.backends[next].is_backup() != tier => return Some(first),
+                Some(next) if self.backends[next].is_ramping() => candidate = next,
+                Some(next) => return Some(next),
+                None => return Some(first),
+            }
+        }
     }
 
     pub fn find(&self, name: &str) -> Option<&Arc<Backend>> {
@@ -237,5 +275,100 @@ mod tests {
         assert_eq!(pick(&[3]), Some(1));
         all[0].set_health(Health::Up);
         assert_eq!(pick(&[]), Some(0), "back to the primary at once");
+    }
+
+    fn pool_config(strategy: Strategy, slow_start: Duration, n: usize) -> PoolConfig {
+        let mut config: PoolConfig = crate::config::parse(
+            "listeners: {l: {bind: '127.0.0.1:1', pool: p}}\npools: {p: {backends: [{address: '127.0.0.1:2'}]}}\n",
+            "t.yaml",
+        )
+        .unwrap()
+        .pools
+        .remove(0);
+        config.strategy = strategy;
+        config.slow_start = slow_start;
+        config.backends = (0..n)
+            .map(|i| {
+                let mut b = config.backends[0].clone();
+                b.name = format!("b{i}");
+                b
+            })
+            .collect();
+        config
+    }
+
+    #[test]
+    fn a_ramping_backend_gets_a_small_share_and_never_loses_a_connection() {
+        let all = backends(&[10, 10]);
+        let config = pool_config(Strategy::RoundRobin, Duration::from_secs(3600), 2);
+        let snapshot = PoolSnapshot::new(&config, all.clone());
+        all[1].set_health(Health::Down);
+        all[1].set_health(Health::Up);
+        assert!(all[1].is_ramping());
+        assert_eq!(
+            all[1].effective_weight(),
+            1,
+            "at the start of an hour's ramp"
+        );
+        assert_eq!(all[1].ramp_percent(), Some(0));
+        let to_b1 = (0..1000)
+            .filter(|_| snapshot.pick(ip0(), &[]) == Some(1))
+            .count();
+        assert!(to_b1 < 20, "{to_b1} of 1000 picks at the ramp's start");
+        all[0].set_health(Health::Down);
+        for _ in 0..100 {
+            assert_eq!(
+                snapshot.pick(ip0(), &[]),
+                Some(1),
+                "alone, it takes everything"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ramp_never_sends_a_connection_to_a_backup_and_ends_by_itself() {
+        let all = backends(&[1, 1]);
+        all[1].set_backup(true);
+        let mut config = pool_config(Strategy::LeastConnections, Duration::from_millis(200), 2);
+        config.backends[1].backup = true;
+        let snapshot = PoolSnapshot::new(&config, all.clone());
+        all[0].set_health(Health::Down);
+        all[0].set_health(Health::Up);
+        assert!(all[0].is_ramping());
+        for _ in 0..200 {
+            assert_eq!(
+                snapshot.pick(ip0(), &[]),
+                Some(0),
+                "the primary, ramping or not"
+            );
+        }
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while all[0].ramp_percent().is_some() {
+            assert!(std::time::Instant::now() < end, "the ramp ends");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!all[0].is_ramping(), "cleared once over");
+    }
+
+    #[test]
+    fn source_hash_never_ramps_and_the_startup_round_does_not_either() {
+        let all = backends(&[1, 1]);
+        let config = pool_config(Strategy::SourceHash, Duration::from_secs(60), 2);
+        let _snapshot = PoolSnapshot::new(&config, all.clone());
+        all[0].set_health(Health::Down);
+        all[0].set_health(Health::Up);
+        assert!(
+            !all[0].is_ramping(),
+            "source-hash: a ramp would move clients"
+        );
+        let config = pool_config(Strategy::RoundRobin, Duration::from_secs(60), 2);
+        let _snapshot = PoolSnapshot::new(&config, all.clone());
+        all[1].set_health(Health::Down);
+        all[1].in_startup_round();
+        all[1].set_health(Health::Up);
+        assert!(!all[1].is_ramping(), "its first result at startup");
+        all[1].set_admin(crate::backend::Admin::Drain);
+        all[1].set_admin(crate::backend::Admin::Enabled);
+        assert!(all[1].is_ramping(), "back from a drain");
     }
 }

@@ -111,6 +111,8 @@ async fn build(
     let mut tables = Tables::default();
     for pool_config in &config.pools {
         let pool = control::build_pool(pool_config, &shutdown.hard);
+        // Their first health results are the startup round: no slow-start ramp.
+        (pool.load_full().backends.iter()).for_each(|b| b.in_startup_round());
         tables.pools.insert(pool_config.name.clone(), pool);
     }
     restore_state(&config, &tables);

@@ -164,8 +164,8 @@ async fn show_backends_and_listeners_as_tables_and_json() {
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
         [
-            "POOL", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "ACTIVE", "MAX", "BACKUP", "QUEUED",
-            "TOTAL", "LAST", "CHECK"
+            "POOL", "BACKEND", "ADDRESS", "STATE", "WEIGHT", "EFF", "ACTIVE", "MAX", "BACKUP",
+            "QUEUED", "TOTAL", "LAST", "CHECK"
         ]
     );
     let state_column = lines[0].find("STATE").unwrap();
@@ -177,12 +177,13 @@ async fn show_backends_and_listeners_as_tables_and_json() {
     }
     let a_row: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
-        &a_row[..10],
+        &a_row[..11],
         [
             "pool",
             "a",
             &a_addr.to_string(),
             "up",
+            "1",
             "1",
             "1",
             "-",
@@ -191,16 +192,17 @@ async fn show_backends_and_listeners_as_tables_and_json() {
             "1"
         ]
     );
-    assert_eq!(a_row[10], "pass", "last check: {text}");
-    assert!(a_row[11].ends_with("ms"), "{text}");
+    assert_eq!(a_row[11], "pass", "last check: {text}");
+    assert!(a_row[12].ends_with("ms"), "{text}");
     let b_row: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(
-        &b_row[..10],
+        &b_row[..11],
         [
             "pool",
             "b",
             &b_addr.to_string(),
             "up",
+            "1",
             "1",
             "0",
             "-",
@@ -217,6 +219,7 @@ async fn show_backends_and_listeners_as_tables_and_json() {
     assert_eq!(a["address"], a_addr.to_string());
     assert_eq!(a["state"], "up");
     assert_eq!(a["weight"], 1);
+    assert_eq!(a["effective_weight"], 1, "not ramping: its weight");
     assert_eq!(a["active"], 1);
     assert_eq!(a["total"], 1);
     assert!(

@@ -1752,3 +1752,49 @@ fn access_log_is_a_boolean_off_by_default() {
         &["access_log \"loud\" must be true or false"],
     );
 }
+
+#[test]
+fn slow_start_is_a_duration_off_by_default_and_ignored_with_source_hash() {
+    assert!(valid(MINIMAL).pools[0].slow_start.is_zero());
+    let with = |strategy: &str, ramp: &str| {
+        format!(
+            "\
+listeners:
+  pg:
+    bind: 127.0.0.1:5000
+    pool: pg
+pools:
+  pg:
+    strategy: {strategy}
+    slow_start: {ramp}
+    backends:
+      - address: 127.0.0.1:5432
+"
+        )
+    };
+    let text = with("least-connections", "30s");
+    let (config, warnings) = weir::config::parse_with_warnings(&text, FILE).unwrap();
+    assert_eq!(
+        config.pools[0].slow_start,
+        std::time::Duration::from_secs(30)
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+
+    let text = with("source-hash", "30s");
+    let (_, warnings) = weir::config::parse_with_warnings(&text, FILE).unwrap();
+    let warnings: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "{FILE}:8:17: warning: slow_start does not apply to strategy source-hash"
+        )),
+        "{warnings:?}"
+    );
+
+    let all = problems(&with("round-robin", "2d"));
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert!(
+        all[0].contains(":8:17: slow_start \"2d\" is too long"),
+        "{all:?}"
+    );
+}

@@ -11,7 +11,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use weir::backend::{Admin, Health};
+use weir::backend::{Admin, Health, State};
 use weir::balance::Strategy;
 use weir::config::Config;
 use weir::server::Server;
@@ -399,4 +399,120 @@ async fn pgbench_never_sees_too_many_clients() {
         backend.total() >= 300,
         "a connection per transaction: {out}"
     );
+}
+
+/// Connections opened during `window`, spread over it; how many of them `name` took.
+async fn share_of(front: SocketAddr, name: &str, window: Duration) -> (usize, usize) {
+    let end = Instant::now() + window;
+    let (mut to_name, mut all) = (0, 0);
+    while Instant::now() < end && all < 2_000 {
+        let (c, got) = connect_named(front).await;
+        drop(c);
+        all += 1;
+        to_name += usize::from(got == name);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (to_name, all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_comes_back_ramps_its_share_over_slow_start() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let tag = "ramp";
+    let ramp = Duration::from_secs(4);
+    let mut config = config(tag, &[&a, &b], 1_000, Duration::ZERO);
+    for backend in &mut config.pools[0].backends {
+        backend.weight = 10;
+    }
+    config.pools[0].slow_start = ramp;
+    let fast = Duration::from_millis(50);
+    config.pools[0].health_check = Some(health_check(fast, fast, 1, 1));
+    let (server, front) = start_tagged(tag, config).await;
+    wait_for_state(&server, tag, "b", State::Up, DEADLINE).await;
+    let backend = server.backend(tag, "b").unwrap();
+    assert!(!backend.is_ramping(), "the startup round is not slowed");
+    let (to_b, all) = share_of(front, "b", Duration::from_millis(300)).await;
+    assert!(
+        (to_b * 2).abs_diff(all) <= 1,
+        "round-robin halves at once after startup: {to_b} of {all}"
+    );
+
+    let b_addr = b.addr;
+    b.stop();
+    drop(b);
+    wait_for_state(&server, tag, "b", State::Down, DEADLINE).await;
+    let _b = TestBackend::restart("b", b_addr).await;
+    wait_for_state(&server, tag, "b", State::Up, DEADLINE).await;
+    let up = Instant::now();
+    assert!(backend.is_ramping());
+    assert!(
+        backend.effective_weight() <= 2,
+        "{}",
+        backend.effective_weight()
+    );
+
+    // At admission p, round-robin over two gives it p / (1 + p) (a pick not kept moves
+    // the schedule on): about 9 % over the first fifth of the ramp.
+    let (early, early_all) = share_of(front, "b", ramp / 5).await;
+    // The fourth fifth: about 41 %.
+    tokio::time::sleep_until(up + ramp * 3 / 5).await;
+    let middle_weight = backend.effective_weight();
+    let (late, late_all) = share_of(front, "b", ramp / 5).await;
+    tokio::time::sleep_until(up + ramp + Duration::from_millis(100)).await;
+    let (after, after_all) = share_of(front, "b", Duration::from_millis(300)).await;
+    let share = |n: usize, all: usize| n as f64 / all as f64;
+    let shares =
+        format!("early {early}/{early_all}, late {late}/{late_all}, after {after}/{after_all}");
+    eprintln!("slow start, shares of the returning backend: {shares}");
+    assert!(early_all >= 30 && late_all >= 30, "{shares}");
+    assert!(share(early, early_all) < 0.2, "{shares}");
+    assert!((0.15..0.48).contains(&share(late, late_all)), "{shares}");
+    assert!(share(early, early_all) < share(late, late_all), "{shares}");
+    assert!(
+        (5..=9).contains(&middle_weight),
+        "effective weight {middle_weight} at 3/5"
+    );
+    assert!(!backend.is_ramping(), "over after slow_start");
+    assert_eq!(backend.effective_weight(), 10);
+    assert!(
+        (after * 2).abs_diff(after_all) <= 1,
+        "full share after the ramp: {shares}"
+    );
+}
+
+#[tokio::test]
+async fn enable_after_a_drain_ramps_and_show_backends_says_so() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let tag = "ramp_enable";
+    let mut config = config(tag, &[&a, &b], 1_000, Duration::ZERO);
+    config.pools[0].backends[1].weight = 100;
+    config.pools[0].slow_start = Duration::from_secs(600);
+    let (server, _front) = start_tagged(tag, config).await;
+    let backend = server.backend(tag, "b").unwrap();
+    assert!(
+        !backend.is_ramping(),
+        "without a health check: up from the start"
+    );
+    backend.set_admin(Admin::Drain);
+    let run = |line: &str| {
+        let request = weir::admin::parse(line).unwrap();
+        weir::admin::execute(request, &server.handle)
+    };
+    run("enable ramp_enable/b").await.unwrap();
+    assert!(backend.is_ramping(), "back in rotation");
+    let shown = run("show backends --json").await.unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&shown).unwrap();
+    let row = rows.into_iter().find(|r| r["name"] == "b").unwrap();
+    assert_eq!(row["weight"], 100);
+    assert_eq!(row["effective_weight"], 1, "{row}");
+    assert_eq!(row["slow_start_percent"], 0, "{row}");
+    let text = run("show backends").await.unwrap();
+    let b_row: Vec<&str> = (text.lines())
+        .find(|l| l.contains(&b.addr.to_string()))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&b_row[4..6], ["100", "1"], "WEIGHT and EFF: {text}");
 }

@@ -57,6 +57,7 @@ pub(super) struct RawPool {
     pub(super) retries: Option<Pos<String>>,
     pub(super) on_down: Option<Pos<String>>,
     pub(super) queue_timeout: Option<Pos<String>>,
+    pub(super) slow_start: Option<Pos<String>>,
     /// `health_check:` with no value (null) means a check with every default.
     pub(super) health_check: Option<Pos<Option<RawHealthCheck>>>,
     pub(super) backends: Option<Pos<Vec<Pos<RawBackend>>>>,
@@ -138,6 +139,7 @@ const POOL: Schema = Schema {
         "retries",
         "on_down",
         "queue_timeout",
+        "slow_start",
         "health_check",
         "backends",
     ],
@@ -492,6 +494,7 @@ fn pool(cx: &mut Cx, f: Fields) -> RawPool {
             "retries" => r.retries = scalar(cx, v, key),
             "on_down" => r.on_down = scalar(cx, v, key),
             "queue_timeout" => r.queue_timeout = scalar(cx, v, key),
+            "slow_start" => r.slow_start = scalar(cx, v, key),
             "health_check" => r.health_check = health_check(cx, v),
             "backends" => r.backends = backends(cx, v, &mut r.reported),
             _ => {}

@@ -67,6 +67,9 @@ pub struct PoolConfig {
     /// How long a connection waits for a slot when every eligible backend is at its
     /// `max_connections` (0: closed at once).
     pub queue_timeout: Duration,
+    /// A backend that comes up (or back) takes new connections at a share ramped from
+    /// small to its weight's over this long (0: off). Not for source-hash.
+    pub slow_start: Duration,
     pub health_check: Option<HealthCheckConfig>,
     /// In file order.
     pub backends: Vec<BackendConfig>,

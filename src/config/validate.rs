@@ -16,8 +16,8 @@ use super::runtime::{
 };
 use super::values::{
     CHECK_INTERVAL, CHECK_TIMEOUT, CONNECT_TIMEOUT, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT,
-    QUEUE_TIMEOUT, SHUTDOWN_TIMEOUT, backend_addr, bind_addr, binds_clash, boolean, check_name,
-    duration, hex_bytes, literal_escapes, number, on_down, protocol, strategy,
+    QUEUE_TIMEOUT, SHUTDOWN_TIMEOUT, SLOW_START, backend_addr, bind_addr, binds_clash, boolean,
+    check_name, duration, hex_bytes, literal_escapes, number, on_down, protocol, strategy,
 };
 use super::yaml::Scalar;
 use crate::balance::{Strategy, WEIGHT_RANGE};
@@ -443,6 +443,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
             retries: 2,
             on_down: OnDown::Keep,
             queue_timeout: Duration::ZERO,
+            slow_start: Duration::ZERO,
             health_check: None,
             backends: Vec::new(),
         },
@@ -481,6 +482,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
         &QUEUE_TIMEOUT,
         Duration::ZERO,
     );
+    c.slow_start = slow_start(cx, raw, c.strategy, &path);
     if let Some(hc) = &raw.health_check {
         let (check, without_send) = validate_check(cx, hc, &format!("{path}.health_check"));
         c.health_check = Some(check);
@@ -488,6 +490,24 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
     }
     pending.config.backends = validate_backends(cx, name, raw, &path);
     pending
+}
+
+/// `slow_start`: a warning with source-hash, where a client's backend is fixed by its
+/// address and a ramp would move clients away and back.
+fn slow_start(cx: &mut Cx, raw: &RawPool, strategy: Strategy, path: &str) -> Duration {
+    let key = format!("{path}.slow_start");
+    let ramp = duration(cx, &raw.slow_start, &key, &SLOW_START, Duration::ZERO);
+    if strategy == Strategy::SourceHash
+        && !ramp.is_zero()
+        && let Some(at) = &raw.slow_start
+    {
+        cx.warn(
+            Some(&at.at),
+            &key,
+            "slow_start does not apply to strategy source-hash (a client's backend is fixed by its address; a ramp would move clients away and back): it is ignored",
+        );
+    }
+    ramp
 }
 
 fn validate_backends(

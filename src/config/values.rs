@@ -50,6 +50,12 @@ pub(super) const QUEUE_TIMEOUT: DurationKey = DurationKey {
     min: Duration::ZERO,
     max: Duration::from_secs(3600),
 };
+/// 0 is the default (off); a ramp longer than a day is a mistake.
+pub(super) const SLOW_START: DurationKey = DurationKey {
+    key: "slow_start",
+    min: Duration::ZERO,
+    max: DAY,
+};
 /// Linux gives up on a SYN after about two minutes anyway.
 pub(super) const CONNECT_TIMEOUT: DurationKey = DurationKey {
     key: "connect_timeout",
@@ -428,6 +434,7 @@ mod tests {
             &CHECK_INTERVAL,
             &CHECK_TIMEOUT,
             &QUEUE_TIMEOUT,
+            &SLOW_START,
         ]
         .iter()
         .map(|k| (k.key, k.range()))
@@ -443,6 +450,7 @@ mod tests {
                 ("interval", "1ms..=24h".to_string()),
                 ("timeout", "1ms..=1h".to_string()),
                 ("queue_timeout", "0s..=1h".to_string()),
+                ("slow_start", "0s..=24h".to_string()),
             ]
         );
     }

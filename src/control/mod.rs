@@ -347,5 +347,6 @@ fn new_backend(
         pool.health_check.is_none(),
     );
     new.set_close_on_down(pool.on_down == OnDown::Close);
+    new.set_slow_start(pool.slow_start);
     new
 }

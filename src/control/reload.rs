@@ -142,7 +142,12 @@ impl ControlTask {
                     Arc::clone(backend)
                 }
                 BackendStep::Add(index) => {
-                    new_backend(config, &config.backends[*index], &self.shutdown.hard)
+                    let added = new_backend(config, &config.backends[*index], &self.shutdown.hard);
+                    if config.health_check.is_none() {
+                        // Up at once, joining a pool that serves: it ramps (slow_start).
+                        added.start_ramp();
+                    }
+                    added
                 }
                 BackendStep::Retire { backend, newly } => {
                     if *newly {

@@ -126,6 +126,7 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             retries: 2,
             on_down: OnDown::Keep,
             queue_timeout: Duration::ZERO,
+            slow_start: Duration::ZERO,
             health_check: None,
             backends,
         }],
