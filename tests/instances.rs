@@ -8,119 +8,18 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 
+use common::child::Weir as Instance;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, UnixStream};
+use tokio::net::TcpSocket;
 
 const SOURCES: usize = 200;
 const BACKENDS: usize = 5;
 
 /// Which backend each source address reached, by backend name.
 type Mapping = BTreeMap<IpAddr, String>;
-
-/// One `weir run` child: its listener address and admin socket; killed on drop.
-struct Instance {
-    child: Child,
-    front: SocketAddr,
-    socket: PathBuf,
-}
-
-impl Instance {
-    /// Starts `weir run -c config` and waits for its "accepting on ADDR" line.
-    fn start(config: &Path, socket: &Path) -> Instance {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["run", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("weir starts");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = std::time::Instant::now() + DEADLINE;
-        let mut said = Vec::new();
-        let front = loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                let _ = child.kill();
-                panic!("weir did not start in time; it said:\n{}", said.join("\n"));
-            };
-            if let Some(rest) = line.split("accepting on ").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-            said.push(line);
-        };
-        // Keep draining its log so that it never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Instance {
-            child,
-            front,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    async fn admin(&self, command: &str) -> String {
-        let mut stream = UnixStream::connect(&self.socket).await.unwrap();
-        stream
-            .write_all(format!("{command}\n").as_bytes())
-            .await
-            .unwrap();
-        let mut reply = String::new();
-        tokio::time::timeout(DEADLINE, stream.read_to_string(&mut reply))
-            .await
-            .expect("admin reply in time")
-            .unwrap();
-        reply
-    }
-
-    /// The state of each backend, by name.
-    async fn states(&self) -> BTreeMap<String, String> {
-        let rows: Vec<serde_json::Value> =
-            serde_json::from_str(&self.admin("show backends --json").await).unwrap();
-        (rows.iter())
-            .map(|r| {
-                (
-                    r["name"].as_str().unwrap().into(),
-                    r["state"].as_str().unwrap().into(),
-                )
-            })
-            .collect()
-    }
-
-    async fn wait_for(&self, backend: &str, state: &str) {
-        wait_until(DEADLINE, &format!("{backend} {state}"), || async {
-            self.states().await.get(backend).map(String::as_str) == Some(state)
-        })
-        .await;
-    }
-
-    async fn wait_all_up(&self) {
-        wait_until(DEADLINE, "every backend up", || async {
-            self.states().await.values().all(|s| s == "up")
-        })
-        .await;
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Source `i` of the 200: 127.0.1.1 … 127.0.1.200 (every 127/8 address is loopback).
 fn source(i: usize) -> IpAddr {

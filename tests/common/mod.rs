@@ -2,6 +2,7 @@
 //! and polling with a deadline (never sleep-and-hope).
 #![allow(dead_code)]
 
+pub mod child;
 pub mod patroni;
 
 use std::future::Future;

@@ -1,0 +1,473 @@
+//! Injected faults against a real `weir run` process: its file descriptors run out, its
+//! config is reloaded in a storm, a backend flaps, a client reads slowly, a backend never
+//! reads or never accepts. Each test asserts what a user would see (every byte, every
+//! connection) and what weir's process looks like afterwards (fds, memory, state).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::child::Weir;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+fn write_config(dir: &TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A config with an admin socket in `dir`, a metrics endpoint, listener `front` and pool
+/// `p` with `pool` (its keys, indented 4) and these backends.
+fn config_text(dir: &TempDir, pool: &str, backends: &[(SocketAddr, u32)]) -> String {
+    let list: String = (backends.iter())
+        .map(|(a, w)| format!("      - address: {a}\n        weight: {w}\n"))
+        .collect();
+    format!(
+        "admin:\n  socket: {}\nmetrics:\n  bind: 127.0.0.1:0\nlisteners:\n  front:\n    \
+         bind: 127.0.0.1:0\n    pool: p\npools:\n  p:\n{pool}    backends:\n{list}",
+        dir.join("admin.sock").display()
+    )
+}
+
+fn socket(dir: &TempDir) -> PathBuf {
+    dir.join("admin.sock")
+}
+
+/// Its metrics endpoint, from the "serving metrics on http://ADDR/metrics" line.
+fn metrics_addr(weir: &Weir) -> SocketAddr {
+    let log = weir.log.lock().unwrap();
+    let line = (log.iter())
+        .find_map(|l| l.split("serving metrics on http://").nth(1))
+        .expect("metrics address logged");
+    line.split('/').next().unwrap().parse().unwrap()
+}
+
+/// The sum of every series of `name` in /metrics whose labels contain `labels`.
+async fn metric(weir: &Weir, name: &str, labels: &str) -> f64 {
+    let mut stream = TcpStream::connect(metrics_addr(weir)).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut body))
+        .await
+        .expect("metrics in time")
+        .unwrap();
+    (body.lines())
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One connection through weir: reads the greeting, echoes `payload` back, checks it.
+async fn exchange(front: SocketAddr, payload: &[u8]) -> Result<String, String> {
+    let work = async {
+        let mut stream = TcpStream::connect(front).await.map_err(|e| e.to_string())?;
+        let mut name = Vec::new();
+        let mut byte = [0u8; 1];
+        while name.last() != Some(&b'\n') {
+            match stream.read(&mut byte).await {
+                Ok(1) => name.push(byte[0]),
+                other => return Err(format!("greeting: {other:?}")),
+            }
+        }
+        let (mut r, mut w) = stream.split();
+        let send = async {
+            w.write_all(payload).await?;
+            w.shutdown().await
+        };
+        let mut back = Vec::with_capacity(payload.len());
+        let (sent, got) = tokio::join!(send, r.read_to_end(&mut back));
+        sent.map_err(|e| format!("send: {e}"))?;
+        got.map_err(|e| format!("receive: {e}"))?;
+        if back != payload {
+            return Err(format!(
+                "{} bytes back of {}, or changed",
+                back.len(),
+                payload.len()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&name).trim().to_string())
+    };
+    tokio::time::timeout(DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+async fn wait_fds_at_most(weir: &Weir, limit: usize) {
+    wait_until(DEADLINE, &format!("weir back to {limit} fds"), || async {
+        weir.fds() <= limit
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_fds_backs_off_blames_no_backend_and_recovers() {
+    let backend = TestBackend::start("b").await;
+    let dir = TempDir::new("faults-fds");
+    let check = "    health_check:\n      interval: 100ms\n      timeout: 100ms\n";
+    let text = config_text(&dir, check, &[(backend.addr, 1)]);
+    let weir = Weir::start_with_fd_limit(
+        &write_config(&dir, "w.yaml", &text),
+        &socket(&dir),
+        Some(64),
+    );
+    weir.wait_all_up().await;
+    exchange(weir.front, b"warm").await.unwrap();
+    let idle_fds = weir.fds();
+
+    // A flood of idle clients, far more than 64 descriptors' worth.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        if let Ok(Ok(c)) =
+            tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(weir.front)).await
+        {
+            flood.push(c);
+        }
+    }
+    assert!(flood.len() >= 100, "only {} clients connected", flood.len());
+    wait_until(DEADLINE, "weir at its fd limit", || async {
+        weir.fds() >= 60
+    })
+    .await;
+    // Held at the limit across several health-check intervals: probes fail for want of
+    // a descriptor, which must not count against the backend.
+    let held = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < held {
+        assert!(
+            !weir.logged("b down"),
+            "a healthy backend blamed for weir's fds"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(flood);
+
+    let released = Instant::now();
+    let mut answered = None;
+    while released.elapsed() < Duration::from_secs(5) {
+        if exchange(weir.front, b"after").await.is_ok() {
+            answered = Some(released.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answered = answered.expect("a new connection succeeds after the flood");
+    assert!(
+        answered < Duration::from_secs(2),
+        "served again after {answered:?}"
+    );
+    let rows = weir.backends().await;
+    let row = rows.values().next().unwrap();
+    assert_eq!(row["state"], "up", "{row}");
+    assert!(!weir.logged("down:"), "nothing marked down");
+    let exhausted = metric(&weir, "weir_resource_exhaustion_total", "").await;
+    assert!(exhausted > 0.0, "the exhaustion is counted");
+    assert_eq!(
+        metric(&weir, "weir_backend_connect_errors_total", "").await,
+        0.0,
+        "no connect error blamed on the backend"
+    );
+    wait_fds_at_most(&weir, idle_fds + 2).await;
+    eprintln!(
+        "fd flood: {idle_fds} fds idle, served again {answered:?} after release, {exhausted} exhaustion events"
+    );
+}
+
+/// Writes `text` to `path` as an editor would: a new file renamed over the old one.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_storm_under_traffic_loses_nothing_and_ends_on_the_last_config() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let dir = TempDir::new("faults-reload");
+    let one = config_text(&dir, "", &[(a.addr, 1), (b.addr, 1)]);
+    let two = config_text(
+        &dir,
+        "    strategy: least-connections\n",
+        &[(a.addr, 3), (b.addr, 7)],
+    );
+    let broken = format!("{one}\n  oops: [unclosed\n");
+    let path = write_config(&dir, "w.yaml", &one);
+    let weir = Weir::start(&path, &socket(&dir));
+    weir.wait_all_up().await;
+
+    let front = weir.front;
+    let traffic = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        let end = Instant::now() + Duration::from_secs(12);
+        let mut seed = 0;
+        while Instant::now() < end && ok + failed.len() < 5_000 {
+            seed += 1;
+            let payload = pseudo_random(16 * 1024 + seed as usize % 4096, seed);
+            match exchange(front, &payload).await {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e),
+            }
+        }
+        (ok, failed)
+    });
+    let mut rss_after_warmup = 0;
+    for i in 0..50 {
+        let text = [&one, &two, &broken][i % 3];
+        replace_file(&path, text);
+        weir.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if i == 5 {
+            rss_after_warmup = weir.rss_kib();
+        }
+    }
+    // The 50th (i = 49, 49 % 3 = 1) wrote `two`: it must be in force.
+    wait_until(DEADLINE, "the last config in force", || async {
+        let rows = weir.backends().await;
+        rows[&a.addr.to_string()]["weight"] == 3 && rows[&b.addr.to_string()]["weight"] == 7
+    })
+    .await;
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "only {ok} connections ran");
+    assert!(
+        weir.logged("reload failed, nothing changed"),
+        "the broken file was refused"
+    );
+    let rss = weir.rss_kib();
+    assert!(
+        rss < rss_after_warmup + 4 * 1024,
+        "memory grew from {rss_after_warmup} KiB to {rss} KiB over 44 reloads"
+    );
+    eprintln!("reload storm: {ok} connections, none failed; RSS {rss_after_warmup} -> {rss} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_backend_fails_no_client_and_its_changes_are_logged_once_each() {
+    let steady = TestBackend::start("steady").await;
+    let mut flapping = Some(TestBackend::start("flap").await);
+    let flap_addr = flapping.as_ref().unwrap().addr;
+    let dir = TempDir::new("faults-flap");
+    let pool = "    retries: 2\n    health_check:\n      interval: 100ms\n      timeout: 100ms\n      rise: 1\n      fall: 1\n";
+    let text = config_text(&dir, pool, &[(steady.addr, 1), (flap_addr, 1)]);
+    let weir = Weir::start(&write_config(&dir, "w.yaml", &text), &socket(&dir));
+    weir.wait_all_up().await;
+
+    let front = weir.front;
+    let traffic = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        let end = Instant::now() + Duration::from_secs(7);
+        while Instant::now() < end && ok + failed.len() < 20_000 {
+            match exchange(front, b"ping").await {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(e),
+            }
+        }
+        (ok, failed)
+    });
+    // Its listener goes away and comes back every 300 ms (open connections finish).
+    let mut flaps = 0;
+    let end = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match flapping.take() {
+            Some(up) => drop(up),
+            None => flapping = Some(TestBackend::restart("flap", flap_addr).await),
+        }
+        flaps += 1;
+    }
+    let (ok, failed) = traffic.await.unwrap();
+    // A connection the backend's kernel had completed but the backend never accepted is
+    // reset when its listener goes away: weir passes that reset on (the backend did
+    // accept the connect), so such a client sees a reset before its first byte. At most a
+    // few per flap; every other failure (a refused connect reaching a client) is a defect.
+    let (reset_in_backlog, other): (Vec<&String>, Vec<&String>) =
+        (failed.iter()).partition(|e| e.starts_with("greeting:") && e.contains("reset"));
+    assert!(
+        other.is_empty(),
+        "{} of {} client connections failed: {:?}",
+        other.len(),
+        ok + failed.len(),
+        &other[..other.len().min(5)]
+    );
+    assert!(
+        reset_in_backlog.len() <= flaps,
+        "{} resets before the first byte in {flaps} flaps",
+        reset_in_backlog.len()
+    );
+    let name = flap_addr.to_string();
+    let changes = (weir.log.lock().unwrap().iter())
+        .filter(|l| l.contains(&format!("p/{name} up")) || l.contains(&format!("p/{name} down")))
+        .count();
+    assert!(changes >= 2, "the flaps were seen: {changes} state changes logged");
+    assert!(
+        changes <= flaps + 2,
+        "{changes} state-change lines for {flaps} flaps: one per change at most"
+    );
+    eprintln!(
+        "flapping: {flaps} flaps, {changes} state changes logged, {ok} client connections served, {} reset in the dying backend's backlog",
+        reset_in_backlog.len()
+    );
+}
+
+/// A backend that sends `total` bytes of `pseudo_random(total, 7)` to each client, then
+/// closes.
+async fn source_backend(total: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let data = pseudo_random(total, 7);
+                let _ = stream.write_all(b"source\n").await;
+                let _ = stream.write_all(&data).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_gets_every_byte_and_the_kernel_not_weir_holds_the_backlog() {
+    const TOTAL: usize = 24 << 20;
+    let backend = source_backend(TOTAL).await;
+    let dir = TempDir::new("faults-slow");
+    let text = config_text(&dir, "", &[(backend, 1)]);
+    let weir = Weir::start(&write_config(&dir, "w.yaml", &text), &socket(&dir));
+    let idle = weir.rss_kib();
+
+    let mut stream = TcpStream::connect(weir.front).await.unwrap();
+    let mut got = Vec::with_capacity(TOTAL + 16);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut peak = idle;
+    // Read at about 4 MiB/s: 64 KiB every 16 ms.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {TOTAL} bytes in 30 s",
+            got.len()
+        );
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        peak = peak.max(weir.rss_kib());
+        tokio::time::sleep(Duration::from_millis(16)).await;
+    }
+    let greeting = b"source\n".len();
+    assert_eq!(got.len(), TOTAL + greeting);
+    assert!(
+        got[greeting..] == pseudo_random(TOTAL, 7)[..],
+        "bytes in order, unchanged"
+    );
+    assert!(
+        peak < idle + 4 * 1024,
+        "weir's RSS went from {idle} KiB to {peak} KiB behind a slow reader"
+    );
+    eprintln!("slow reader: 24 MiB at ~4 MiB/s, RSS idle {idle} KiB, peak {peak} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_that_never_read_or_never_accept_hold_nothing_and_hurt_no_one() {
+    let good = TestBackend::start("good").await;
+    // Accepts, then never reads.
+    let deaf = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deaf_addr = deaf.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = deaf.accept().await {
+            held.push(s);
+        }
+    });
+    // Never accepts: a backlog of one, filled first (further SYNs are dropped, so a
+    // connect to it times out as to a host that has stopped answering).
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let full_addr = full.local_addr().unwrap().as_socket().unwrap();
+    let filler: Vec<_> = (0..4)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&full_addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    assert!(
+        std::net::TcpStream::connect_timeout(&full_addr, Duration::from_millis(300)).is_err(),
+        "the backlog is full"
+    );
+
+    let dir = TempDir::new("faults-deaf");
+    let pool = "    connect_timeout: 300ms\n    retries: 2\n";
+    let text = config_text(
+        &dir,
+        pool,
+        &[(deaf_addr, 1), (full_addr, 1), (good.addr, 1)],
+    );
+    let weir = Weir::start(&write_config(&dir, "w.yaml", &text), &socket(&dir));
+    let idle = weir.rss_kib();
+
+    // To the deaf one: the first pick of round-robin.
+    let mut to_deaf = TcpStream::connect(weir.front).await.unwrap();
+    let chunk = vec![7u8; 256 * 1024];
+    let mut written = 0usize;
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end && written < 256 << 20 {
+        match tokio::time::timeout(Duration::from_millis(300), to_deaf.write(&chunk)).await {
+            Ok(Ok(n)) => written += n,
+            _ => break,
+        }
+    }
+    assert!(
+        written < 64 << 20,
+        "{written} bytes accepted towards a backend that never reads"
+    );
+    let rss = weir.rss_kib();
+    assert!(
+        rss < idle + 4 * 1024,
+        "RSS {idle} -> {rss} KiB holding a stuck write"
+    );
+
+    // With the deaf one drained (it holds its client), the others serve: a pick of the
+    // one that never accepts times out after connect_timeout and goes to the good one.
+    let deaf_name = format!("p/{deaf_addr}");
+    assert!(
+        weir.admin(&format!("drain {deaf_name}"))
+            .await
+            .contains("drain")
+    );
+    let started = Instant::now();
+    for _ in 0..6 {
+        let one = Instant::now();
+        let name = exchange(weir.front, b"hello").await;
+        assert_eq!(name.as_deref(), Ok("good"), "served by the good backend");
+        assert!(
+            one.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            one.elapsed()
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        weir.logged("timed out")
+            || metric(&weir, "weir_backend_connect_errors_total", "").await > 0.0,
+        "the backend that never accepts timed out"
+    );
+    drop((filler, full, held));
+    eprintln!(
+        "deaf backend: {written} bytes taken before writes stalled; RSS {idle} -> {rss} KiB; 6 connections in {took:?}"
+    );
+}
