@@ -574,6 +574,66 @@ mod tests {
         );
     }
 
+    /// A server that writes `reply` in the pieces `cuts` gives (each flushed on its own,
+    /// without Nagle), then closes; the probe's verdict on `expect`.
+    async fn probe_split_reply(reply: Vec<u8>, cuts: Vec<usize>, expect: Vec<u8>) -> bool {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([reply.len()]) {
+                let cut = cut.clamp(at, reply.len());
+                if stream.write_all(&reply[at..cut]).await.is_err() {
+                    return;
+                }
+                at = cut;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let config = HealthCheckConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            rise: 1,
+            fall: 1,
+            port: None,
+            send: None,
+            expect: Some(expect),
+        };
+        let deadline = tokio::time::Instant::now() + config.timeout;
+        let verdict = probe_tcp(addr, &config, deadline).await.is_ok();
+        server.await.unwrap();
+        verdict
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// The reply is searched across reads: a needle split over any number of
+        /// segments is found, and one that isn't there never is.
+        #[test]
+        fn expect_matches_a_reply_however_it_is_split(
+            reply in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+            needle in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..6),
+            planted in proptest::prelude::any::<Option<proptest::sample::Index>>(),
+        ) {
+            let mut reply = reply;
+            if let Some(at) = planted {
+                let at = at.index(reply.len() + 1);
+                reply.splice(at..at, needle.iter().copied());
+            }
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let wanted = contains(&reply, &needle);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let got = runtime.block_on(probe_split_reply(reply.clone(), cuts, needle.clone()));
+            proptest::prop_assert_eq!(got, wanted, "reply {:?} needle {:?}", reply, needle);
+        }
+    }
+
     #[test]
     fn contains_finds_needles_anywhere() {
         assert!(contains(

@@ -311,7 +311,10 @@ async fn a_flapping_backend_fails_no_client_and_its_changes_are_logged_once_each
     let changes = (weir.log.lock().unwrap().iter())
         .filter(|l| l.contains(&format!("p/{name} up")) || l.contains(&format!("p/{name} down")))
         .count();
-    assert!(changes >= 2, "the flaps were seen: {changes} state changes logged");
+    assert!(
+        changes >= 2,
+        "the flaps were seen: {changes} state changes logged"
+    );
     assert!(
         changes <= flaps + 2,
         "{changes} state-change lines for {flaps} flaps: one per change at most"
