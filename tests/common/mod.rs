@@ -128,7 +128,9 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             queue_timeout: Duration::ZERO,
             health_check: None,
             backends,
+            discover: None,
         }],
+        resolvers: Vec::new(),
     }
 }
 
