@@ -173,7 +173,11 @@ impl Resolver {
             if let RData::SRV(srv) = &record.data {
                 ttl = ttl.min(record.ttl);
                 let target = srv.target.to_string();
-                records.push((target.trim_end_matches('.').to_string(), srv.port, srv.weight));
+                records.push((
+                    target.trim_end_matches('.').to_string(),
+                    srv.port,
+                    srv.weight,
+                ));
             }
         }
         let weights = srv_weights(&records.iter().map(|r| r.2).collect::<Vec<_>>());

@@ -53,7 +53,11 @@ pub(super) fn discover(
     let dns = match &raw.value.dns {
         Some(d) if !d.value.trim().is_empty() => d.value.trim().to_string(),
         Some(d) => {
-            cx.error(Some(&d.at), &format!("{path}.dns"), "dns is empty: name the DNS name to follow");
+            cx.error(
+                Some(&d.at),
+                &format!("{path}.dns"),
+                "dns is empty: name the DNS name to follow",
+            );
             return None;
         }
         None => {
@@ -71,7 +75,9 @@ pub(super) fn discover(
             cx.error(
                 Some(&p.at),
                 &port_key,
-                format!("\"{dns}\" names SRV records, which carry each backend's port: remove port"),
+                format!(
+                    "\"{dns}\" names SRV records, which carry each backend's port: remove port"
+                ),
             );
             return None;
         }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod patroni;
+pub mod unbound;
 
 use std::future::Future;
 use std::net::SocketAddr;
