@@ -342,3 +342,98 @@ async fn a_stopped_server_keeps_the_last_set_counts_errors_and_a_short_ttl_wins(
     assert!(greeting == "b2" || greeting == "b3", "{greeting}");
     server.stop().await;
 }
+
+// ----- the config keys (no DNS server needed) ----------------------------------------
+
+fn parse_problems(text: &str) -> Vec<String> {
+    match weir::config::parse(text, "weir.yaml") {
+        Ok(_) => panic!("expected problems in:\n{text}"),
+        Err(e) => e.0.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+const HEAD: &str = "listeners:\n  l:\n    bind: 127.0.0.1:7000\n    pool: p\npools:\n  p:\n";
+
+#[test]
+fn a_pool_with_discover_needs_no_listed_backend_and_gets_the_defaults() {
+    let text = format!(
+        "resolvers: [\"127.0.0.1:5353\", \"[::1]:53\"]\n{HEAD}    discover:\n      dns: web.example\n      port: 8080\n"
+    );
+    let config = weir::config::parse(&text, "weir.yaml").unwrap();
+    assert_eq!(
+        config.resolvers,
+        vec![addr("127.0.0.1:5353"), addr("[::1]:53")]
+    );
+    let discover = config.pools[0].discover.clone().unwrap();
+    assert_eq!(
+        (discover.dns.as_str(), discover.port, discover.refresh),
+        ("web.example", Some(8080), Duration::from_secs(30))
+    );
+    assert!(config.pools[0].backends.is_empty());
+    let srv = format!(
+        "{HEAD}    discover: {{ dns: _pg._tcp.db.example, refresh: 5s }}\n    backends: []\n"
+    );
+    let config = weir::config::parse(&srv, "weir.yaml").unwrap();
+    assert!(config.pools[0].discover.as_ref().unwrap().is_srv());
+    assert!(config.resolvers.is_empty(), "the system's nameservers");
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn discover_problems_are_positioned_and_say_what_to_do() {
+    let cases = [
+        (
+            "    discover: { dns: web.example }\n",
+            "weir.yaml:7:15: ",
+            "add port: PORT",
+        ),
+        (
+            "    discover: { dns: _x._tcp.example, port: 80 }\n",
+            "weir.yaml:7:45: ",
+            "remove port",
+        ),
+        (
+            "    discover: { dns: \"\", port: 80 }\n",
+            "weir.yaml:7:22: ",
+            "dns is empty",
+        ),
+        (
+            "    discover: { dns: a.example, port: 80, refresh: 500ms }\n",
+            "weir.yaml:7:52: ",
+            "refresh \"500ms\" is too short",
+        ),
+        (
+            "    discover: { dns: a.example, port: 0 }\n",
+            "weir.yaml:7:39: ",
+            "port 0 is out of range",
+        ),
+        (
+            "    discover: { dns: a.example, prot: 80 }\n",
+            "weir.yaml:7:33: ",
+            "did you mean \"port\"",
+        ),
+    ];
+    for (body, at, needle) in cases {
+        let problems = parse_problems(&format!("{HEAD}{body}"));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(at) && p.contains(needle)),
+            "{body}: no problem at {at} saying {needle:?}: {problems:#?}"
+        );
+        assert_eq!(problems.len(), 1, "one problem each: {problems:#?}");
+    }
+    let problems = parse_problems(&format!(
+        "resolvers: [dns.example:53]\n{HEAD}    discover: {{ dns: a.example, port: 80 }}\n"
+    ));
+    assert!(
+        problems[0].starts_with("weir.yaml:1:13: ") && problems[0].contains("expected IP:PORT"),
+        "{problems:?}"
+    );
+    // Without discover, a pool still needs backends.
+    let problems = parse_problems(&format!("{HEAD}    backends: []\n"));
+    assert!(problems[0].contains("has no backends"), "{problems:?}");
+}

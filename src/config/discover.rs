@@ -60,6 +60,7 @@ pub(super) fn discover(
             );
             return None;
         }
+        None if raw.value.reported.contains(&"dns") => return None,
         None => {
             cx.error(
                 Some(&raw.at),
@@ -82,6 +83,7 @@ pub(super) fn discover(
             return None;
         }
         (None, true) => None,
+        (None, false) if raw.value.reported.contains(&"port") => return None,
         (Some(p), false) => Some(number(cx, p, &port_key, "port", 1, 65535)? as u16),
         (None, false) => {
             cx.error(

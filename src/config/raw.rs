@@ -71,6 +71,7 @@ pub(super) struct RawDiscover {
     pub(super) dns: Option<Pos<String>>,
     pub(super) port: Option<Pos<String>>,
     pub(super) refresh: Option<Pos<String>>,
+    pub(super) reported: Vec<&'static str>,
 }
 
 #[derive(Default)]
@@ -526,7 +527,10 @@ fn pool(cx: &mut Cx, f: Fields) -> RawPool {
 }
 
 fn discover(cx: &mut Cx, f: Fields) -> RawDiscover {
-    let mut r = RawDiscover::default();
+    let mut r = RawDiscover {
+        reported: f.reported,
+        ..RawDiscover::default()
+    };
     for (key, v) in f.entries {
         match key {
             "dns" => r.dns = scalar(cx, v, key),
