@@ -95,7 +95,8 @@ pub fn capture_with(
             };
             insert(&mut state, backend, backend_config.weight);
         }
-        for backend in &snapshot.backends {
+        // A retiring one (a moved backend's old address) shares its successor's name.
+        for backend in snapshot.backends.iter().filter(|b| !b.is_retiring()) {
             if let Some(weight) = discovered(&backend.pool, &backend.name) {
                 insert(&mut state, backend, weight);
             }

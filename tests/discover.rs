@@ -226,7 +226,7 @@ async fn srv_targets_and_ports_changed_and_weights_scaled() {
     .await;
     let dir = TempDir::new("discover-srv");
     let discover = "{ dns: _pg._tcp.disc.test, refresh: 1s }";
-    let (server, _front) = start(config(&dns, discover, &dir, ""), &dir).await;
+    let (server, front) = start(config(&dns, discover, &dir, ""), &dir).await;
     let db1 = format!("db1.disc.test:{port}");
     assert_eq!(names(&server), up(std::slice::from_ref(&db1)));
     assert_eq!(
@@ -276,15 +276,35 @@ async fn srv_targets_and_ports_changed_and_weights_scaled() {
         "db2's new port",
     )
     .await;
-    // db1's address changes (the target's A record): the same name, a new address.
+    // db1's address changes (the target's A record): the same name, a new address; the
+    // old one finishes its connection, the new one takes new ones, enabled.
+    let mut open = None;
+    for _ in 0..20 {
+        let (stream, greeting) = connect_named(front).await;
+        if greeting == "b2" {
+            open = Some(stream);
+            break;
+        }
+    }
+    let mut open = open.expect("a connection to db1 (127.0.0.2)");
     dns.set("db1.disc.test.", &["db1.disc.test. 1 IN A 127.0.0.3"])
         .await;
+    let want: SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
     wait_until(DEADLINE, "db1 to follow its A record", || {
-        let addr = server.backend("web", &db1).map(|b| b.addr);
-        let want: SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
-        async move { addr == Some(want) }
+        let tables = server.handle.tables();
+        let moved = (tables.pools["web"].load_full().backends.iter())
+            .any(|b| b.name == db1 && b.addr == want && b.state() == State::Up);
+        async move { moved }
     })
     .await;
+    assert_eq!(db1_backend.state(), State::Retiring);
+    echo(&mut open, "old address\n").await;
+    let state = std::fs::read_to_string(dir.join("state.json")).unwrap_or_default();
+    assert!(
+        !state.contains("db1"),
+        "the old address is not saved as a drain: {state}"
+    );
+    drop(open);
     // A reload keeps discovered backends (the file does not list them).
     let before = server.backend("web", &db1).unwrap();
     let summary = server.handle.reload().await.unwrap();
