@@ -457,3 +457,53 @@ fn discover_problems_are_positioned_and_say_what_to_do() {
     let problems = parse_problems(&format!("{HEAD}    backends: []\n"));
     assert!(problems[0].contains("has no backends"), "{problems:?}");
 }
+
+#[tokio::test]
+async fn a_reload_that_removes_discover_retires_its_backends_and_one_that_adds_it_back_finds_them()
+{
+    if !have_tools() {
+        return;
+    }
+    let (port, _backends) = backends_on(&[2, 3]).await;
+    let listed = TestBackend::start("listed").await;
+    let dns = Unbound::start("disc.test.", &["web.disc.test. 1 IN A 127.0.0.2"]).await;
+    let dir = TempDir::new("discover-reload");
+    let discover = format!("{{ dns: web.disc.test, port: {port}, refresh: 1s }}");
+    let extra = format!(
+        "    backends:\n      - {{ address: \"{}\", name: listed }}\n",
+        listed.addr
+    );
+    let with = config(&dns, &discover, &dir, &extra);
+    let text = std::fs::read_to_string(dir.join("weir.yaml")).unwrap();
+    let (server, _front) = start(with, &dir).await;
+    let b2 = format!("127.0.0.2:{port}");
+    assert_eq!(names(&server), up(&[b2.clone(), "listed".to_string()]));
+
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("discover:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(dir.join("weir.yaml"), &without).unwrap();
+    server.handle.reload().await.unwrap();
+    assert_eq!(
+        names(&server),
+        up(&["listed".to_string()]),
+        "idle: gone at once"
+    );
+    // With discover gone, a DNS change does nothing.
+    dns.add("web.disc.test. 1 IN A 127.0.0.3").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // two refreshes: nothing may come
+    assert_eq!(names(&server), up(&["listed".to_string()]));
+
+    std::fs::write(dir.join("weir.yaml"), &text).unwrap();
+    server.handle.reload().await.unwrap();
+    let b3 = format!("127.0.0.3:{port}");
+    wait_for_names(
+        &server,
+        &up(&[b2, b3, "listed".to_string()]),
+        "discover back after the reload",
+    )
+    .await;
+    server.stop().await;
+}
