@@ -30,7 +30,13 @@ PY
 echo "kubernetes-validate --strict deploy/kubernetes/*"
 kubernetes-validate --strict --quiet \
   deploy/kubernetes/configmap.yaml deploy/kubernetes/deployment.yaml \
-  deploy/kubernetes/service.yaml deploy/kubernetes/pdb.yaml
+  deploy/kubernetes/service.yaml deploy/kubernetes/pdb.yaml \
+  deploy/kubernetes/discover/headless-service.yaml
+
+# (deploy/kubernetes/weir.yaml lists backends by cluster DNS names, which resolve only in
+# the cluster; the discover variant resolves nothing at check time.)
+echo "weir check deploy/kubernetes/discover/weir.yaml"
+"$weir_bin" check -c deploy/kubernetes/discover/weir.yaml >/dev/null
 
 if command -v hadolint >/dev/null; then
   echo "hadolint deploy/container/Containerfile"

@@ -85,7 +85,9 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
                     backup: false,
                 })
                 .collect(),
+            discover: None,
         }],
+        resolvers: Vec::new(),
     }
 }
 

@@ -12,7 +12,7 @@
 //! 2. Picking: [`balance`] (one file per strategy; `Strategy` owns its names), [`pool`]
 //!    (backends and balancer as one immutable snapshot).
 //! 3. Data path: [`proxy`] (tcp accept, connect + retries, splice, udp sessions), [`health`]
-//!    (probes, rise/fall).
+//!    (probes, rise/fall), [`discover`] (DNS lookups for `discover`, reported to control).
 //! 4. The one writer: [`control`] (the task and its handle; reload as a plan computed by a
 //!    pure function, then applied), [`tables`] (the read side everyone else looks at).
 //! 5. Edges: [`server`] (startup wiring), [`info`] (`show info`), [`admin`] (the Unix-socket protocol), [`http`]
@@ -53,6 +53,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod demo;
+pub mod discover;
 pub mod health;
 pub mod http;
 pub mod info;

@@ -3,9 +3,10 @@
 //!
 //! 1. the metrics recorder and `metrics.bind` (handles created before the recorder are
 //!    no-ops, and a bind failure must stop startup before any listener runs);
-//! 2. pools and backends, with the state file's admin state and weights applied;
+//! 2. pools and backends;
 //! 3. the admin socket (a second instance on the same socket is refused before anything
-//!    is served);
+//!    is served), then the first DNS lookup of every pool with `discover` (bounded), and
+//!    the state file's admin state and weights applied to listed and discovered backends;
 //! 4. the first round of health checks, so every backend is decided before a client
 //!    arrives;
 //! 5. every listener bound and serving, the tables published, the control task, the HTTP
@@ -115,13 +116,14 @@ async fn build(
         (pool.load_full().backends.iter()).for_each(|b| b.in_startup_round());
         tables.pools.insert(pool_config.name.clone(), pool);
     }
-    restore_state(&config, &tables);
     let admin_socket = match &config.admin_socket {
         Some(path) => Some(AdminSocket::bind(path).await?),
         None => None,
     };
     let mut control = ControlTask::new(&config, config_path, shutdown);
     control.set_metrics_addr(exporter.addr());
+    control.discover_first_round(&config, &tables).await;
+    restore_state(&config, &tables);
     first_health_round(&mut control, &config, &tables).await;
     for listener_config in &config.listeners {
         let socket = proxy::bind(listener_config)?;

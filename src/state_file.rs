@@ -72,6 +72,17 @@ pub struct BackendState {
 /// What differs from the config in `tables`: the admin state of every backend that
 /// isn't enabled, and every weight that isn't the config's.
 pub fn capture(tables: &Tables, config: &Config) -> StateFile {
+    capture_with(tables, config, |_, _| None)
+}
+
+/// `capture`, with the backends found by `discover` too: `discovered(pool, name)` is the
+/// weight DNS gave a discovered backend (None: not one), which plays the config's part.
+/// They are keyed by name like listed ones, so a drain outlives re-resolution and restart.
+pub fn capture_with(
+    tables: &Tables,
+    config: &Config,
+    discovered: impl Fn(&str, &str) -> Option<u32>,
+) -> StateFile {
     let mut state = StateFile::default();
     for pool_config in &config.pools {
         let Some(pool) = tables.pools.get(&pool_config.name) else {
@@ -82,26 +93,37 @@ pub fn capture(tables: &Tables, config: &Config) -> StateFile {
             let Some(backend) = snapshot.find(&backend_config.name) else {
                 continue;
             };
-            let admin = match backend.admin() {
-                Admin::Enabled => None,
-                Admin::Drain => Some("drain".to_string()),
-                Admin::Disabled => Some("disabled".to_string()),
-            };
-            let weight = (backend.weight() != backend_config.weight).then(|| backend.weight());
-            let config_weight = weight.map(|_| backend_config.weight);
-            if admin.is_some() || weight.is_some() {
-                state.backends.insert(
-                    format!("{}/{}", backend.pool, backend.name),
-                    BackendState {
-                        admin,
-                        weight,
-                        config_weight,
-                    },
-                );
+            insert(&mut state, backend, backend_config.weight);
+        }
+        // A retiring one (a moved backend's old address) shares its successor's name.
+        for backend in snapshot.backends.iter().filter(|b| !b.is_retiring()) {
+            if let Some(weight) = discovered(&backend.pool, &backend.name) {
+                insert(&mut state, backend, weight);
             }
         }
     }
     state
+}
+
+/// `backend`'s entry, when its admin state or weight (against `base`) needs one.
+fn insert(state: &mut StateFile, backend: &Backend, base: u32) {
+    let admin = match backend.admin() {
+        Admin::Enabled => None,
+        Admin::Drain => Some("drain".to_string()),
+        Admin::Disabled => Some("disabled".to_string()),
+    };
+    let weight = (backend.weight() != base).then(|| backend.weight());
+    let config_weight = weight.map(|_| base);
+    if admin.is_some() || weight.is_some() {
+        state.backends.insert(
+            format!("{}/{}", backend.pool, backend.name),
+            BackendState {
+                admin,
+                weight,
+                config_weight,
+            },
+        );
+    }
 }
 
 /// Writes `state` durably (see the module doc); a failure is counted and names the file.

@@ -10,11 +10,12 @@
 //!
 //! This file is the public face: `load`, `parse`, `admin_socket` and the re-exported
 //! types; the submodules use each other bottom up (diag → yaml, runtime → raw → values
-//! → validate), never this file.
+//! → discover → validate), never this file.
 
 use std::path::{Path, PathBuf};
 
 mod diag;
+mod discover;
 mod raw;
 mod runtime;
 mod validate;
@@ -23,8 +24,8 @@ mod yaml;
 
 pub use diag::{ConfigErrors, Diagnostic};
 pub use runtime::{
-    BackendConfig, Config, HealthCheckConfig, ListenerConfig, OnDown, PoolConfig, Protocol,
-    SOCKET_PATH_MAX, admin_socket_staging,
+    BackendConfig, Config, DiscoverConfig, HealthCheckConfig, ListenerConfig, OnDown, PoolConfig,
+    Protocol, SOCKET_PATH_MAX, admin_socket_staging,
 };
 
 use diag::Cx;

@@ -25,6 +25,8 @@ pub(super) struct RawConfig {
     pub(super) shutdown_timeout: Option<Pos<String>>,
     pub(super) listeners: Option<Pos<NamedMap<RawListener>>>,
     pub(super) pools: Option<Pos<NamedMap<RawPool>>>,
+    /// `resolvers: [ADDR:PORT, ...]`: the DNS servers asked for `discover`.
+    pub(super) resolvers: Option<Pos<Vec<Pos<String>>>>,
 }
 
 #[derive(Default)]
@@ -61,6 +63,15 @@ pub(super) struct RawPool {
     /// `health_check:` with no value (null) means a check with every default.
     pub(super) health_check: Option<Pos<Option<RawHealthCheck>>>,
     pub(super) backends: Option<Pos<Vec<Pos<RawBackend>>>>,
+    pub(super) discover: Option<Pos<RawDiscover>>,
+    pub(super) reported: Vec<&'static str>,
+}
+
+#[derive(Default)]
+pub(super) struct RawDiscover {
+    pub(super) dns: Option<Pos<String>>,
+    pub(super) port: Option<Pos<String>>,
+    pub(super) refresh: Option<Pos<String>>,
     pub(super) reported: Vec<&'static str>,
 }
 
@@ -105,7 +116,14 @@ struct Schema {
 const TOP: Schema = Schema {
     what: "a weir config",
     place: "at the top level",
-    keys: &["admin", "metrics", "shutdown_timeout", "listeners", "pools"],
+    keys: &[
+        "admin",
+        "metrics",
+        "shutdown_timeout",
+        "listeners",
+        "pools",
+        "resolvers",
+    ],
 };
 const ADMIN: Schema = Schema {
     what: "admin settings",
@@ -142,7 +160,13 @@ const POOL: Schema = Schema {
         "slow_start",
         "health_check",
         "backends",
+        "discover",
     ],
+};
+const DISCOVER: Schema = Schema {
+    what: "discover settings",
+    place: "in discover",
+    keys: &["dns", "port", "refresh"],
 };
 const CHECK: Schema = Schema {
     what: "a health check",
@@ -191,6 +215,7 @@ pub(super) fn read(cx: &mut Cx, text: &str) -> Option<RawConfig> {
             "shutdown_timeout" => raw.shutdown_timeout = scalar(cx, v, key),
             "listeners" => raw.listeners = named(cx, v, key, &LISTENER, listener),
             "pools" => raw.pools = named(cx, v, key, &POOL, pool),
+            "resolvers" => raw.resolvers = scalars(cx, v, key),
             _ => {}
         }
     }
@@ -497,10 +522,49 @@ fn pool(cx: &mut Cx, f: Fields) -> RawPool {
             "slow_start" => r.slow_start = scalar(cx, v, key),
             "health_check" => r.health_check = health_check(cx, v),
             "backends" => r.backends = backends(cx, v, &mut r.reported),
+            "discover" => r.discover = mapping(cx, v, &DISCOVER, discover),
             _ => {}
         }
     }
     r
+}
+
+fn discover(cx: &mut Cx, f: Fields) -> RawDiscover {
+    let mut r = RawDiscover {
+        reported: f.reported,
+        ..RawDiscover::default()
+    };
+    for (key, v) in f.entries {
+        match key {
+            "dns" => r.dns = scalar(cx, v, key),
+            "port" => r.port = scalar(cx, v, key),
+            "refresh" => r.refresh = scalar(cx, v, key),
+            _ => {}
+        }
+    }
+    r
+}
+
+/// A list of single values (`resolvers`); None for an empty value, and (recorded) for
+/// anything but a list; an item that is not a single value is recorded and left out.
+fn scalars(cx: &mut Cx, node: &Node, key: &str) -> Option<Pos<Vec<Pos<String>>>> {
+    let items = match &node.kind {
+        Kind::Null => return None,
+        Kind::Seq(items) => items,
+        _ => {
+            cx.error(
+                Some(&node.at),
+                "",
+                format!(
+                    "expected a list (`- ` entries or `[A, B]`) here for {key}, found {}",
+                    shape(node)
+                ),
+            );
+            return None;
+        }
+    };
+    let value = items.iter().filter_map(|i| scalar(cx, i, key)).collect();
+    Some(Pos { value, at: node.at })
 }
 
 fn health_check(cx: &mut Cx, node: &Node) -> Option<Pos<Option<RawHealthCheck>>> {

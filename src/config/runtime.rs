@@ -20,6 +20,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Sorted by name.
     pub pools: Vec<PoolConfig>,
+    /// `resolvers`: the DNS servers asked for `discover` (UDP, then TCP); empty: the
+    /// system's (/etc/resolv.conf).
+    pub resolvers: Vec<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +76,26 @@ pub struct PoolConfig {
     pub health_check: Option<HealthCheckConfig>,
     /// In file order.
     pub backends: Vec<BackendConfig>,
+    /// `discover`: backends from DNS besides those listed.
+    pub discover: Option<DiscoverConfig>,
+}
+
+/// `pools.NAME.discover`: backends found in DNS, re-resolved every `refresh` (or the
+/// records' shortest TTL when shorter, at least 1 s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscoverConfig {
+    /// The name asked for: SRV records when it starts with `_`, else A and AAAA.
+    pub dns: String,
+    /// The backends' port for an A/AAAA name (None for SRV: the records carry it).
+    pub port: Option<u16>,
+    pub refresh: Duration,
+}
+
+impl DiscoverConfig {
+    /// Whether `dns` names SRV records (`_service._proto.name`).
+    pub fn is_srv(&self) -> bool {
+        self.dns.starts_with('_')
+    }
 }
 
 /// `on_down:` what a backend being marked down does to its open connections (udp:

@@ -72,7 +72,9 @@ pub(super) fn validate(cx: &mut Cx, raw: RawConfig) -> Config {
     let mut pools = finish_pools(cx, pools);
     listeners.sort_by(|a: &ListenerConfig, b| a.name.cmp(&b.name));
     pools.sort_by(|a, b| a.name.cmp(&b.name));
+    let resolvers = super::discover::resolvers(cx, &raw);
     Config {
+        resolvers,
         admin_socket,
         state_file,
         metrics_bind,
@@ -446,6 +448,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
             slow_start: Duration::ZERO,
             health_check: None,
             backends: Vec::new(),
+            discover: None,
         },
         at: name.at,
         check_without_send: None,
@@ -488,6 +491,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
         c.health_check = Some(check);
         pending.check_without_send = without_send;
     }
+    pending.config.discover = super::discover::discover(cx, &raw.discover, &path);
     pending.config.backends = validate_backends(cx, name, raw, &path);
     pending
 }
@@ -520,6 +524,9 @@ fn validate_backends(
     let mut backends = Vec::new();
     match &raw.backends {
         None if raw.reported.contains(&"backends") => {}
+        // Backends from DNS only: the pool may have none listed.
+        None if raw.discover.is_some() => {}
+        Some(b) if b.value.is_empty() && raw.discover.is_some() => {}
         None => cx.error(
             Some(&name.at),
             &format!("{path}.backends"),

@@ -62,6 +62,12 @@ pub(super) const CONNECT_TIMEOUT: DurationKey = DurationKey {
     min: MS,
     max: HOUR,
 };
+/// Asking DNS more than once a second is no use (TTLs are in seconds).
+pub(super) const DISCOVER_REFRESH: DurationKey = DurationKey {
+    key: "refresh",
+    min: Duration::from_secs(1),
+    max: DAY,
+};
 pub(super) const CHECK_INTERVAL: DurationKey = DurationKey {
     key: "interval",
     min: MS,

@@ -7,6 +7,8 @@
 //!
 //! - `handle.rs`: [`ControlHandle`], what others hold, and [`ControlError`].
 //! - `checks.rs`: the health checkers it runs, one per backend.
+//! - `discovery.rs`: backends from DNS (`discover`): the followers it runs, and each set
+//!   they find applied as a diff like a reload.
 //! - `plan.rs`: a reload as a plan, computed by a pure function (unit-tested without sockets).
 //! - `reload.rs`: applying it, in two phases: first everything that can fail (reading and
 //!   validating the file, binding new listener sockets), with nothing changed yet; then
@@ -17,6 +19,7 @@
 //! its last connection closes.
 
 mod checks;
+mod discovery;
 mod handle;
 pub mod plan;
 mod reload;
@@ -67,6 +70,7 @@ pub struct ControlTask {
     fixed: plan::Fixed,
     metrics: ReloadMetrics,
     pools_watched: watch::PoolWatch,
+    discovery: discovery::Discovery,
 }
 
 impl ControlTask {
@@ -88,6 +92,7 @@ impl ControlTask {
             },
             metrics: ReloadMetrics::default(),
             pools_watched: watch::PoolWatch::default(),
+            discovery: discovery::Discovery::new(),
         }
     }
 
@@ -103,8 +108,10 @@ impl ControlTask {
 
     /// Starts the task; it stops with accepting (during the grace period nothing is
     /// rerouted). The handle is what everyone else holds.
-    pub fn spawn(self) -> ControlHandle {
+    pub fn spawn(mut self) -> ControlHandle {
         self.prune_state_file();
+        let config = self.config.load_full();
+        self.follow_pools(&config);
         let (tx, rx) = mpsc::channel(64);
         let handle = ControlHandle {
             tx,
@@ -119,6 +126,7 @@ impl ControlTask {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, stop: CancellationToken) {
+        let mut found = self.discovery.rx.take().expect("taken once, here");
         let mut retire = tokio::time::interval(RETIRE_EVERY);
         retire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut watch = tokio::time::interval(WATCH_POOLS_EVERY);
@@ -128,6 +136,10 @@ impl ControlTask {
                 c = rx.recv() => match c { Some(c) => c, None => return },
                 _ = retire.tick(), if !self.retiring.is_empty() => {
                     self.retire_idle_backends();
+                    continue;
+                }
+                Some(discovered) = found.recv() => {
+                    self.apply_discovered(discovered).await;
                     continue;
                 }
                 _ = watch.tick() => {
@@ -212,10 +224,14 @@ impl ControlTask {
         let Some(path) = &config.state_file else {
             return;
         };
+        if self.discovery.incomplete {
+            // Entries of backends DNS has not given yet stay for when it does.
+            return;
+        }
         let Ok(on_disk) = state_file::read(path) else {
             return;
         };
-        if on_disk != state_file::capture(&self.tables.load(), &config) {
+        if on_disk != self.capture_state(&config) {
             // A failure is logged by save_state; startup goes on.
             let _ = self.save_state();
         }
@@ -229,10 +245,17 @@ impl ControlTask {
         let Some(path) = &config.state_file else {
             return Ok(());
         };
-        let state = state_file::capture(&self.tables.load(), &config);
+        let state = self.capture_state(&config);
         state_file::write(path, &state).map_err(|e| {
             tracing::error!("state file: {e}");
             ControlError::NotSaved(e)
+        })
+    }
+
+    /// The state file's content: listed and discovered backends.
+    fn capture_state(&self, config: &Config) -> state_file::StateFile {
+        state_file::capture_with(&self.tables.load(), config, |pool, name| {
+            self.discovery.weight(pool, name)
         })
     }
 
@@ -307,7 +330,7 @@ impl ControlTask {
                 .collect();
             pool.publish(PoolSnapshot::new(pool_config, backends));
             tracing::info!(
-                "{}/{}: removed by reload, last connection closed",
+                "{}/{}: removed (by a reload or from DNS), last connection closed",
                 backend.pool,
                 backend.name
             );

@@ -169,6 +169,18 @@ pub struct Changes {
 /// The plan to go from `current` (running, built from `old`) to `new`. `retiring` are the
 /// backends earlier reloads removed that still have open connections.
 pub fn plan(current: &Tables, old: &Config, new: &Config, retiring: &[Arc<Backend>]) -> ReloadPlan {
+    plan_with(current, old, new, retiring, &[])
+}
+
+/// `plan`, leaving out `discovered` (backends found by `discover`, which the file does
+/// not list): the control task keeps or retires them itself (`discovery.rs`).
+pub fn plan_with(
+    current: &Tables,
+    old: &Config,
+    new: &Config,
+    retiring: &[Arc<Backend>],
+    discovered: &[Arc<Backend>],
+) -> ReloadPlan {
     let mut plan = ReloadPlan::default();
     if new.shutdown_timeout != old.shutdown_timeout {
         plan.changes.settings.push("shutdown_timeout");
@@ -177,7 +189,7 @@ pub fn plan(current: &Tables, old: &Config, new: &Config, retiring: &[Arc<Backen
         plan.changes.settings.push("admin.state_file");
     }
     plan_listeners(&mut plan, current, old, new);
-    plan_pools(&mut plan, current, old, new, retiring);
+    plan_pools(&mut plan, current, old, new, retiring, discovered);
     plan
 }
 
@@ -230,7 +242,9 @@ fn plan_pools(
     old: &Config,
     new: &Config,
     retiring: &[Arc<Backend>],
+    discovered: &[Arc<Backend>],
 ) {
+    let listed = |b: &&Arc<Backend>| !discovered.iter().any(|d| Arc::ptr_eq(d, b));
     for config in &new.pools {
         let running = current
             .pools
@@ -239,7 +253,13 @@ fn plan_pools(
         let step = match running {
             Some(pool) => {
                 let was = old.pools.iter().find(|p| p.name == config.name);
-                let backends = pool.load_full().backends.clone();
+                let backends: Vec<Arc<Backend>> = pool
+                    .load_full()
+                    .backends
+                    .iter()
+                    .filter(listed)
+                    .cloned()
+                    .collect();
                 PoolStep::Update(plan_pool(
                     &mut plan.changes,
                     &backends,

@@ -36,7 +36,8 @@ impl ControlTask {
         let new = loaded.map_err(ControlError::Invalid)?;
         let old = self.config.load_full();
         let current = self.tables.load_full();
-        let mut plan = plan::plan(&current, &old, &new, &self.retiring);
+        let discovered = self.discovery.backends();
+        let mut plan = plan::plan_with(&current, &old, &new, &self.retiring, &discovered);
         plan.notes = plan::restart_notes(&self.fixed, &new);
         let mut sockets = BTreeMap::new();
         for step in &plan.listeners {
@@ -60,6 +61,7 @@ impl ControlTask {
         for name in &plan.pools_removed {
             self.checkers.stop_pool(name).await;
             self.retiring.retain(|b| b.pool != *name);
+            self.discovery.sets.remove(name);
         }
         self.apply_listeners(&plan.listeners, sockets, &current, &new, &mut tables);
         for name in &plan.listeners_removed {
@@ -68,6 +70,7 @@ impl ControlTask {
             }
         }
         self.tables.store(Arc::new(tables));
+        self.follow_pools(&new);
         self.config.store(Arc::new(new));
         // A state file that cannot be written is logged; the reload is in force anyway.
         let _ = self.save_state();
@@ -92,8 +95,10 @@ impl ControlTask {
                 continue;
             };
             let config = pool_config(new, name);
-            // A pool whose protocol changed: the old pool's checkers go with it.
+            // A pool whose protocol changed: the old pool's checkers (and discovered
+            // backends: its follower finds them again) go with it.
             self.checkers.stop_pool(name).await;
+            self.discovery.sets.remove(name);
             let pool = build_pool(config, &self.shutdown.hard);
             first_round.extend(self.start_checks(&pool, config));
             if let Some(check) = &config.health_check {
@@ -162,6 +167,8 @@ impl ControlTask {
         for backend in &update.forget {
             self.stop_retiring(backend);
         }
+        // Discovered backends are not in the file: kept while the pool has `discover`.
+        backends.extend(self.discovered_after_reload(config).await);
         // The pool's on_down applies to the backends that stay (and their open
         // connections) too.
         let close_on_down = config.on_down == OnDown::Close;

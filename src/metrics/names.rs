@@ -36,6 +36,7 @@ pub const UDP_DATAGRAMS: &str = "weir_udp_datagrams_total";
 pub const UDP_DROPPED: &str = "weir_udp_dropped_total";
 
 pub const STATE_FILE_ERRORS: &str = "weir_state_file_errors_total";
+pub const DISCOVERY_ERRORS: &str = "weir_discovery_errors_total";
 pub const RESOURCE_EXHAUSTION: &str = "weir_resource_exhaustion_total";
 pub const BUILD_INFO: &str = "weir_build_info";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";

@@ -241,6 +241,11 @@ const HELP: &[(Kind, &str, &str)] = &[
     ),
     (
         Kind::Counter,
+        DISCOVERY_ERRORS,
+        "DNS lookups for a pool's discover that failed or found no records (the last good set is kept), by pool.",
+    ),
+    (
+        Kind::Counter,
         RESOURCE_EXHAUSTION,
         "Operations that failed because weir ran out of file descriptors or memory (accept, connect, health check, udp socket); never counted against a backend.",
     ),

@@ -4,6 +4,7 @@
 
 pub mod child;
 pub mod patroni;
+pub mod unbound;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -130,7 +131,9 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             slow_start: Duration::ZERO,
             health_check: None,
             backends,
+            discover: None,
         }],
+        resolvers: Vec::new(),
     }
 }
 
