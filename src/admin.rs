@@ -3,7 +3,9 @@
 //!
 //! A line is parsed into a `Request` first, then acted on. Nothing an admin client sends
 //! can hurt serving: lines are bounded (4 KiB), a client that sends no complete line in
-//! time is disconnected, and clients at once are bounded too.
+//! time is disconnected, and clients at once are bounded too; when they are all taken, the
+//! oldest one that has not sent its line yet makes room (`slots`), so slow clients can't
+//! lock the operator out.
 //!
 //! The admin socket writes only single atomics (a backend's admin state) and asks the
 //! control task for everything else (weights), so the control task stays the one writer
@@ -19,20 +21,21 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 
 use crate::backend::{Admin, Backend, Health};
 use crate::balance::WEIGHT_RANGE;
 use crate::control::{ControlError, ControlHandle};
 use crate::net;
 use crate::shutdown::Shutdown;
+use crate::slots::{Slot, Slots};
 use crate::tables::Tables;
 
 /// A client must send its complete command line within this long.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest command line accepted, newline excluded.
 pub const MAX_LINE: usize = 4096;
-/// Admin clients served at once; more are told so and closed at once.
+/// Admin clients at once; a newcomer beyond them takes the slot of the oldest client that
+/// has not sent its line yet, or is told so and closed when every one is being answered.
 pub const MAX_CLIENTS: usize = 64;
 
 /// Why a command failed; the socket writes it as `error: …` (and only there).
@@ -48,6 +51,10 @@ pub enum AdminError {
     UnknownShow(String),
     #[error("usage: {0}")]
     Usage(String),
+    #[error(
+        "disconnected before a complete command line: {MAX_CLIENTS} admin clients at once, and a newer one needed the slot"
+    )]
+    Evicted,
     #[error("{0:?} is not POOL/BACKEND")]
     NotATarget(String),
     #[error("weight {0:?} is not a number from {lo} to {hi}", lo = WEIGHT_RANGE.start(), hi = WEIGHT_RANGE.end())]
@@ -550,7 +557,7 @@ pub async fn serve(
     shutdown: Shutdown,
     read_timeout: Duration,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let slots = Slots::new(MAX_CLIENTS);
     let what = format!("admin socket {}", socket.path().display());
     tracing::info!("admin socket listening on {}", socket.path().display());
     let stop = shutdown.stop_accepting.clone();
@@ -559,7 +566,7 @@ pub async fn serve(
         &stop,
         || socket.listener.accept(),
         |(stream, _): (UnixStream, tokio::net::unix::SocketAddr)| {
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            let Some(slot) = slots.take() else {
                 // Never waits: a full socket buffer just loses the message.
                 let _ = stream.try_write(b"error: too many admin clients at once; try again\n");
                 return;
@@ -568,7 +575,7 @@ pub async fn serve(
             let stop = stop.clone();
             shutdown.tracker.spawn(async move {
                 tokio::select! {
-                    () = client(stream, &control, read_timeout) => {}
+                    () = client(stream, &control, read_timeout, &slot) => {}
                     () = stop.cancelled() => {}
                 }
                 drop(slot);
@@ -579,12 +586,23 @@ pub async fn serve(
     tracing::debug!("admin socket {}: closed", socket.path().display());
 }
 
-async fn client(mut stream: UnixStream, control: &ControlHandle, read_timeout: Duration) {
-    let reply = match tokio::time::timeout(read_timeout, read_line(&mut stream)).await {
+async fn client(
+    mut stream: UnixStream,
+    control: &ControlHandle,
+    read_timeout: Duration,
+    slot: &Slot,
+) {
+    let line = tokio::select! {
+        line = tokio::time::timeout(read_timeout, read_line(&mut stream)) => line,
+        () = slot.evicted.cancelled() => Ok(Err(LineError::Evicted)),
+    };
+    slot.request_read();
+    let reply = match line {
         Err(_) => Err(AdminError::ReadTimeout(
             humantime::format_duration(read_timeout).to_string(),
         )),
         Ok(Err(LineError::Io)) => return,
+        Ok(Err(LineError::Evicted)) => Err(AdminError::Evicted),
         Ok(Err(LineError::TooLong)) => Err(AdminError::TooLong),
         Ok(Ok(line)) => match std::str::from_utf8(&line) {
             Err(_) => Err(AdminError::NotUtf8),
@@ -609,6 +627,8 @@ async fn client(mut stream: UnixStream, control: &ControlHandle, read_timeout: D
 enum LineError {
     TooLong,
     Io,
+    /// Its slot went to a newer client before the line was complete.
+    Evicted,
 }
 
 /// Reads one line (up to `\n`, or EOF), without the line ending; never reads more than

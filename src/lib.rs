@@ -8,7 +8,8 @@
 //!    never undo an operator's drain), [`metrics`] (every name once, handles registered
 //!    once, the recorder), [`queue`] (a pool's first-come-first-served wait for a backend
 //!    slot), [`net`] (bind, keepalive, accept with backoff, socket-error
-//!    classes), [`shutdown`].
+//!    classes), [`shutdown`], [`slots`] (admin clients at once; the oldest idle one makes
+//!    room).
 //! 2. Picking: [`balance`] (one file per strategy; `Strategy` owns its names), [`pool`]
 //!    (backends and balancer as one immutable snapshot).
 //! 3. Data path: [`proxy`] (tcp accept, connect + retries, splice, udp sessions), [`health`]
@@ -65,5 +66,6 @@ pub mod queue;
 pub mod run;
 pub mod server;
 pub mod shutdown;
+pub mod slots;
 pub mod state_file;
 pub mod tables;

@@ -474,3 +474,79 @@ async fn backends_that_never_read_or_never_accept_hold_nothing_and_hurt_no_one()
         "deaf backend: {written} bytes taken before writes stalled; RSS {idle} -> {rss} KiB; 6 connections in {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_on_the_admin_socket_never_locks_the_operator_out() {
+    let backend = TestBackend::start("b").await;
+    let dir = TempDir::new("faults-slowloris");
+    let text = config_text(&dir, "", &[(backend.addr, 1)]);
+    let weir = Weir::start(&write_config(&dir, "w.yaml", &text), &socket(&dir));
+    let idle_fds = weir.fds();
+
+    // 300 clients, each sending one byte of a command every 2 s and never a newline.
+    let path = socket(&dir);
+    let slow: Vec<_> = (0..300)
+        .map(|_| {
+            let path = path.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let Ok(mut stream) = tokio::net::UnixStream::connect(&path).await else {
+                    return (started.elapsed(), "refused".to_string());
+                };
+                let mut reply = String::new();
+                loop {
+                    if stream.write_all(b"s").await.is_err() {
+                        // Closed by weir: what it said is still there to read.
+                        let mut rest = Vec::new();
+                        let _ = stream.read_to_end(&mut rest).await;
+                        reply.push_str(&String::from_utf8_lossy(&rest));
+                        break;
+                    }
+                    let mut buf = [0u8; 256];
+                    match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await
+                    {
+                        Err(_) => continue,
+                        Ok(Ok(n)) if n > 0 => reply.push_str(&String::from_utf8_lossy(&buf[..n])),
+                        Ok(_) => break,
+                    }
+                    if started.elapsed() > Duration::from_secs(20) {
+                        return (started.elapsed(), "never closed".to_string());
+                    }
+                }
+                (started.elapsed(), reply)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Meanwhile the operator's own commands are answered, at once.
+    for _ in 0..20 {
+        let asked = Instant::now();
+        let reply = weir.admin("show backends --json").await;
+        assert!(
+            reply.trim_start().starts_with('['),
+            "a real reply, got {reply:?}"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "answered in {:?}",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut evicted = 0;
+    for task in slow {
+        let (lasted, reply) = task.await.unwrap();
+        assert!(
+            lasted < Duration::from_secs(12),
+            "a slow client held on for {lasted:?}: {reply:?}"
+        );
+        assert!(reply.starts_with("error: "), "told why: {reply:?}");
+        evicted += usize::from(reply.contains("a newer one needed the slot"));
+    }
+    assert!(evicted > 0, "room was made by evicting idle clients");
+    wait_fds_at_most(&weir, idle_fds).await;
+    eprintln!(
+        "slowloris: 300 slow admin clients, 20 real commands all answered in under 1 s, {evicted} slow clients evicted"
+    );
+}

@@ -138,10 +138,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// A plain SVG line chart of each series scaled to its own maximum (written by hand: a
-/// plotting crate would be a big dependency for three polylines).
+/// A plain SVG chart, one band per series, each from 0 to its own maximum (written by
+/// hand: a plotting crate would be a big dependency for three polylines).
 fn svg(samples: &[Sample], warmup: f64) -> String {
-    let (w, h, pad) = (720.0, 300.0, 40.0);
+    let (w, band, pad) = (720.0, 90.0, 40.0);
+    let h = pad * 2.0 + band * 3.0;
     let t_max = samples.last().map_or(1.0, |s| s.at).max(1.0);
     let series: [(&str, &str, Vec<f64>); 3] = [
         (
@@ -175,21 +176,18 @@ fn svg(samples: &[Sample], warmup: f64) -> String {
     );
     for (i, (name, colour, values)) in series.iter().enumerate() {
         let top = values.iter().cloned().fold(1.0, f64::max);
+        let base = pad + band * (i as f64 + 1.0);
         let points: Vec<String> = (samples.iter().zip(values))
-            .map(|(s, v)| {
-                format!(
-                    "{:.1},{:.1}",
-                    x(s.at),
-                    (h - pad) - (h - 2.0 * pad) * 0.9 * v / top
-                )
-            })
+            .map(|(s, v)| format!("{:.1},{:.1}", x(s.at), base - (band - 14.0) * v / top))
             .collect();
         out += &format!(
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n\
-             <text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name}: max {top:.0}</text>\n",
+            "<line x1=\"{pad}\" y1=\"{base}\" x2=\"{end}\" y2=\"{base}\" stroke=\"#ddd\"/>\n\
+             <polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n\
+             <text x=\"{}\" y=\"{}\" fill=\"{colour}\">{name}: 0 to {top:.0}</text>\n",
             points.join(" "),
-            pad + 200.0 * i as f64,
-            h - 6.0
+            pad + 4.0,
+            base - band + 12.0,
+            end = w - pad,
         );
     }
     out + "</svg>\n"
