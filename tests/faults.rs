@@ -550,3 +550,93 @@ async fn slowloris_on_the_admin_socket_never_locks_the_operator_out() {
         "slowloris: 300 slow admin clients, 20 real commands all answered in under 1 s, {evicted} slow clients evicted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_traffic_then_restart_keeps_admin_state_and_serves_again() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let dir = TempDir::new("faults-kill9");
+    // A fixed port, so that clients find the restarted instance where they left it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = config_text(&dir, "", &[(a.addr, 1), (b.addr, 1)])
+        .replace(
+            "bind: 127.0.0.1:0\n    pool",
+            &format!("bind: 127.0.0.1:{port}\n    pool"),
+        )
+        .replace(
+            "admin:\n",
+            &format!(
+                "admin:\n  state_file: {}\n",
+                dir.join("state.json").display()
+            ),
+        );
+    let path = write_config(&dir, "w.yaml", &text);
+    let weir = Weir::start(&path, &socket(&dir));
+    let b_name = b.addr.to_string();
+    let reply = weir.admin(&format!("drain p/{b_name}")).await;
+    assert!(!reply.starts_with("error"), "{reply}");
+
+    let front = weir.front;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut log = Vec::new();
+            let end = Instant::now() + Duration::from_secs(20);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                log.push((Instant::now(), exchange(front, b"x").await));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            log
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    weir.signal("KILL");
+    drop(weir);
+    let weir = Weir::start(&path, &socket(&dir));
+    assert_eq!(
+        weir.front.port(),
+        port,
+        "the listener is back on its address"
+    );
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = traffic.await.unwrap();
+
+    let rows = weir.backends().await;
+    assert_eq!(
+        rows[&b_name]["admin"], "drain",
+        "the drain survived kill -9: {:?}",
+        rows[&b_name]
+    );
+    let after: Vec<&Result<String, String>> = (log.iter())
+        .filter(|(at, _)| *at > back + Duration::from_millis(100))
+        .map(|(_, r)| r)
+        .collect();
+    assert!(
+        after.len() >= 10,
+        "traffic ran after the restart: {}",
+        after.len()
+    );
+    assert!(
+        after.iter().all(|r| r.as_deref() == Ok("a")),
+        "served again, never by the drained backend: {after:?}"
+    );
+    let before_kill = log.iter().filter(|(at, _)| *at < killed).count();
+    assert!(
+        log.iter()
+            .filter(|(at, _)| *at < killed)
+            .all(|(_, r)| r.as_deref() == Ok("a"))
+    );
+    eprintln!(
+        "kill -9: back {:?} after the kill; {before_kill} exchanges before, {} after, drain kept",
+        back - killed,
+        after.len()
+    );
+}
