@@ -117,6 +117,8 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             idle_timeout: Duration::from_secs(3600),
             half_close_timeout: Duration::from_secs(60),
             access_log: false,
+            accept_proxy: Vec::new(),
+            send_proxy: None,
         }],
         pools: vec![PoolConfig {
             name: "pool".into(),
@@ -126,6 +128,7 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             retries: 2,
             on_down: OnDown::Keep,
             queue_timeout: Duration::ZERO,
+            proxy_protocol: None,
             health_check: None,
             backends,
         }],
