@@ -305,3 +305,79 @@ async fn a_trusted_client_that_sends_nothing_is_closed_at_the_deadline() {
     })
     .await;
 }
+
+// ----- the keys in `weir check` -----------------------------------------------------
+
+fn check_problems(text: &str) -> Vec<String> {
+    match weir::config::parse(text, "weir.yaml") {
+        Ok(_) => panic!("expected problems:\n{text}"),
+        Err(e) => e.0.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+#[test]
+fn the_keys_are_read_and_copied_to_the_listeners_of_the_pool() {
+    let text = "\
+listeners:
+  edge:
+    bind: 127.0.0.1:7000
+    pool: app
+    accept_proxy: [10.0.0.0/8, \"fd00::/8\", 192.0.2.7]
+  inner:
+    bind: 127.0.0.1:7001
+    pool: app
+pools:
+  app:
+    proxy_protocol: v2
+    backends:
+      - address: 127.0.0.1:6379
+";
+    let config = weir::config::parse(text, "weir.yaml").unwrap();
+    let edge = &config.listeners[0];
+    assert_eq!(edge.name, "edge");
+    let shown: Vec<String> = edge.accept_proxy.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]);
+    assert!(config.listeners[1].accept_proxy.is_empty());
+    assert_eq!(config.pools[0].proxy_protocol, Some(Version::V2));
+    assert!(
+        config
+            .listeners
+            .iter()
+            .all(|l| l.send_proxy == Some(Version::V2))
+    );
+}
+
+#[test]
+fn bad_values_and_udp_are_errors_with_their_position() {
+    let text = "\
+listeners:
+  edge:
+    bind: 127.0.0.1:7000
+    pool: app
+    accept_proxy: [10.0.0.1/8, nonsense]
+  dns:
+    bind: 127.0.0.1:5300
+    protocol: udp
+    pool: dns
+    accept_proxy: [10.0.0.0/8]
+pools:
+  app:
+    proxy_protocol: v3
+    backends:
+      - address: 127.0.0.1:6379
+  dns:
+    proxy_protocol: v1
+    backends:
+      - address: 127.0.0.1:53
+";
+    let all = check_problems(text).join("\n");
+    for expected in [
+        "weir.yaml:5:20: accept_proxy: \"10.0.0.1/8\" has bits set",
+        "weir.yaml:5:32: accept_proxy: \"nonsense\" is not a CIDR",
+        "weir.yaml:10:19: accept_proxy is for tcp listeners only",
+        "weir.yaml:13:21: unknown proxy_protocol \"v3\" (expected one of: v1, v2)",
+        "weir.yaml:17:21: pool \"dns\" serves udp (listener \"dns\"), and PROXY protocol v1 has no datagrams",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+}
