@@ -381,3 +381,49 @@ pools:
         assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
     }
 }
+
+/// A udp pool with `proxy_protocol: v2` prepends a DGRAM header to every datagram; the
+/// backend answers with the source it read, and the payload after it is intact.
+#[tokio::test]
+async fn udp_datagrams_carry_a_v2_header_each() {
+    let backend = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let answering = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let (n, from) = backend.recv_from(&mut buf).await.unwrap();
+            let header = weir::proxy_protocol::parse(&buf[..n]).unwrap().unwrap();
+            assert_eq!(header.version, Version::V2);
+            let (source, _) = header.addresses.expect("addresses");
+            let payload = String::from_utf8_lossy(&buf[header.len..n]).into_owned();
+            seen.push(n - header.len);
+            let reply = format!("{source} {payload}");
+            backend.send_to(reply.as_bytes(), from).await.unwrap();
+        }
+        seen
+    });
+    let mut config = udp_config(Strategy::RoundRobin, vec![backend_config("u", baddr, 1)]);
+    let tag = "pp_udp";
+    config.listeners[0].name = format!("{tag}_front");
+    config.listeners[0].send_proxy = Some(Version::V2);
+    config.pools[0].proxy_protocol = Some(Version::V2);
+    let (_server, front) = start_tagged(tag, config).await;
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let client = udp_client(ip).await;
+        let me = client.local_addr().unwrap();
+        for payload in ["one", "two"] {
+            let answer = udp_exchange(&client, front, payload.as_bytes()).await;
+            assert_eq!(answer, format!("{me} {payload}"));
+        }
+    }
+    let sizes = tokio::time::timeout(DEADLINE, answering)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        sizes,
+        [3, 3, 3, 3],
+        "each payload arrived whole after its header"
+    );
+}
