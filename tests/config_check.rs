@@ -310,7 +310,7 @@ pools:
         &[
             "unknown key \"stratgy\"",
             "in a pool",
-            "strategy, connect_timeout, retries, on_down, queue_timeout, health_check, backends",
+            "strategy, connect_timeout, retries, on_down, queue_timeout,",
         ],
     );
     assert_eq!(all.len(), 1);
