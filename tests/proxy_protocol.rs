@@ -427,3 +427,123 @@ async fn udp_datagrams_carry_a_v2_header_each() {
         "each payload arrived whole after its header"
     );
 }
+
+/// source-hash picks by the header's source, not by the load balancer's address: from one
+/// real address, ten claimed clients spread over both backends, each always to the same.
+#[tokio::test]
+async fn source_hash_picks_by_the_address_in_the_header() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let mut config = tcp_config(
+        Strategy::SourceHash,
+        vec![
+            backend_config("a", a.addr, 1),
+            backend_config("b", b.addr, 1),
+        ],
+    );
+    let tag = "pp_hash";
+    config.listeners[0].name = format!("{tag}_front");
+    config.listeners[0].accept_proxy = vec![Cidr::parse("127.0.0.0/8").unwrap()];
+    let (_server, front) = start_tagged(tag, config).await;
+    let mut picked = Vec::new();
+    for i in 1..=10u8 {
+        let header = format!("PROXY TCP4 198.51.100.{i} 192.0.2.1 4000 80\r\n");
+        let mut names = Vec::new();
+        for _ in 0..2 {
+            let mut client = connect_from("127.0.0.2", front).await;
+            client.write_all(header.as_bytes()).await.unwrap();
+            names.push(read_line(&mut client).await);
+        }
+        assert_eq!(names[0], names[1], "198.51.100.{i} moved between backends");
+        picked.push(names.swap_remove(0));
+    }
+    assert!(
+        picked.iter().any(|n| n == "a") && picked.iter().any(|n| n == "b"),
+        "every claimed client went to one backend: {picked:?}"
+    );
+}
+
+/// The binary on a YAML file: `proxy_protocol` reaches the listeners through validation,
+/// and the access log names the client from the header (and `end: proxy_header` for a
+/// refusal).
+#[tokio::test]
+async fn end_to_end_from_yaml_with_the_access_log() {
+    use std::io::{BufRead, BufReader};
+    // A backend that answers with the first line it reads (weir's PROXY header).
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let baddr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in backend.incoming().take(4) {
+            let Ok(stream) = stream else { continue };
+            let mut line = String::new();
+            let mut reader = BufReader::new(&stream);
+            if reader.read_line(&mut line).is_ok() {
+                let _ = std::io::Write::write_all(&mut &stream, line.as_bytes());
+            }
+        }
+    });
+    let dir = TempDir::new("pp-e2e");
+    let port = free_port();
+    let yaml = format!(
+        "listeners:\n  e2e:\n    bind: 127.0.0.1:{port}\n    pool: app\n    access_log: true\n    accept_proxy: [127.0.0.2/32]\n\
+         pools:\n  app:\n    proxy_protocol: v1\n    backends:\n      - address: {baddr}\n"
+    );
+    let path = dir.join("weir.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _weir = Daemon(child);
+    let (tx, logs) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = logs.recv_timeout(left).expect("weir accepting in time");
+        if line.contains("accepting on") {
+            break;
+        }
+    }
+    let mut client = connect_from("127.0.0.2", front).await;
+    client
+        .write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 443\r\n")
+        .await
+        .unwrap();
+    let line = read_line(&mut client).await;
+    assert_eq!(line, "PROXY TCP4 203.0.113.7 192.0.2.1 5555 443\r");
+    drop(client);
+    let mut plain = connect_from("127.0.0.2", front).await;
+    plain.write_all(b"no header\r\n").await.unwrap();
+    assert_closed(&mut plain, "no header").await;
+    let mut ends = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while ends.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = logs.recv_timeout(left).expect("two access lines in time");
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if value["target"] == "weir::access" {
+            let f = &value["fields"];
+            ends.push((
+                f["client"].as_str().unwrap().to_string(),
+                f["end"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    assert_eq!(
+        ends[0],
+        ("203.0.113.7:5555".to_string(), "closed".to_string())
+    );
+    assert_eq!(ends[1].1, "proxy_header");
+    assert!(ends[1].0.starts_with("127.0.0.2:"), "{:?}", ends[1]);
+}
