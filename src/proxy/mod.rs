@@ -114,6 +114,8 @@ pub struct Listener {
     accept_proxy: ArcSwap<Vec<crate::proxy_protocol::Cidr>>,
     /// Its pool's `proxy_protocol`: 0 off, 1 v1, 2 v2.
     send_proxy: AtomicU8,
+    /// When the next `proxy_header` refusal may be a warning (`proxy_warning_due`).
+    next_proxy_warning_ms: AtomicU64,
     /// `max_connections` rejections not yet in a warning, and when the next may be logged
     /// (`Listener::rejected_over_max`).
     rejected_unlogged: AtomicU64,
@@ -139,6 +141,7 @@ impl Listener {
             accept_proxy_on: AtomicBool::new(false),
             accept_proxy: ArcSwap::from_pointee(Vec::new()),
             send_proxy: AtomicU8::new(0),
+            next_proxy_warning_ms: AtomicU64::new(0),
             rejected_unlogged: AtomicU64::new(0),
             next_reject_warning_ms: AtomicU64::new(0),
             active: AtomicU64::new(0),
@@ -248,6 +251,23 @@ impl Listener {
             listener = %self.name, client = %client, reason = "max_connections", rejected, max_connections = max,
             "connections rejected: {max} open (max_connections); {rejected} rejected since the last warning (the next in 10s at the earliest)"
         );
+    }
+
+    /// Whether a `proxy_header` refusal is logged as a warning: at most one every
+    /// `REJECT_WARN_EVERY` per listener (the others at debug; all are counted), so that a
+    /// scanner or a misconfigured load balancer cannot flood the log.
+    pub fn proxy_warning_due(&self) -> bool {
+        let now = elapsed_ms();
+        let next = self.next_proxy_warning_ms.load(Ordering::Relaxed);
+        now >= next
+            && (self.next_proxy_warning_ms)
+                .compare_exchange(
+                    next,
+                    now + REJECT_WARN_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Admits one connection (or UDP session) unless `max_connections` is reached.

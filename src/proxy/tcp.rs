@@ -296,10 +296,14 @@ fn refuse_proxy<T>(
     why: &str,
 ) -> Option<T> {
     listener.metrics.rejected_proxy_header.increment(1);
-    tracing::warn!(
-        listener = %listener.name, client = %peer, reason = "proxy_header",
-        "connection closed: {why}"
-    );
+    if listener.proxy_warning_due() {
+        tracing::warn!(
+            listener = %listener.name, client = %peer, reason = "proxy_header",
+            "connection closed: {why} (further ones within 10s are logged at debug, all counted in weir_listener_rejected_total)"
+        );
+    } else {
+        tracing::debug!(listener = %listener.name, client = %peer, reason = "proxy_header", "connection closed: {why}");
+    }
     not_connected(listener, peer, access, "", 0, "proxy_header");
     None
 }
