@@ -63,6 +63,8 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
             idle_timeout: Duration::from_secs(60),
             half_close_timeout: Duration::from_secs(60),
             access_log: false,
+            accept_proxy: Vec::new(),
+            send_proxy: None,
         }],
         pools: vec![PoolConfig {
             name: "app".into(),
@@ -73,6 +75,7 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
             on_down: OnDown::Keep,
             queue_timeout: Duration::ZERO,
             slow_start: Duration::ZERO,
+            proxy_protocol: None,
             health_check: None,
             backends: backends
                 .iter()

@@ -9,7 +9,7 @@
 //!    once, the recorder), [`queue`] (a pool's first-come-first-served wait for a backend
 //!    slot), [`net`] (bind, keepalive, accept with backoff, socket-error
 //!    classes), [`shutdown`], [`slots`] (admin clients at once; the oldest idle one makes
-//!    room).
+//!    room), [`proxy_protocol`] (PROXY v1/v2 headers, parsed and written).
 //! 2. Picking: [`balance`] (one file per strategy; `Strategy` owns its names), [`pool`]
 //!    (backends and balancer as one immutable snapshot).
 //! 3. Data path: [`proxy`] (tcp accept, connect + retries, splice, udp sessions), [`health`]
@@ -62,6 +62,7 @@ pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod queue;
 pub mod run;
 pub mod server;

@@ -310,7 +310,7 @@ pools:
         &[
             "unknown key \"stratgy\"",
             "in a pool",
-            "strategy, connect_timeout, retries, on_down, queue_timeout, slow_start, health_check, backends, discover",
+            "strategy, connect_timeout, retries, on_down, queue_timeout,",
         ],
     );
     assert_eq!(all.len(), 1);

@@ -49,6 +49,7 @@ pub(super) struct RawListener {
     pub(super) idle_timeout: Option<Pos<String>>,
     pub(super) half_close_timeout: Option<Pos<String>>,
     pub(super) access_log: Option<Pos<String>>,
+    pub(super) accept_proxy: Option<Pos<Vec<Pos<String>>>>,
     pub(super) reported: Vec<&'static str>,
 }
 
@@ -60,6 +61,7 @@ pub(super) struct RawPool {
     pub(super) on_down: Option<Pos<String>>,
     pub(super) queue_timeout: Option<Pos<String>>,
     pub(super) slow_start: Option<Pos<String>>,
+    pub(super) proxy_protocol: Option<Pos<String>>,
     /// `health_check:` with no value (null) means a check with every default.
     pub(super) health_check: Option<Pos<Option<RawHealthCheck>>>,
     pub(super) backends: Option<Pos<Vec<Pos<RawBackend>>>>,
@@ -146,6 +148,7 @@ const LISTENER: Schema = Schema {
         "idle_timeout",
         "half_close_timeout",
         "access_log",
+        "accept_proxy",
     ],
 };
 const POOL: Schema = Schema {
@@ -158,6 +161,7 @@ const POOL: Schema = Schema {
         "on_down",
         "queue_timeout",
         "slow_start",
+        "proxy_protocol",
         "health_check",
         "backends",
         "discover",
@@ -501,6 +505,7 @@ fn listener(cx: &mut Cx, f: Fields) -> RawListener {
             "idle_timeout" => r.idle_timeout = scalar(cx, v, key),
             "half_close_timeout" => r.half_close_timeout = scalar(cx, v, key),
             "access_log" => r.access_log = scalar(cx, v, key),
+            "accept_proxy" => r.accept_proxy = one_or_more(cx, v, key),
             _ => {}
         }
     }
@@ -520,6 +525,7 @@ fn pool(cx: &mut Cx, f: Fields) -> RawPool {
             "on_down" => r.on_down = scalar(cx, v, key),
             "queue_timeout" => r.queue_timeout = scalar(cx, v, key),
             "slow_start" => r.slow_start = scalar(cx, v, key),
+            "proxy_protocol" => r.proxy_protocol = scalar(cx, v, key),
             "health_check" => r.health_check = health_check(cx, v),
             "backends" => r.backends = backends(cx, v, &mut r.reported),
             "discover" => r.discover = mapping(cx, v, &DISCOVER, discover),
@@ -646,4 +652,23 @@ fn backend(cx: &mut Cx, f: Fields) -> RawBackend {
         }
     }
     r
+}
+
+/// A list of single values (`accept_proxy: [10.0.0.0/8, ...]`); a single value is taken as
+/// a list of one.
+fn one_or_more(cx: &mut Cx, node: &Node, key: &str) -> Option<Pos<Vec<Pos<String>>>> {
+    let value = match &node.kind {
+        Kind::Null => return None,
+        Kind::Seq(items) => items.iter().filter_map(|i| scalar(cx, i, key)).collect(),
+        Kind::Scalar(_) => scalar(cx, node, key).into_iter().collect(),
+        Kind::Map(_) => {
+            cx.error(
+                Some(&node.at),
+                "",
+                format!("expected a list here for {key}, found {}", shape(node)),
+            );
+            return None;
+        }
+    };
+    Some(Pos { value, at: node.at })
 }

@@ -55,6 +55,12 @@ pub struct ListenerConfig {
     pub half_close_timeout: Duration,
     /// One log line (target `weir::access`) per finished connection (udp: ended session).
     pub access_log: bool,
+    /// `accept_proxy`: sources whose connections must begin with a PROXY header (tcp
+    /// only; empty: off).
+    pub accept_proxy: Vec<crate::proxy_protocol::Cidr>,
+    /// The `proxy_protocol` of its pool, copied here so the data path finds it on the
+    /// listener (None: off).
+    pub send_proxy: Option<crate::proxy_protocol::Version>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -73,6 +79,9 @@ pub struct PoolConfig {
     /// A backend that comes up (or back) takes new connections at a share ramped from
     /// small to its weight's over this long (0: off). Not for source-hash.
     pub slow_start: Duration,
+    /// `proxy_protocol`: the PROXY header written first on every backend connection
+    /// (udp: v2 on every datagram); None: off.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
     pub health_check: Option<HealthCheckConfig>,
     /// In file order.
     pub backends: Vec<BackendConfig>,

@@ -17,7 +17,8 @@ use super::runtime::{
 use super::values::{
     CHECK_INTERVAL, CHECK_TIMEOUT, CONNECT_TIMEOUT, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT,
     QUEUE_TIMEOUT, SHUTDOWN_TIMEOUT, SLOW_START, backend_addr, bind_addr, binds_clash, boolean,
-    check_name, duration, hex_bytes, literal_escapes, number, on_down, protocol, strategy,
+    check_name, cidrs, duration, hex_bytes, literal_escapes, number, on_down, protocol,
+    proxy_protocol, strategy,
 };
 use super::yaml::Scalar;
 use crate::balance::{Strategy, WEIGHT_RANGE};
@@ -31,6 +32,8 @@ struct PendingPool {
     check_without_send: Option<Mark>,
     /// The first listener that uses it, and that listener's protocol.
     used_by: Option<(String, Protocol)>,
+    /// Where `proxy_protocol: v1` is (not possible for udp).
+    proxy_v1_at: Option<Mark>,
 }
 
 /// The addresses bound so far: (protocol, address, listener name; "" for the metrics
@@ -196,6 +199,16 @@ fn finish_pools(cx: &mut Cx, pools: Vec<PendingPool>) -> Vec<PoolConfig> {
                     ),
                 );
             }
+            if let (Some(loc), Some((listener, Protocol::Udp))) = (p.proxy_v1_at, &p.used_by) {
+                cx.error(
+                    Some(&loc),
+                    &format!("pools.{}.proxy_protocol", p.config.name),
+                    format!(
+                        "pool \"{}\" serves udp (listener \"{listener}\"), and PROXY protocol v1 has no datagrams: use v2",
+                        p.config.name
+                    ),
+                );
+            }
             if p.used_by.is_none() {
                 cx.warn(
                     Some(&p.at),
@@ -264,16 +277,41 @@ fn validate_listener(
         &format!("{path}.access_log"),
         "access_log",
     );
+    let accept_proxy = listener_accept_proxy(cx, raw, &path, protocol);
+    let pool = pool?;
+    let send_proxy =
+        (pools.iter().find(|q| q.config.name == pool)).and_then(|q| q.config.proxy_protocol);
     Some(ListenerConfig {
         name: n.clone(),
         bind: bind?,
         protocol,
-        pool: pool?,
+        pool,
         max_connections,
         idle_timeout,
         half_close_timeout,
         access_log,
+        accept_proxy,
+        send_proxy,
     })
+}
+
+/// `accept_proxy` (tcp only: a datagram carries no header weir could read).
+fn listener_accept_proxy(
+    cx: &mut Cx,
+    raw: &RawListener,
+    path: &str,
+    protocol: Protocol,
+) -> Vec<crate::proxy_protocol::Cidr> {
+    let key = format!("{path}.accept_proxy");
+    if let (Some(v), Protocol::Udp) = (&raw.accept_proxy, protocol) {
+        cx.error(
+            Some(&v.at),
+            &key,
+            "accept_proxy is for tcp listeners only (weir does not read PROXY headers from udp datagrams)",
+        );
+        return Vec::new();
+    }
+    cidrs(cx, &raw.accept_proxy, &key)
 }
 
 /// The listener's bind address, checked against those bound before it.
@@ -446,6 +484,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
             on_down: OnDown::Keep,
             queue_timeout: Duration::ZERO,
             slow_start: Duration::ZERO,
+            proxy_protocol: None,
             health_check: None,
             backends: Vec::new(),
             discover: None,
@@ -453,6 +492,7 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
         at: name.at,
         check_without_send: None,
         used_by: None,
+        proxy_v1_at: None,
     };
     let Some(raw) = &body.value else {
         cx.error(
@@ -486,6 +526,10 @@ fn validate_pool(cx: &mut Cx, name: &Pos<String>, body: &Pos<Option<RawPool>>) -
         Duration::ZERO,
     );
     c.slow_start = slow_start(cx, raw, c.strategy, &path);
+    c.proxy_protocol = proxy_protocol(cx, &raw.proxy_protocol, &format!("{path}.proxy_protocol"));
+    if c.proxy_protocol == Some(crate::proxy_protocol::Version::V1) {
+        pending.proxy_v1_at = raw.proxy_protocol.as_ref().map(|v| v.at);
+    }
     if let Some(hc) = &raw.health_check {
         let (check, without_send) = validate_check(cx, hc, &format!("{path}.health_check"));
         c.health_check = Some(check);

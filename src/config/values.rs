@@ -422,6 +422,47 @@ pub(super) fn hex_bytes(text: &str) -> Result<Vec<u8>, String> {
         .map(|p| (nibble(p[0]) << 4) | nibble(p[1]))
         .collect())
 }
+pub(super) fn proxy_protocol(
+    cx: &mut Cx,
+    v: &Option<Pos<String>>,
+    path: &str,
+) -> Option<crate::proxy_protocol::Version> {
+    use crate::proxy_protocol::Version;
+    let v = v.as_ref()?;
+    match v.value.trim() {
+        "v1" => Some(Version::V1),
+        "v2" => Some(Version::V2),
+        _ => {
+            cx.error(
+                Some(&v.at),
+                path,
+                format!(
+                    "unknown proxy_protocol \"{}\" (expected one of: v1, v2)",
+                    v.value
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `accept_proxy`: the trusted source ranges, each checked.
+pub(super) fn cidrs(
+    cx: &mut Cx,
+    v: &Option<Pos<Vec<Pos<String>>>>,
+    path: &str,
+) -> Vec<crate::proxy_protocol::Cidr> {
+    let Some(list) = v else { return Vec::new() };
+    let mut out = Vec::new();
+    for item in &list.value {
+        match crate::proxy_protocol::Cidr::parse(&item.value) {
+            Ok(c) => out.push(c),
+            Err(e) => cx.error(Some(&item.at), path, format!("accept_proxy: {e}")),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,9 @@ pub struct ListenerMetrics {
     pub rejected_queue_timeout: Counter,
     /// weir was out of descriptors or memory when connecting to a backend.
     pub rejected_resources: Counter,
+    /// `accept_proxy`: a missing, malformed or late PROXY header from a trusted source, or
+    /// one from a source that is not.
+    pub rejected_proxy_header: Counter,
 }
 
 impl ListenerMetrics {
@@ -128,7 +131,8 @@ impl ListenerMetrics {
             rejected_max_connections: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "max_connections"),
             rejected_backend_full: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "backend_full"),
             rejected_queue_timeout: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "queue_timeout"),
-            rejected_resources: counter!(LISTENER_REJECTED, "listener" => l, "reason" => "resources"),
+            rejected_resources: counter!(LISTENER_REJECTED, "listener" => l.clone(), "reason" => "resources"),
+            rejected_proxy_header: counter!(LISTENER_REJECTED, "listener" => l, "reason" => "proxy_header"),
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -108,6 +108,14 @@ pub struct Listener {
     idle_timeout_ms: AtomicU64,
     half_close_timeout_ms: AtomicU64,
     access_log: AtomicBool,
+    /// `accept_proxy`: whether any source is trusted (checked first, so that a listener
+    /// without it pays one relaxed load per connection), and which.
+    accept_proxy_on: AtomicBool,
+    accept_proxy: ArcSwap<Vec<crate::proxy_protocol::Cidr>>,
+    /// Its pool's `proxy_protocol`: 0 off, 1 v1, 2 v2.
+    send_proxy: AtomicU8,
+    /// When the next `proxy_header` refusal may be a warning (`proxy_warning_due`).
+    next_proxy_warning_ms: AtomicU64,
     /// `max_connections` rejections not yet in a warning, and when the next may be logged
     /// (`Listener::rejected_over_max`).
     rejected_unlogged: AtomicU64,
@@ -130,6 +138,10 @@ impl Listener {
             idle_timeout_ms: AtomicU64::new(0),
             half_close_timeout_ms: AtomicU64::new(0),
             access_log: AtomicBool::new(false),
+            accept_proxy_on: AtomicBool::new(false),
+            accept_proxy: ArcSwap::from_pointee(Vec::new()),
+            send_proxy: AtomicU8::new(0),
+            next_proxy_warning_ms: AtomicU64::new(0),
             rejected_unlogged: AtomicU64::new(0),
             next_reject_warning_ms: AtomicU64::new(0),
             active: AtomicU64::new(0),
@@ -154,6 +166,34 @@ impl Listener {
         (self.idle_timeout_ms).store(ms(config.idle_timeout), Ordering::Relaxed);
         (self.half_close_timeout_ms).store(ms(config.half_close_timeout), Ordering::Relaxed);
         (self.access_log).store(config.access_log, Ordering::Relaxed);
+        self.accept_proxy
+            .store(Arc::new(config.accept_proxy.clone()));
+        (self.accept_proxy_on).store(!config.accept_proxy.is_empty(), Ordering::Relaxed);
+        let send = match config.send_proxy {
+            None => 0,
+            Some(crate::proxy_protocol::Version::V1) => 1,
+            Some(crate::proxy_protocol::Version::V2) => 2,
+        };
+        self.send_proxy.store(send, Ordering::Relaxed);
+    }
+
+    /// Whether `accept_proxy` is set: then every connection's first bytes are looked at.
+    pub fn accept_proxy_on(&self) -> bool {
+        self.accept_proxy_on.load(Ordering::Relaxed)
+    }
+
+    /// Whether a client at `ip` must (and may) begin with a PROXY header.
+    pub fn trusts_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.accept_proxy.load().iter().any(|c| c.contains(ip))
+    }
+
+    /// The PROXY header version written first to the backend (its pool's `proxy_protocol`).
+    pub fn send_proxy(&self) -> Option<crate::proxy_protocol::Version> {
+        match self.send_proxy.load(Ordering::Relaxed) {
+            1 => Some(crate::proxy_protocol::Version::V1),
+            2 => Some(crate::proxy_protocol::Version::V2),
+            _ => None,
+        }
     }
 
     pub fn max_connections(&self) -> Option<usize> {
@@ -211,6 +251,23 @@ impl Listener {
             listener = %self.name, client = %client, reason = "max_connections", rejected, max_connections = max,
             "connections rejected: {max} open (max_connections); {rejected} rejected since the last warning (the next in 10s at the earliest)"
         );
+    }
+
+    /// Whether a `proxy_header` refusal is logged as a warning: at most one every
+    /// `REJECT_WARN_EVERY` per listener (the others at debug; all are counted), so that a
+    /// scanner or a misconfigured load balancer cannot flood the log.
+    pub fn proxy_warning_due(&self) -> bool {
+        let now = elapsed_ms();
+        let next = self.next_proxy_warning_ms.load(Ordering::Relaxed);
+        now >= next
+            && (self.next_proxy_warning_ms)
+                .compare_exchange(
+                    next,
+                    now + REJECT_WARN_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Admits one connection (or UDP session) unless `max_connections` is reached.

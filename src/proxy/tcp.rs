@@ -22,6 +22,20 @@ use crate::shutdown::Shutdown;
 /// (a backend coming up, a raised limit); released slots are handed over at once.
 const HEAD_RETRY: Duration = Duration::from_millis(100);
 
+/// How long a client trusted by `accept_proxy` has to send its whole PROXY header (or
+/// the listener's `idle_timeout`, when shorter): a load balancer in front sends it at once.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `accept_proxy` found out about a connection, for its backend connection.
+#[derive(Clone, Copy, Default)]
+struct Origin {
+    /// The original destination from the client's PROXY header.
+    destination: Option<SocketAddr>,
+    /// From a source not trusted with `accept_proxy` (on a listener with it): a PROXY
+    /// header at its start is refused.
+    untrusted: bool,
+}
+
 /// Accepts until `stop` fires (a child of shutdown's stop-accepting token), then drops
 /// the socket so new connections are refused. Never exits on a transient error
 /// (`net::accept_loop`).
@@ -42,11 +56,7 @@ pub async fn accept_loop(
                 drop(stream);
                 listener.rejected_over_max(peer);
                 if listener.access_log() {
-                    let start = AccessStart {
-                        accepted: std::time::Instant::now(),
-                        connect: std::time::Duration::ZERO,
-                        retries: 0,
-                    };
+                    let start = AccessStart::now();
                     not_connected(&listener, peer, Some(&start), "", 0, "max_connections");
                 }
                 return;
@@ -66,7 +76,7 @@ pub async fn accept_loop(
 /// would keep a second copy of its arguments in the task for the connection's life).
 fn handle(
     client: TcpStream,
-    peer: SocketAddr,
+    mut peer: SocketAddr,
     admitted: super::ListenerGuard,
     hard: tokio_util::sync::CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
@@ -74,18 +84,21 @@ fn handle(
         let listener = admitted.listener();
         // Only with access_log: a clock read and a small allocation per connection, so
         // the task of a connection without it stays as small as it was.
-        let mut access = listener.access_log().then(|| {
-            Box::new(AccessStart {
-                accepted: std::time::Instant::now(),
-                connect: std::time::Duration::ZERO,
-                retries: 0,
-            })
-        });
+        let mut access = listener.access_log().then(|| Box::new(AccessStart::now()));
         // On Linux inherited from the listening socket (see `net::bind_tcp`).
         #[cfg(not(target_os = "linux"))]
         {
             let _ = client.set_nodelay(true);
             let _ = net::set_keepalive(&client);
+        }
+        let mut origin = Origin::default();
+        if listener.accept_proxy_on() {
+            // Boxed: a connection without accept_proxy pays one relaxed load, no bytes.
+            let read = Box::pin(accept_proxy(listener, &client, peer, access.as_deref()));
+            let Some((source, found)) = read.await else {
+                return;
+            };
+            (peer, origin) = (source, found);
         }
         let Some(connect::Connected {
             stream: upstream,
@@ -97,6 +110,7 @@ fn handle(
             listener,
             &client,
             peer,
+            origin,
             &hard,
             access.as_deref(),
         ))
@@ -146,6 +160,16 @@ struct AccessStart {
     retries: u32,
 }
 
+impl AccessStart {
+    fn now() -> Self {
+        AccessStart {
+            accepted: std::time::Instant::now(),
+            connect: std::time::Duration::ZERO,
+            retries: 0,
+        }
+    }
+}
+
 /// Records and logs how a connection ended.
 fn ended(
     listener: &Listener,
@@ -184,6 +208,7 @@ async fn open_upstream(
     listener: &Arc<Listener>,
     client: &TcpStream,
     peer: SocketAddr,
+    origin: Origin,
     hard: &CancellationToken,
     access: Option<&AccessStart>,
 ) -> Option<connect::Connected> {
@@ -199,7 +224,9 @@ async fn open_upstream(
             () = hard.cancelled() => return not_connected(listener, peer, access, "", 0, "shutdown"),
         };
         let error = match result {
-            Ok(connected) => return Some(connected),
+            Ok(connected) => {
+                return proxy_out(listener, client, peer, origin, connected, access).await;
+            }
             Err(ConnectError::Full) if !snapshot.queue_timeout.is_zero() => ConnectError::Full,
             Err(e) => return reject(listener, peer, &e, access),
         };
@@ -223,6 +250,171 @@ async fn open_upstream(
             }
         }
     }
+}
+
+/// The client's PROXY header (`accept_proxy`), from a trusted source: its source address
+/// is the client's from here on. None (counted, logged) when it is missing, malformed or
+/// late. From other sources nothing is read here (see `proxy_out`).
+async fn accept_proxy(
+    listener: &Listener,
+    client: &TcpStream,
+    peer: SocketAddr,
+    access: Option<&AccessStart>,
+) -> Option<(SocketAddr, Origin)> {
+    if !listener.trusts_proxy(peer.ip()) {
+        let origin = Origin {
+            destination: None,
+            untrusted: true,
+        };
+        return Some((peer, origin));
+    }
+    let limit = PROXY_HEADER_TIMEOUT.min(listener.idle_timeout());
+    let why = match tokio::time::timeout(limit, read_proxy_header(client)).await {
+        Ok(Ok(Some((source, destination)))) => {
+            let origin = Origin {
+                destination: Some(destination),
+                untrusted: false,
+            };
+            return Some((source, origin));
+        }
+        // v1 UNKNOWN, v2 LOCAL: the connection's own peer stays the client.
+        Ok(Ok(None)) => return Some((peer, Origin::default())),
+        Ok(Err(why)) => why,
+        Err(_) => format!(
+            "no complete PROXY header within {}",
+            humantime::format_duration(limit)
+        ),
+    };
+    refuse_proxy(listener, peer, access, &why)
+}
+
+/// Counts, logs (and access-logs) a connection closed for its PROXY header; None.
+fn refuse_proxy<T>(
+    listener: &Listener,
+    peer: SocketAddr,
+    access: Option<&AccessStart>,
+    why: &str,
+) -> Option<T> {
+    listener.metrics.rejected_proxy_header.increment(1);
+    if listener.proxy_warning_due() {
+        tracing::warn!(
+            listener = %listener.name, client = %peer, reason = "proxy_header",
+            "connection closed: {why} (further ones within 10s are logged at debug, all counted in weir_listener_rejected_total)"
+        );
+    } else {
+        tracing::debug!(listener = %listener.name, client = %peer, reason = "proxy_header", "connection closed: {why}");
+    }
+    not_connected(listener, peer, access, "", 0, "proxy_header");
+    None
+}
+
+/// Reads exactly one PROXY header and not a byte more: the bytes are peeked, and only
+/// those that belong to the header are read (what follows is the client's, for the
+/// backend). While the header is incomplete every byte seen is the header's, so they are
+/// consumed and the next peek waits for new ones. Bounded: each turn takes at least one
+/// byte, and at most `MAX_HEADER` are taken.
+async fn read_proxy_header(client: &TcpStream) -> Result<Option<(SocketAddr, SocketAddr)>, String> {
+    use crate::proxy_protocol::{MAX_HEADER, parse};
+    let mut buf = [0u8; MAX_HEADER];
+    let mut have = 0;
+    while have < MAX_HEADER {
+        let n = client
+            .peek(&mut buf[have..])
+            .await
+            .map_err(|e| net::describe(&e))?;
+        if n == 0 {
+            return Err("the client closed before sending a PROXY header".into());
+        }
+        let total = have + n;
+        let (take, complete) = match parse(&buf[..total]) {
+            Ok(Some(header)) => (header.len, Some(header.addresses)),
+            Ok(None) => (total, None),
+            Err(e) => return Err(format!("bad PROXY header: {e}")),
+        };
+        consume(client, &mut buf[have..take])?;
+        if let Some(addresses) = complete {
+            return Ok(addresses);
+        }
+        have = take;
+    }
+    Err("PROXY header too long".into())
+}
+
+/// Reads exactly `buf.len()` bytes that a peek has just shown are there.
+fn consume(client: &TcpStream, buf: &mut [u8]) -> Result<(), String> {
+    let mut done = 0;
+    // Bounded: each turn reads at least one byte (the bytes were peeked).
+    while done < buf.len() {
+        match client.try_read(&mut buf[done..]) {
+            Ok(0) => return Err("the client closed during its PROXY header".into()),
+            Ok(n) => done += n,
+            Err(e) => return Err(net::describe(&e)),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the first bytes already received from `client` start like a PROXY header (a
+/// look without waiting: the backend connect took a round trip, so a client that sends
+/// first has usually sent by now; a header sent later reaches the backend as data, after
+/// weir's own header when the pool sends one, so it is never taken for the real one).
+fn starts_with_proxy_header(client: &TcpStream) -> bool {
+    use rustix::net::{RecvFlags, recv};
+    let mut first = [0u8; 12];
+    match recv(
+        client,
+        &mut first[..],
+        RecvFlags::PEEK | RecvFlags::DONTWAIT,
+    ) {
+        Ok((n, _)) if n > 0 => crate::proxy_protocol::looks_like_header(&first[..n]),
+        _ => false,
+    }
+}
+
+/// After the backend connect: refuses a PROXY header from an untrusted source, and
+/// writes the pool's own (`proxy_protocol`) before any client byte.
+async fn proxy_out(
+    listener: &Listener,
+    client: &TcpStream,
+    peer: SocketAddr,
+    origin: Origin,
+    mut connected: connect::Connected,
+    access: Option<&AccessStart>,
+) -> Option<connect::Connected> {
+    if origin.untrusted && starts_with_proxy_header(client) {
+        return refuse_proxy(
+            listener,
+            peer,
+            access,
+            "a PROXY header from a source not in accept_proxy",
+        );
+    }
+    let Some(version) = listener.send_proxy() else {
+        return Some(connected);
+    };
+    let destination = match origin.destination {
+        Some(d) => d,
+        None => client.local_addr().unwrap_or(listener.bind),
+    };
+    let header = crate::proxy_protocol::write(
+        version,
+        crate::proxy_protocol::Transport::Stream,
+        peer,
+        destination,
+    );
+    // A new connection's send buffer is empty: this does not wait on the backend.
+    use tokio::io::AsyncWriteExt;
+    if let Err(e) = connected.stream.write_all(header.as_bytes()).await {
+        let backend = connected.guard.backend();
+        tracing::warn!(
+            listener = %listener.name, client = %peer, backend = %backend.name,
+            "connection closed: cannot send the PROXY header: {}", net::describe(&e)
+        );
+        let name = backend.name.clone();
+        drop(connected);
+        return not_connected(listener, peer, access, &name, 0, "connect_failed");
+    }
+    Some(connected)
 }
 
 /// Counts and logs a connection closed for want of a backend.

@@ -119,6 +119,8 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             idle_timeout: Duration::from_secs(3600),
             half_close_timeout: Duration::from_secs(60),
             access_log: false,
+            accept_proxy: Vec::new(),
+            send_proxy: None,
         }],
         pools: vec![PoolConfig {
             name: "pool".into(),
@@ -129,6 +131,7 @@ pub fn tcp_config(strategy: Strategy, backends: Vec<BackendConfig>) -> Config {
             on_down: OnDown::Keep,
             queue_timeout: Duration::ZERO,
             slow_start: Duration::ZERO,
+            proxy_protocol: None,
             health_check: None,
             backends,
             discover: None,

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use socket2::SockRef;
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -33,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use super::pktinfo;
 use super::reply::{ReplyTask, ReplyTo, SessionBytes};
 use super::stats::{Clock, DropReason, WARN_EVERY, stats};
-use super::upstream::{Fault, backend_unreachable, upstream_socket};
+use super::upstream::{Fault, backend_unreachable, send, upstream_socket};
 use crate::backend::{Backend, ConnGuard, Health};
 use crate::proxy::{Listener, ListenerGuard, access};
 use crate::shutdown::Shutdown;
@@ -345,7 +344,13 @@ impl Table {
                         Self::repick(&mut self.opener, session, client);
                     }
                     session.activity.store(now, Ordering::Relaxed);
-                    forward(&mut self.opener, &session.upstream, client, data);
+                    forward(
+                        &mut self.opener,
+                        &session.upstream,
+                        client,
+                        session.local,
+                        data,
+                    );
                     return;
                 }
                 Some(end) => {
@@ -359,7 +364,13 @@ impl Table {
             return;
         };
         let session = self.sessions.entry(client).insert_entry(session).into_mut();
-        forward(&mut self.opener, &session.upstream, client, data);
+        forward(
+            &mut self.opener,
+            &session.upstream,
+            client,
+            session.local,
+            data,
+        );
     }
 
     fn open_session(
@@ -515,14 +526,20 @@ impl Drop for Table {
 /// Sends a client's datagram to its session's backend. A pending ICMP error from an
 /// earlier datagram surfaces here instead of in the reply task: count it, then send again
 /// (the error was reported instead of sending).
-fn forward(opener: &mut Opener, upstream: &Upstream, client: SocketAddr, data: &[u8]) {
+fn forward(
+    opener: &mut Opener,
+    upstream: &Upstream,
+    client: SocketAddr,
+    local: Option<pktinfo::Local>,
+    data: &[u8],
+) {
     let backend = upstream.guard.backend();
-    let mut result = SockRef::from(&*upstream.socket).send(data);
+    let mut result = send(&upstream.socket, &opener.listener, client, local, data);
     if let Err(e) = &result
         && Fault::of(e) == Fault::Backend
     {
         backend_unreachable(&opener.listener, backend, opener.clock, e);
-        result = SockRef::from(&*upstream.socket).send(data);
+        result = send(&upstream.socket, &opener.listener, client, local, data);
     }
     let e = match result {
         Ok(_) => {

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
 
+use super::pktinfo::Local;
 use super::stats::{Clock, DropReason, stats, warning_due};
 use crate::backend::Backend;
 use crate::net::{describe, is_resource_exhaustion, is_unreachable};
@@ -40,6 +41,38 @@ pub fn upstream_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
     // connect() binds an ephemeral port itself: no bind call of our own.
     socket.connect(&backend.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// Sends a client's datagram on its session's upstream socket; with the pool's
+/// `proxy_protocol`, a v2 DGRAM header (client, and the address it sent to) goes first in
+/// the same datagram, written from the stack with no copy of the payload. A datagram that
+/// no longer fits in 65,507 bytes with its header (28 bytes for IPv4, 52 for IPv6) is
+/// refused by the kernel (EMSGSIZE): dropped and counted as `reason="send_error"`.
+pub fn send(
+    socket: &UdpSocket,
+    listener: &Listener,
+    client: SocketAddr,
+    local: Option<Local>,
+    data: &[u8],
+) -> io::Result<usize> {
+    use crate::proxy_protocol::{Transport, Version, write};
+    let socket = socket2::SockRef::from(socket);
+    if listener.send_proxy().is_none() {
+        return socket.send(data);
+    }
+    let mut destination = listener.bind;
+    if destination.ip().is_unspecified() {
+        match local {
+            Some(Local::V4(ip)) => destination.set_ip(ip.into()),
+            #[cfg(target_os = "linux")]
+            Some(Local::V6(ip, _)) => destination.set_ip(ip.into()),
+            None => {}
+        }
+    }
+    let header = write(Version::V2, Transport::Datagram, client, destination);
+    let parts = [io::IoSlice::new(header.as_bytes()), io::IoSlice::new(data)];
+    let sent = socket.send_vectored(&parts)?;
+    Ok(sent.saturating_sub(header.as_bytes().len()))
 }
 
 /// The backend answered a datagram with an ICMP error (or there is no route to it): a
