@@ -17,7 +17,7 @@
 //! 4. The one writer: [`control`] (the task and its handle; reload as a plan computed by a
 //!    pure function, then applied), [`tables`] (the read side everyone else looks at).
 //! 5. Edges: [`server`] (startup wiring), [`info`] (`show info`), [`admin`] (the Unix-socket protocol), [`http`]
-//!    (`/metrics`, `/ready`), [`state_file`].
+//!    (`/metrics`, `/ready`, the status page), [`state_file`].
 //! 6. Commands: [`run`], [`ctl`], [`demo`], [`cli`]; `main.rs` holds the exit codes.
 //!
 //! # Flows

@@ -1,17 +1,16 @@
-//! The HTTP endpoint on `metrics.bind`: `GET /metrics` (Prometheus text format) and
-//! `GET /ready`, plus the refresh task that writes the gauges derived from state (backend
+//! The HTTP endpoint on `metrics.bind`: `GET /metrics` (Prometheus text format),
+//! `GET /ready`, the status page `GET /` and its data `GET /status.json` (`status.rs`), plus the refresh task that writes the gauges derived from state (backend
 //! up/state/weight, listener limits) from the control task's published tables, once a
 //! second and again right before each render.
 
+mod status;
+
 use std::collections::BTreeSet;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +20,7 @@ use crate::metrics::names::LISTENER_MAX_CONNECTIONS;
 use crate::metrics::{self, Recorder, handles::listener_max_connections, recorder};
 use crate::net;
 use crate::shutdown::Shutdown;
+use crate::slots::{Slot, Slots};
 use crate::tables::Tables;
 
 /// How often derived gauges are refreshed without a scrape.
@@ -162,18 +162,22 @@ async fn refresh_loop(refresher: Arc<Refresher>, stop: CancellationToken) {
     }
 }
 
-// The endpoint: a deliberately tiny HTTP/1.0-style server (read one request head, answer,
-// close). One path and one method don't justify hyper and its dependency tree; Prometheus
-// and curl speak this just fine, and every bound below is explicit.
+// The endpoint, on hyper (one request a connection). Every bound is explicit: the request
+// head's size (hyper's buffer; over it, 431), the time to send it (hyper's header-read
+// timeout), the whole exchange's time, and the clients at once (`Slots`: when all are
+// taken, the oldest that has not sent its request makes room, so idle connections can't
+// lock out a scrape).
 
-/// A request head larger than this is refused.
+/// A request head larger than this is refused (431). hyper's smallest buffer.
 const MAX_REQUEST: usize = 8 * 1024;
 /// A client must send its request head within this.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// And read the answer within this.
+/// And have read the answer within this after.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Scrapes served at once; more are closed at once.
+/// Clients at once.
 const MAX_CLIENTS: usize = 32;
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
 
 async fn serve(
     socket: TcpListener,
@@ -182,138 +186,114 @@ async fn serve(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let slots = Slots::new(MAX_CLIENTS);
     net::accept_loop(
         "metrics endpoint",
         &stop,
         || socket.accept(),
         |(stream, _peer): (TcpStream, SocketAddr)| {
-            let Ok(permit) = Arc::clone(&clients).try_acquire_owned() else {
+            let Some(slot) = slots.take() else {
                 return;
             };
             let refresher = Arc::clone(&refresher);
             let stop = stop.clone();
-            tracker.spawn(async move {
-                let _permit = permit;
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    r = answer(stream, recorder, refresher) => if let Err(e) = r {
-                        tracing::debug!("metrics: {e}");
-                    },
-                }
-            });
+            tracker.spawn(connection(stream, recorder, refresher, slot, stop));
         },
     )
     .await;
 }
 
-async fn answer(
-    mut stream: TcpStream,
+async fn connection(
+    stream: TcpStream,
     recorder: &'static Recorder,
     refresher: Arc<Refresher>,
-) -> io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(Some(head))) => head,
-        Ok(Ok(None)) => {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "", b"").await;
-        }
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Ok(()), // silent client: just close
-    };
-    let line = head.lines().next().unwrap_or("");
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if path == "/ready" && (method == "GET" || method == "HEAD") {
+    slot: Slot,
+    stop: CancellationToken,
+) {
+    let slot = Arc::new(slot);
+    let evicted = slot.evicted.clone();
+    let service = hyper::service::service_fn(move |request| {
+        slot.request_read();
+        let refresher = Arc::clone(&refresher);
+        async move { Ok::<_, std::convert::Infallible>(answer(request, recorder, refresher).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = evicted.cancelled() => {}
+        r = tokio::time::timeout(READ_TIMEOUT + WRITE_TIMEOUT, served) => match r {
+            Err(_) => tracing::debug!("metrics: client too slow to read its answer"),
+            Ok(Err(e)) => tracing::debug!("metrics: {e}"),
+            Ok(Ok(())) => {}
+        },
+    }
+}
+
+fn reply(
+    status: u16,
+    content_type: &str,
+    body: impl Into<hyper::body::Bytes>,
+) -> hyper::Response<Body> {
+    let mut response = hyper::Response::new(Body::new(body.into()));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+async fn answer<B>(
+    request: hyper::Request<B>,
+    recorder: &'static Recorder,
+    refresher: Arc<Refresher>,
+) -> hyper::Response<Body> {
+    let path = request.uri().path().to_string();
+    let method = request.method();
+    if method != hyper::Method::GET && method != hyper::Method::HEAD {
+        let known = matches!(path.as_str(), "/" | "/metrics" | "/ready" | "/status.json");
+        return if known {
+            reply(405, TEXT, "use GET\n")
+        } else {
+            reply(404, TEXT, NOT_FOUND)
+        };
+    }
+    match path.as_str() {
         // The endpoint starts only once every listener is bound, which is after the first
         // health-check round, and stops when shutdown begins: answering means ready.
-        return respond(
-            &mut stream,
-            "200 OK",
-            "text/plain; charset=utf-8",
-            b"ready\n",
-        )
-        .await;
+        "/ready" => reply(200, TEXT, "ready\n"),
+        "/metrics" => {
+            let body = rendered(recorder, refresher).await;
+            reply(200, "text/plain; version=0.0.4; charset=utf-8", body)
+        }
+        "/" | "/status.json" => {
+            let control = refresher.control.clone();
+            let body = rendered(recorder, refresher).await;
+            let status = status::Status::of(&control, &body);
+            if path == "/" {
+                reply(200, "text/html; charset=utf-8", status.html())
+            } else {
+                reply(200, "application/json", status.json())
+            }
+        }
+        _ => reply(404, TEXT, NOT_FOUND),
     }
-    if path != "/metrics" {
-        return respond(
-            &mut stream,
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            b"not found: metrics are at /metrics\n",
-        )
-        .await;
-    }
-    if method != "GET" && method != "HEAD" {
-        return respond(
-            &mut stream,
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            b"use GET\n",
-        )
-        .await;
-    }
-    // Rendering walks every series and reads /proc: keep it off the runtime's workers.
-    let body = tokio::task::spawn_blocking(move || render(recorder, &refresher))
+}
+
+const NOT_FOUND: &str =
+    "not found: the status page is at /, metrics at /metrics, readiness at /ready\n";
+
+/// Rendering walks every series and reads /proc: kept off the runtime's workers.
+async fn rendered(recorder: &'static Recorder, refresher: Arc<Refresher>) -> String {
+    tokio::task::spawn_blocking(move || render(recorder, &refresher))
         .await
-        .map_err(io::Error::other)?;
-    let content_type = "text/plain; version=0.0.4; charset=utf-8";
-    if method == "HEAD" {
-        // The same head as GET (Content-Length included), no body.
-        return respond_head(&mut stream, "200 OK", content_type, body.len(), b"").await;
-    }
-    respond(&mut stream, "200 OK", content_type, body.as_bytes()).await
-}
-
-/// Reads up to the blank line ending the request head. None: too large.
-async fn read_head(stream: &mut TcpStream) -> io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            // EOF before a blank line: answer what we have (`printf 'GET /metrics' | nc`).
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST {
-            return Ok(None);
-        }
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-            break;
-        }
-    }
-    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &[u8],
-) -> io::Result<()> {
-    respond_head(stream, status, content_type, body.len(), body).await
-}
-
-/// Writes a head announcing `length` bytes, then `body`, then closes our side.
-async fn respond_head(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    length: usize,
-    body: &[u8],
-) -> io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
-    if !content_type.is_empty() {
-        head.push_str(&format!("Content-Type: {content_type}\r\n"));
-    }
-    head.push_str(&format!("Content-Length: {length}\r\n\r\n"));
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body).await?;
-        stream.shutdown().await
-    };
-    tokio::time::timeout(WRITE_TIMEOUT, write)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client too slow to read"))?
+        .unwrap_or_default()
 }
