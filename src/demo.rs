@@ -328,7 +328,8 @@ async fn health_and_drain(backends: &mut [DemoBackend]) -> anyhow::Result<()> {
     traffic(&server, front, backends, 250, Duration::from_millis(10)).await;
     println!(
         "   No client saw a failure: a refused connect is retried on another backend, and\n   \
-         charlie was marked down after two failed checks.\n"
+         charlie was marked down after two failures in a row (fall 2) — here two refused\n   \
+         connects from traffic, which come sooner than the next health check (see its log line).\n"
     );
 
     println!("3. Draining bravo for maintenance while a client holds a connection to it:\n");
