@@ -116,6 +116,8 @@ pub struct Backend {
     connect_errors: AtomicU64,
     /// Human-readable result of the last health check ("" before the first one).
     last_check: ArcSwap<String>,
+    /// When `last_check` was written (`monotonic_ms`); 0 before the first check.
+    last_check_ms: AtomicU64,
     /// When the admin state last left `Enabled` (drain, disable, or a reload's retirement),
     /// in ms on `monotonic_ms`'s clock; 0 while enabled.
     admin_since_ms: AtomicU64,
@@ -215,6 +217,7 @@ impl Backend {
             passive_downs: AtomicU32::new(0),
             connect_errors: AtomicU64::new(0),
             last_check: ArcSwap::from_pointee(String::new()),
+            last_check_ms: AtomicU64::new(0),
             admin_since_ms: AtomicU64::new(0),
             close_on_down: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
@@ -527,7 +530,16 @@ impl Backend {
         self.last_check.load_full()
     }
 
+    /// How long ago the last health check ended; None before the first.
+    pub fn last_check_age(&self) -> Option<Duration> {
+        match self.last_check_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(monotonic_ms().saturating_sub(at))),
+        }
+    }
+
     pub fn set_last_check(&self, result: String) {
+        self.last_check_ms.store(monotonic_ms(), Ordering::Relaxed);
         self.last_check.store(Arc::new(result));
     }
 

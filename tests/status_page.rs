@@ -85,6 +85,8 @@ async fn status_json_has_every_listener_pool_and_backend() {
         "{}",
         by("gone")
     );
+    let age = by("healthy")["last_check_age_ms"].as_u64().unwrap();
+    assert!(age < 2_000, "checked every 100 ms: {age} ms ago");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

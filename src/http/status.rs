@@ -54,6 +54,8 @@ pub struct BackendStatus {
     pub total: u64,
     pub connect_errors: u64,
     pub last_check: Option<String>,
+    /// How long ago that check ended, in ms.
+    pub last_check_age_ms: Option<u64>,
 }
 
 impl BackendStatus {
@@ -71,6 +73,7 @@ impl BackendStatus {
             total: b.total(),
             connect_errors: b.metrics_connect_errors(),
             last_check: (!last.is_empty()).then(|| last.to_string()),
+            last_check_age_ms: b.last_check_age().map(|a| a.as_millis() as u64),
         }
     }
 }
@@ -238,10 +241,19 @@ fn pool_html(page: &mut String, pool: &PoolStatus) {
             max = b.max_connections.map_or("-".into(), |m| m.to_string()),
             total = b.total,
             errors = b.connect_errors,
-            last = escape(b.last_check.as_deref().unwrap_or("-")),
+            last = last_check_cell(b),
         );
     }
     page.push_str("</table>\n");
+}
+
+/// The last check's result and how long ago it ended ("pass 0.2ms, 1.3 s ago").
+fn last_check_cell(b: &BackendStatus) -> String {
+    match (&b.last_check, b.last_check_age_ms) {
+        (Some(result), Some(ms)) => format!("{}, {:.1} s ago", escape(result), ms as f64 / 1e3),
+        (Some(result), None) => escape(result),
+        _ => "-".to_string(),
+    }
 }
 
 /// Text for HTML: every character that could end an element or attribute, escaped.
