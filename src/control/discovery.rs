@@ -26,9 +26,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::ControlTask;
+use super::{ControlTask, joining, pool_backend};
 use crate::backend::{Admin, Backend};
-use crate::config::{Config, DiscoverConfig, OnDown, PoolConfig};
+use crate::config::{Config, DiscoverConfig, PoolConfig};
 use crate::discover::{self, Discovered, Found, Resolver};
 use crate::pool::{Pool, PoolSnapshot};
 use crate::state_file;
@@ -176,17 +176,12 @@ pub(super) fn plan_set(
 /// A backend found by discovery: named and addressed as found, healthy at once only
 /// without a health check.
 fn new_member(config: &PoolConfig, found: &Found, hard: &CancellationToken) -> Member {
-    let backend = Backend::new_under(
-        hard,
-        &config.name,
-        &found.name,
-        &found.name,
-        found.addr,
+    let backend = pool_backend(
+        config,
+        (&found.name, &found.name, found.addr),
         found.weight,
-        config.health_check.is_none(),
+        hard,
     );
-    backend.set_close_on_down(config.on_down == OnDown::Close);
-    backend.set_slow_start(config.slow_start);
     Member {
         backend,
         dns_weight: found.weight,
@@ -361,10 +356,7 @@ impl ControlTask {
         let mut added = Vec::new();
         for (found, moved) in &plan.add {
             let member = new_member(config, found, &self.shutdown.hard);
-            if config.health_check.is_none() {
-                // Up at once, joining a pool that serves: it ramps (slow_start).
-                member.backend.start_ramp();
-            }
+            joining(&member.backend, config);
             match moved {
                 Some(old) => {
                     member.backend.set_admin(old.backend.admin());

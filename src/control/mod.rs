@@ -354,22 +354,48 @@ pub fn build_pool(config: &PoolConfig, hard: &CancellationToken) -> Arc<Pool> {
     )
 }
 
-/// A backend with a health check starts down: its first probe decides.
+/// A listed backend of `pool`.
 fn new_backend(
     pool: &PoolConfig,
     backend: &BackendConfig,
     hard: &CancellationToken,
 ) -> Arc<Backend> {
+    pool_backend(
+        pool,
+        (&backend.name, &backend.address, backend.addr),
+        backend.weight,
+        hard,
+    )
+}
+
+/// A backend of `pool` (listed or discovered; `who` is its name, address as written and
+/// address), with the pool's settings that live on each backend (`on_down`,
+/// `slow_start`). With a health check it starts down: its first probe decides.
+fn pool_backend(
+    pool: &PoolConfig,
+    (name, address, addr): (&str, &str, std::net::SocketAddr),
+    weight: u32,
+    hard: &CancellationToken,
+) -> Arc<Backend> {
     let new = Backend::new_under(
         hard,
         &pool.name,
-        &backend.name,
-        &backend.address,
-        backend.addr,
-        backend.weight,
+        name,
+        address,
+        addr,
+        weight,
         pool.health_check.is_none(),
     );
     new.set_close_on_down(pool.on_down == OnDown::Close);
     new.set_slow_start(pool.slow_start);
     new
+}
+
+/// `backend` joins `pool` while it serves (a reload or DNS added it): without a health
+/// check it is up at once, so its slow-start ramp starts now; with one, the probe that
+/// brings it up starts it.
+fn joining(backend: &Backend, pool: &PoolConfig) {
+    if pool.health_check.is_none() {
+        backend.start_ramp();
+    }
 }

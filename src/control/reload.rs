@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::plan::{self, BackendStep, Checks, ListenerStep, PoolStep, PoolUpdate};
-use super::{ControlError, ControlTask, build_pool, new_backend};
+use super::{ControlError, ControlTask, build_pool, joining, new_backend};
 use crate::backend::{Admin, Backend, Health};
 use crate::config::{Config, OnDown, PoolConfig};
 use crate::health;
@@ -148,10 +148,7 @@ impl ControlTask {
                 }
                 BackendStep::Add(index) => {
                     let added = new_backend(config, &config.backends[*index], &self.shutdown.hard);
-                    if config.health_check.is_none() {
-                        // Up at once, joining a pool that serves: it ramps (slow_start).
-                        added.start_ramp();
-                    }
+                    joining(&added, config);
                     added
                 }
                 BackendStep::Retire { backend, newly } => {
