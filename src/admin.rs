@@ -297,7 +297,7 @@ fn show_backends(tables: &Tables, json: bool) -> String {
             vec![
                 b.pool.clone(),
                 b.name.clone(),
-                b.address.clone(),
+                b.shown_address(),
                 b.state().to_string(),
                 b.weight().to_string(),
                 b.effective_weight().to_string(),
@@ -364,8 +364,8 @@ struct BackendRow<'a> {
     name: &'a str,
     /// As written in the config (may be a DNS name).
     address: &'a str,
-    /// What it resolved to.
-    resolved: String,
+    /// Where connections go: what it resolved to; null while its host name has not.
+    resolved: Option<String>,
     state: &'static str,
     /// The two inputs of `state`: what the checks say, what the operator said.
     health: &'static str,
@@ -392,7 +392,7 @@ impl<'a> BackendRow<'a> {
             pool: &b.pool,
             name: &b.name,
             address: &b.address,
-            resolved: b.addr.to_string(),
+            resolved: b.resolved_addr().map(|a| a.to_string()),
             state: b.state().as_str(),
             health: match b.health() {
                 Health::Up => "up",

@@ -149,6 +149,10 @@ pub struct Backend {
     /// Built from the config weir started with: its first health result is the startup
     /// round, where every backend comes up at once and a ramp would be pointless.
     startup_round: AtomicBool,
+    /// A listed host name that has not resolved: `addr` is a placeholder, so it is never
+    /// up (set once, before it is published; a successor replaces it once the name
+    /// resolves).
+    unresolved: AtomicBool,
     /// The pool's wait queue, which a released slot is handed to (set once: a backend
     /// never changes pools).
     queue: OnceLock<Arc<WaitQueue<ConnGuard>>>,
@@ -230,6 +234,7 @@ impl Backend {
             slow_start_ms: AtomicU64::new(0),
             ramp_since_ms: AtomicU64::new(0),
             startup_round: AtomicBool::new(false),
+            unresolved: AtomicBool::new(false),
             queue: OnceLock::new(),
             metrics: BackendMetrics::new(pool, name),
         })
@@ -321,8 +326,12 @@ impl Backend {
     }
 
     /// Sets health; returns the previous value. Coming up starts a slow-start ramp
-    /// (unless it is the backend's first result in weir's startup round).
+    /// (unless it is the backend's first result in weir's startup round). A backend whose
+    /// host name has not resolved stays down, whoever asks.
     pub fn set_health(&self, health: Health) -> Health {
+        if health == Health::Up && self.is_unresolved() {
+            return self.health();
+        }
         let prev = self.health.swap(health as u8, Ordering::AcqRel);
         let startup = self.startup_round.swap(false, Ordering::Relaxed);
         if prev == Health::Up as u8 {
@@ -333,6 +342,35 @@ impl Backend {
             }
             Health::Down
         }
+    }
+
+    /// Before it is published: its host name (`address`) did not resolve, so it stays
+    /// down, unchecked, until a backend at the resolved address replaces it.
+    pub fn mark_unresolved(&self, why: &str) {
+        self.unresolved.store(true, Ordering::Relaxed);
+        self.health.store(Health::Down as u8, Ordering::Relaxed);
+        self.set_last_check(format!("unresolved: {why}"));
+    }
+
+    pub fn is_unresolved(&self) -> bool {
+        self.unresolved.load(Ordering::Relaxed)
+    }
+
+    /// The address for people: as written, and for a host name where it resolves now
+    /// (`db.internal:5432 (10.0.0.7)`) or that it has not.
+    pub fn shown_address(&self) -> String {
+        if self.is_unresolved() {
+            format!("{} (unresolved)", self.address)
+        } else if self.address.parse::<SocketAddr>().is_ok() {
+            self.address.clone()
+        } else {
+            format!("{} ({})", self.address, self.addr.ip())
+        }
+    }
+
+    /// Where connections go; None while its host name has not resolved.
+    pub fn resolved_addr(&self) -> Option<SocketAddr> {
+        (!self.is_unresolved()).then_some(self.addr)
     }
 
     /// Server startup only: this backend's first health result (its first probe) is

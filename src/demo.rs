@@ -83,6 +83,7 @@ fn demo_config(strategy: Strategy, backends: &[DemoBackend]) -> Config {
                     name: b.name.into(),
                     address: b.addr.to_string(),
                     addr: b.addr,
+                    host: None,
                     weight: b.weight,
                     max_connections: None,
                     backup: false,

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::WEIGHT_RANGE;
-use crate::config::DiscoverConfig;
+use crate::config::{Config, Diagnostic, DiscoverConfig, HostName};
 use crate::metrics::names;
 
 /// The shortest wait between two rounds, whatever the TTL says.
@@ -66,6 +66,8 @@ pub struct Answer {
 pub struct Discovered {
     pub pool: String,
     pub task: u64,
+    /// The listed backend whose host name was resolved; None for `discover`.
+    pub backend: Option<String>,
     pub found: Vec<Found>,
 }
 
@@ -123,6 +125,20 @@ impl Resolver {
         Ok(answer)
     }
 
+    /// A listed backend's host name: its lowest address on `port` (A and AAAA; the
+    /// system's hosts file too when weir asks the system's nameservers).
+    pub async fn host(&self, name: &str, port: u16) -> Result<SocketAddr, String> {
+        let (mut ips, _) = self.ips(name).await.map_err(|e| match e {
+            DiscoverError::Lookup { why, .. } => why,
+            e => e.to_string(),
+        })?;
+        ips.sort();
+        let ip = ips
+            .first()
+            .ok_or_else(|| "it has no addresses".to_string())?;
+        Ok(SocketAddr::new(*ip, port))
+    }
+
     async fn ips(&self, name: &str) -> Result<(Vec<IpAddr>, u32), DiscoverError> {
         let lookup = self
             .inner
@@ -130,7 +146,14 @@ impl Resolver {
             .await
             .map_err(|e| DiscoverError::Lookup {
                 name: name.to_string(),
-                why: e.to_string(),
+                // hickory's own text for these two quotes its whole query.
+                why: if e.is_nx_domain() {
+                    "NXDOMAIN: no such name".to_string()
+                } else if e.is_no_records_found() {
+                    "no A or AAAA records".to_string()
+                } else {
+                    e.to_string()
+                },
             })?;
         let ttl = (lookup.as_lookup().answers().iter())
             .map(|r| r.ttl)
@@ -202,6 +225,87 @@ impl Resolver {
     }
 }
 
+/// A listed backend whose host name did not resolve: it starts (or, added by a reload,
+/// joins) down, and comes up once the name resolves.
+#[derive(Clone, Debug)]
+pub struct Unresolved {
+    pub pool: String,
+    pub backend: String,
+    pub host: HostName,
+    pub why: String,
+}
+
+impl Unresolved {
+    /// `weir check`'s warning, at the address in the file.
+    pub fn diagnostic(&self, file: &str) -> Diagnostic {
+        Diagnostic {
+            file: file.to_string(),
+            position: self.host.position,
+            key_path: self
+                .host
+                .position
+                .is_none()
+                .then(|| self.host.key_path.clone()),
+            message: format!("warning: {self}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "backend \"{}\" of pool \"{}\": host \"{}\" does not resolve ({}); it starts down and comes up once it resolves",
+            self.backend, self.pool, self.host.name, self.why
+        )
+    }
+}
+
+/// Resolves every listed backend's host name in `config` at once (each bounded by
+/// `timeout`), writing each answer's first address (the lowest, so that every instance
+/// picks the same one) into its `addr`; returns those that did not resolve.
+pub async fn resolve_listed(
+    resolver: &Resolver,
+    config: &mut Config,
+    timeout: Duration,
+) -> Vec<Unresolved> {
+    let mut lookups = tokio::task::JoinSet::new();
+    for (p, pool) in config.pools.iter().enumerate() {
+        for (b, backend) in pool.backends.iter().enumerate() {
+            let Some(host) = &backend.host else { continue };
+            let (resolver, name, port) = (resolver.clone(), host.name.clone(), host.port);
+            lookups.spawn(async move {
+                let answer = tokio::time::timeout(timeout, resolver.host(&name, port)).await;
+                (
+                    p,
+                    b,
+                    answer.unwrap_or_else(|_| Err(format!("no answer within {timeout:?}"))),
+                )
+            });
+        }
+    }
+    let mut unresolved = Vec::new();
+    while let Some(Ok((p, b, answer))) = lookups.join_next().await {
+        let pool_name = config.pools[p].name.clone();
+        let backend = &mut config.pools[p].backends[b];
+        let host = backend.host.as_mut().expect("spawned for a host name");
+        match answer {
+            Ok(addr) => {
+                backend.addr = addr;
+                host.resolved = true;
+            }
+            Err(why) => unresolved.push(Unresolved {
+                pool: pool_name,
+                backend: backend.name.clone(),
+                host: host.clone(),
+                why,
+            }),
+        }
+    }
+    unresolved.sort_by(|a, b| (&a.pool, &a.backend).cmp(&(&b.pool, &b.backend)));
+    unresolved
+}
+
 /// SRV weights (0..=65535) as weir weights (1..=1000): as they are when they fit, else
 /// scaled so that the largest is 1000, keeping their ratios; 0 (and what scales below 1)
 /// becomes 1, as weir has no zero weight.
@@ -228,24 +332,53 @@ pub fn next_round(refresh: Duration, ttl: Duration) -> Duration {
     refresh.min(ttl).max(MIN_REFRESH)
 }
 
-/// Follows `spec` for `pool` until `stop`: a round at once, then each when due; every set
-/// that differs from the last one sent goes to `sink`.
+/// What a follower follows: a pool's `discover`, or the host name of one of its listed
+/// backends (`backend`), as A/AAAA records on that backend's port.
+#[derive(Clone, Debug)]
+pub struct Following {
+    pub pool: String,
+    /// Tells a stale follower's messages (one stopped by a reload) from the current one's.
+    pub task: u64,
+    pub spec: DiscoverConfig,
+    /// The listed backend whose host name this is; None for `discover`.
+    pub backend: Option<String>,
+}
+
+/// Follows `what` until `stop`: a round at once, then each when due; every set that
+/// differs from the last one sent goes to `sink`.
 pub async fn follow(
     resolver: Arc<Resolver>,
-    pool: String,
-    task: u64,
-    spec: DiscoverConfig,
+    what: Following,
     sink: mpsc::Sender<Discovered>,
     stop: CancellationToken,
 ) {
+    let Following {
+        pool,
+        task,
+        spec,
+        backend,
+    } = what;
     let errors = metrics::counter!(names::DISCOVERY_ERRORS, "pool" => pool.clone());
     let mut last: Option<Vec<Found>> = None;
     let mut failing = false;
     loop {
-        let wait = match resolver.lookup(&spec).await {
+        // A lookup to a server that is gone can take a while: shutdown and reload must
+        // not wait for it.
+        let answer = tokio::select! {
+            answer = resolver.lookup(&spec) => answer,
+            () = stop.cancelled() => return,
+        };
+        let wait = match answer {
             Ok(answer) => {
                 if failing {
-                    tracing::info!(pool = %pool, "discover: {} resolves again ({} backends)", spec.dns, answer.found.len());
+                    match &backend {
+                        Some(b) => {
+                            tracing::info!(pool = %pool, backend = %b, "{} resolves again", spec.dns)
+                        }
+                        None => {
+                            tracing::info!(pool = %pool, "discover: {} resolves again ({} backends)", spec.dns, answer.found.len())
+                        }
+                    }
                     failing = false;
                 }
                 if last.as_ref() != Some(&answer.found) {
@@ -253,6 +386,7 @@ pub async fn follow(
                     let message = Discovered {
                         pool: pool.clone(),
                         task,
+                        backend: backend.clone(),
                         found: answer.found,
                     };
                     if sink.send(message).await.is_err() {
@@ -265,7 +399,14 @@ pub async fn follow(
                 errors.increment(1);
                 if !failing {
                     let kept = last.as_ref().map_or(0, Vec::len);
-                    tracing::warn!(pool = %pool, "discover: {e}; keeping the last {kept} backends found until it resolves again");
+                    match &backend {
+                        Some(b) => {
+                            tracing::warn!(pool = %pool, backend = %b, "{e}; the backend stays at the address it has (down if it never resolved) until the name resolves again")
+                        }
+                        None => {
+                            tracing::warn!(pool = %pool, "discover: {e}; keeping the last {kept} backends found until it resolves again")
+                        }
+                    }
                     failing = true;
                 }
                 // Retried on the refresh schedule, but soon enough to notice the recovery.

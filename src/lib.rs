@@ -18,7 +18,7 @@
 //!    pure function, then applied), [`tables`] (the read side everyone else looks at).
 //! 5. Edges: [`server`] (startup wiring), [`info`] (`show info`), [`admin`] (the Unix-socket protocol), [`http`]
 //!    (`/metrics`, `/ready`, the status page), [`state_file`].
-//! 6. Commands: [`run`], [`ctl`], [`demo`], [`cli`]; `main.rs` holds the exit codes.
+//! 6. Commands: [`run`], [`check`], [`ctl`], [`demo`], [`cli`]; `main.rs` holds the exit codes.
 //!
 //! # Flows
 //!
@@ -49,6 +49,7 @@
 pub mod admin;
 pub mod backend;
 pub mod balance;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -35,19 +35,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Check { config } => match weir::config::load_with_warnings(&config) {
-                Ok((_, warnings)) => {
-                    for warning in &warnings {
-                        eprintln!("{warning}");
-                    }
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    ExitCode::from(2)
-                }
-            },
+            Command::Check { config } => weir::check::run(&config).await,
             Command::Run { config } => weir::run::run(&config).await,
             Command::Ctl {
                 socket,

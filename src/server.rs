@@ -3,9 +3,10 @@
 //!
 //! 1. the metrics recorder and `metrics.bind` (handles created before the recorder are
 //!    no-ops, and a bind failure must stop startup before any listener runs);
-//! 2. pools and backends;
-//! 3. the admin socket (a second instance on the same socket is refused before anything
-//!    is served), then the first DNS lookup of every pool with `discover` (bounded), and
+//! 2. the admin socket (a second instance on the same socket is refused before anything
+//!    is served), and the listed backends' host names resolved (bounded; one that does
+//!    not resolve is a backend down, never a failed start);
+//! 3. pools and backends, then the first DNS lookup of every pool with `discover` (bounded), and
 //!    the state file's admin state and weights applied to listed and discovered backends;
 //! 4. the first round of health checks, so every backend is decided before a client
 //!    arrives;
@@ -103,12 +104,20 @@ impl Server {
 }
 
 async fn build(
-    config: Config,
+    mut config: Config,
     config_path: Option<PathBuf>,
     options: StartOptions,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Server> {
     let exporter = Exporter::new(config.metrics_bind)?;
+    let admin_socket = match &config.admin_socket {
+        Some(path) => Some(AdminSocket::bind(path).await?),
+        None => None,
+    };
+    let mut control = ControlTask::new(&config, config_path, shutdown);
+    // Before anything is built from it: a name that does not resolve is a backend down.
+    control.resolve_listed(&mut config).await;
+    control.set_config(&config);
     let mut tables = Tables::default();
     for pool_config in &config.pools {
         let pool = control::build_pool(pool_config, &shutdown.hard);
@@ -116,11 +125,6 @@ async fn build(
         (pool.load_full().backends.iter()).for_each(|b| b.in_startup_round());
         tables.pools.insert(pool_config.name.clone(), pool);
     }
-    let admin_socket = match &config.admin_socket {
-        Some(path) => Some(AdminSocket::bind(path).await?),
-        None => None,
-    };
-    let mut control = ControlTask::new(&config, config_path, shutdown);
     control.set_metrics_addr(exporter.addr());
     control.discover_first_round(&config, &tables).await;
     restore_state(&config, &tables);

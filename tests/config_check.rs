@@ -221,12 +221,18 @@ pools:
     assert_eq!(redis.backends.len(), 2);
     assert_eq!(redis.backends[0].name, "primary");
     assert_eq!(redis.backends[0].weight, 1000);
-    // A DNS name is resolved at load time; the name defaults to the address as written.
+    // A DNS name is kept as written (weir resolves it when it starts, never the config
+    // loader); the name defaults to the address as written.
     let local = &redis.backends[1];
     assert_eq!(local.name, "localhost:6380");
     assert_eq!(local.address, "localhost:6380");
-    assert!(local.addr.ip().is_loopback(), "{}", local.addr);
-    assert_eq!(local.addr.port(), 6380);
+    let host = local.host.as_ref().expect("a host name");
+    assert_eq!((host.name.as_str(), host.port), ("localhost", 6380));
+    assert!(local.is_unresolved(), "not asked of DNS while loading");
+    assert!(
+        redis.backends[0].host.is_none(),
+        "an IP literal is no host name"
+    );
 }
 
 #[test]
@@ -544,13 +550,41 @@ pools:
 }
 
 #[test]
-fn backend_host_that_does_not_resolve() {
-    assert_problem(
-        &MINIMAL.replace("127.0.0.1:6379", "no-such-host.invalid:6379"),
-        8,
-        18,
-        &["cannot resolve host \"no-such-host.invalid\""],
+fn a_backend_host_that_does_not_resolve_is_a_warning_naming_it() {
+    // `.invalid` never resolves (RFC 6761); the other backend is an IP.
+    let text = MINIMAL.replace(
+        "      - address: 127.0.0.1:6379\n",
+        "      - address: 127.0.0.1:6379\n      - address: no-such-host.invalid:6379\n        name: replica\n",
     );
+    let (code, stdout, stderr) = weir_check("unresolved", &text);
+    assert_eq!(
+        code,
+        Some(0),
+        "a DNS blip at boot never fails the check: {stderr}"
+    );
+    assert!(stdout.contains("FILE: ok"), "{stdout}");
+    let warning = stderr.lines().find(|l| l.contains("no-such-host.invalid"));
+    let warning = warning.unwrap_or_else(|| panic!("no warning names the host: {stderr}"));
+    assert!(
+        warning.starts_with("FILE:9:18: warning: "),
+        "at the address: {warning}"
+    );
+    for needle in [
+        "backend \"replica\"",
+        "pool \"redis\"",
+        "does not resolve",
+        "starts down",
+    ] {
+        assert!(warning.contains(needle), "{needle:?} missing: {warning}");
+    }
+}
+
+#[test]
+fn a_backend_host_that_can_never_resolve_is_an_error() {
+    let text = MINIMAL.replace("127.0.0.1:6379", "db..internal:6379");
+    assert_problem(&text, 8, 18, &["\"db..internal\" is not a host name"]);
+    let text = MINIMAL.replace("127.0.0.1:6379", "_pg._tcp.internal:6379");
+    assert_problem(&text, 8, 18, &["names SRV records", "discover"]);
 }
 
 #[test]

@@ -45,8 +45,13 @@ async fn backends_on(hosts: &[u8]) -> (u16, Vec<TestBackend>) {
 /// A config: listener `front` on a free port, pool `web` with `discover` (`discover` is
 /// its YAML body), the admin socket in `dir`, metrics on a free port.
 fn config(dns: &Unbound, discover: &str, dir: &TempDir, extra: &str) -> weir::config::Config {
+    write_config(dns, dir, &format!("{extra}    discover: {discover}\n"))
+}
+
+/// Writes (and loads) a config whose pool `web` has `pool_body` (its YAML lines).
+fn write_config(dns: &Unbound, dir: &TempDir, pool_body: &str) -> weir::config::Config {
     let text = format!(
-        "resolvers: [\"{dns}\"]\nmetrics:\n  bind: 127.0.0.1:0\nadmin:\n  socket: {socket}\n  state_file: {state}\nlisteners:\n  front:\n    bind: 127.0.0.1:0\n    pool: web\npools:\n  web:\n{extra}    discover: {discover}\n",
+        "resolvers: [\"{dns}\"]\nmetrics:\n  bind: 127.0.0.1:0\nadmin:\n  socket: {socket}\n  state_file: {state}\nlisteners:\n  front:\n    bind: 127.0.0.1:0\n    pool: web\npools:\n  web:\n{pool_body}",
         dns = dns.addr(),
         socket = dir.join("admin.sock").display(),
         state = dir.join("state.json").display(),
@@ -355,19 +360,21 @@ async fn a_stopped_server_keeps_the_last_set_counts_errors_and_a_short_ttl_wins(
         started.elapsed()
     );
 
+    // The counter is the process's (tests in this file share it): count from here.
     let metrics = server.metrics_addr().unwrap();
-    assert_eq!(discovery_errors(&scrape(metrics).await), 0);
+    let before = discovery_errors(&scrape(metrics).await);
     dns.kill();
     wait_until(
         Duration::from_secs(20),
         "a failed lookup to be counted",
-        || async move { discovery_errors(&scrape(metrics).await) >= 1 },
+        || async move { discovery_errors(&scrape(metrics).await) > before },
     )
     .await;
     // The last good set stays and serves.
     assert_eq!(names(&server), up(&[b2.clone(), b3.clone()]));
-    let (_stream, greeting) = through(front).await;
+    let (stream, greeting) = through(front).await;
     assert!(greeting == "b2" || greeting == "b3", "{greeting}");
+    drop(stream); // else the stop waits its shutdown_timeout for it
     server.stop().await;
 }
 
@@ -513,5 +520,182 @@ async fn a_reload_that_removes_discover_retires_its_backends_and_one_that_adds_i
         "discover back after the reload",
     )
     .await;
+    server.stop().await;
+}
+
+// ----- listed backends named by a host name ------------------------------------------
+
+/// The backend of pool `web` named `name` that is not retiring.
+fn serving(server: &Server, name: &str) -> Arc<weir::backend::Backend> {
+    let tables = server.handle.tables();
+    let snapshot = tables.pools["web"].load_full();
+    (snapshot.backends.iter())
+        .find(|b| b.name == name && b.state() != State::Retiring)
+        .cloned()
+        .unwrap_or_else(|| panic!("no backend {name}"))
+}
+
+async fn wait_for_address(server: &Server, name: &str, addr: SocketAddr, state: State) {
+    let what = format!("{name} at {addr}, {state:?}");
+    wait_until(DEADLINE, &what, || {
+        let b = serving(server, name);
+        let ok = b.addr == addr && b.state() == state;
+        async move { ok }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_listed_host_name_follows_dns_its_old_connections_continue_and_its_admin_state_is_kept() {
+    if !have_tools() {
+        return;
+    }
+    let (port, _backends) = backends_on(&[2, 3]).await;
+    let dns = Unbound::start("disc.test.", &["db.disc.test. 1 IN A 127.0.0.2"]).await;
+    let dir = TempDir::new("host-name-moves");
+    let body = format!(
+        "    backends:\n      - {{ address: \"db.disc.test:{port}\", name: db, weight: 3 }}\n"
+    );
+    let (server, front) = start(write_config(&dns, &dir, &body), &dir).await;
+    let socket = dir.join("admin.sock");
+    let (a2, a3) = (
+        addr(&format!("127.0.0.2:{port}")),
+        addr(&format!("127.0.0.3:{port}")),
+    );
+    let first = serving(&server, "db");
+    assert_eq!(
+        (first.addr, first.state()),
+        (a2, State::Up),
+        "resolved at start"
+    );
+    let (mut open, greeting) = through(front).await;
+    assert_eq!(greeting, "b2");
+    let reply = admin(&socket, "set weight web/db 7").await;
+    assert!(!reply.starts_with("error"), "{reply}");
+
+    // The record changes: a successor at the new address, the old one retiring with
+    // its connection, which still works; the operator's weight carries over.
+    dns.set("db.disc.test.", &["db.disc.test. 1 IN A 127.0.0.3"])
+        .await;
+    wait_for_address(&server, "db", a3, State::Up).await;
+    assert_eq!(
+        serving(&server, "db").weight(),
+        7,
+        "the operator's weight is kept"
+    );
+    assert_eq!(first.state(), State::Retiring);
+    echo(&mut open, "old address still answers\n").await;
+    for _ in 0..3 {
+        assert_eq!(
+            through(front).await.1,
+            "b3",
+            "new connections go to the new address"
+        );
+    }
+    let shown = admin(&socket, "show backends").await;
+    let row = format!("db.disc.test:{port} (127.0.0.3)");
+    assert!(
+        shown.contains(&row),
+        "show backends has the new address:\n{shown}"
+    );
+    drop(open);
+    wait_until(DEADLINE, "the old address to go once idle", || {
+        let count = names(&server).len();
+        async move { count == 1 }
+    })
+    .await;
+
+    // A drain holds across a move, and a reload keeps the same backend wherever its
+    // name resolves now.
+    let reply = admin(&socket, "drain web/db").await;
+    assert!(!reply.starts_with("error"), "{reply}");
+    dns.set("db.disc.test.", &["db.disc.test. 1 IN A 127.0.0.2"])
+        .await;
+    wait_for_address(&server, "db", a2, State::Drained).await;
+    let before = serving(&server, "db");
+    let reply = admin(&socket, "reload").await;
+    assert!(!reply.starts_with("error"), "{reply}");
+    assert!(
+        Arc::ptr_eq(&before, &serving(&server, "db")),
+        "a reload keeps it"
+    );
+    let state = std::fs::read_to_string(dir.join("state.json")).unwrap();
+    assert!(state.contains("web/db"), "drain saved by name: {state}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_host_name_that_does_not_resolve_at_start_is_a_warning_and_a_backend_down_until_it_does()
+{
+    if !have_tools() {
+        return;
+    }
+    let (port, _backends) = backends_on(&[2, 3]).await;
+    let mut dns = Unbound::start("disc.test.", &["other.disc.test. 1 IN A 127.0.0.9"]).await;
+    let dir = TempDir::new("host-name-late");
+    let body = format!(
+        "    health_check: {{ interval: 200ms, timeout: 200ms, rise: 1, fall: 1 }}\n    backends:\n      - {{ address: \"127.0.0.3:{port}\", name: ip }}\n      - {{ address: \"late.disc.test:{port}\", name: late }}\n"
+    );
+    let config = write_config(&dns, &dir, &body);
+
+    // weir check: exit 0, the name and where it is written in a warning.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["check", "-c"])
+        .arg(dir.join("weir.yaml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(":16:20: warning: backend \"late\"")
+            && stderr.contains("host \"late.disc.test\" does not resolve (NXDOMAIN: no such name"),
+        "a warning names it at its line:\n{stderr}"
+    );
+
+    // weir starts anyway, serving the other backend; the unresolved one is down and
+    // says why.
+    let (server, front) = start(config, &dir).await;
+    let late = serving(&server, "late");
+    assert_eq!(late.state(), State::Down);
+    assert!(
+        late.last_check()
+            .contains("late.disc.test does not resolve"),
+        "{}",
+        late.last_check()
+    );
+    for _ in 0..3 {
+        assert_eq!(through(front).await.1, "b3");
+    }
+
+    // Once it resolves, it is checked and comes up; clients reach both.
+    let a2 = addr(&format!("127.0.0.2:{port}"));
+    dns.add("late.disc.test. 1 IN A 127.0.0.2").await;
+    wait_for_address(&server, "late", a2, State::Up).await;
+    let mut greetings = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        greetings.insert(through(front).await.1);
+    }
+    assert_eq!(
+        greetings,
+        ["b2", "b3"].map(String::from).into(),
+        "both serve"
+    );
+
+    // The DNS server going away keeps the address it has.
+    let metrics = server.metrics_addr().unwrap();
+    let before = discovery_errors(&scrape(metrics).await);
+    dns.kill();
+    wait_until(
+        Duration::from_secs(20),
+        "a failed lookup to be counted",
+        || async move { discovery_errors(&scrape(metrics).await) > before },
+    )
+    .await;
+    let kept = serving(&server, "late");
+    assert_eq!(
+        (kept.addr, kept.state()),
+        (a2, State::Up),
+        "the last address found stays"
+    );
     server.stop().await;
 }

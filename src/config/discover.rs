@@ -6,7 +6,6 @@
 //! would mislead.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use super::diag::Cx;
 use super::raw::{Pos, RawConfig, RawDiscover};
@@ -48,7 +47,7 @@ pub(super) fn discover(
         &raw.value.refresh,
         &format!("{path}.refresh"),
         &DISCOVER_REFRESH,
-        Duration::from_secs(30),
+        super::runtime::DNS_REFRESH,
     );
     let dns = match &raw.value.dns {
         Some(d) if !d.value.trim().is_empty() => d.value.trim().to_string(),

@@ -24,8 +24,8 @@ mod yaml;
 
 pub use diag::{ConfigErrors, Diagnostic};
 pub use runtime::{
-    BackendConfig, Config, DiscoverConfig, HealthCheckConfig, ListenerConfig, OnDown, PoolConfig,
-    Protocol, SOCKET_PATH_MAX, admin_socket_staging,
+    BackendConfig, Config, DiscoverConfig, HealthCheckConfig, HostName, ListenerConfig, OnDown,
+    PoolConfig, Protocol, SOCKET_PATH_MAX, admin_socket_staging,
 };
 
 use diag::Cx;

@@ -89,6 +89,17 @@ pub struct PoolConfig {
     pub discover: Option<DiscoverConfig>,
 }
 
+/// `discover.refresh` when absent.
+pub const DNS_REFRESH: Duration = Duration::from_secs(30);
+
+impl PoolConfig {
+    /// How often the pool's listed host names are resolved again: its `discover.refresh`,
+    /// else `DNS_REFRESH` (a record's shorter TTL wins either way).
+    pub fn dns_refresh(&self) -> Duration {
+        self.discover.as_ref().map_or(DNS_REFRESH, |d| d.refresh)
+    }
+}
+
 /// `pools.NAME.discover`: backends found in DNS, re-resolved every `refresh` (or the
 /// records' shortest TTL when shorter, at least 1 s).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,13 +156,38 @@ pub struct BackendConfig {
     pub name: String,
     /// The address as written (HOST:PORT; HOST may be a DNS name).
     pub address: String,
-    /// Resolved at load time.
+    /// Where connections go: the IP as written, or what `host` resolved to (while it has
+    /// not, a placeholder that nothing connects to: the backend is down).
     pub addr: SocketAddr,
+    /// When HOST is a DNS name: loading a config never asks DNS; weir resolves it
+    /// (`discover::resolve_listed`) at start and reload, and follows it while it runs.
+    pub host: Option<HostName>,
     pub weight: u32,
     /// Open connections (udp: sessions) at once; None: unlimited.
     pub max_connections: Option<u64>,
     /// Gets new connections only while no other backend of the pool is eligible.
     pub backup: bool,
+}
+
+impl BackendConfig {
+    /// A host name that has not resolved (yet): the backend is down until it does.
+    pub fn is_unresolved(&self) -> bool {
+        self.host.as_ref().is_some_and(|h| !h.resolved)
+    }
+}
+
+/// A backend's host name, and where it is written (for `weir check`'s warning when it
+/// does not resolve).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostName {
+    pub name: String,
+    pub port: u16,
+    /// Whether `addr` holds what it resolved to.
+    pub resolved: bool,
+    /// 1-based line and column of the address in the file, when YAML has them.
+    pub position: Option<(u64, u64)>,
+    /// `pools.NAME.backends[I].address`.
+    pub key_path: String,
 }
 
 /// The longest path a Unix socket can be bound or connected at: `sun_path` less its NUL

@@ -11,11 +11,11 @@ use std::time::Duration;
 use super::diag::{Cx, Mark, known, suggest};
 use super::raw::{Pos, RawBackend, RawConfig, RawHealthCheck, RawListener, RawPool};
 use super::runtime::{
-    BackendConfig, Config, HealthCheckConfig, ListenerConfig, OnDown, PoolConfig, Protocol,
-    SOCKET_PATH_MAX, admin_socket_staging,
+    BackendConfig, Config, HealthCheckConfig, HostName, ListenerConfig, OnDown, PoolConfig,
+    Protocol, SOCKET_PATH_MAX, admin_socket_staging,
 };
 use super::values::{
-    CHECK_INTERVAL, CHECK_TIMEOUT, CONNECT_TIMEOUT, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT,
+    BackendAddr, CHECK_INTERVAL, CHECK_TIMEOUT, CONNECT_TIMEOUT, HALF_CLOSE_TIMEOUT, IDLE_TIMEOUT,
     QUEUE_TIMEOUT, SHUTDOWN_TIMEOUT, SLOW_START, backend_addr, bind_addr, binds_clash, boolean,
     check_name, cidrs, duration, hex_bytes, literal_escapes, number, on_down, protocol,
     proxy_protocol, strategy,
@@ -749,13 +749,7 @@ fn validate_backend(
         }
         return None;
     };
-    let addr = match backend_addr(&address.value) {
-        Ok(a) => Some(a),
-        Err(why) => {
-            cx.error(Some(&address.at), &format!("{path}.address"), why);
-            None
-        }
-    };
+    let (addr, host) = backend_target(cx, address, path);
     let name = raw.name.as_ref().unwrap_or(address);
     if raw.name.is_some() {
         check_name(cx, name, &format!("{path}.name"), "backend", true);
@@ -794,8 +788,38 @@ fn validate_backend(
         name: name.value.clone(),
         address: address.value.clone(),
         addr: addr?,
+        host,
         weight,
         max_connections,
         backup: boolean(cx, &raw.backup, &format!("{path}.backup"), "backup"),
     })
+}
+
+/// A backend's `address`: where it connects (for a host name, a placeholder until weir
+/// resolves it) and its host name, if it has one; (None, None) when a problem was recorded.
+fn backend_target(
+    cx: &mut Cx,
+    address: &Pos<String>,
+    path: &str,
+) -> (Option<SocketAddr>, Option<HostName>) {
+    let key_path = format!("{path}.address");
+    match backend_addr(&address.value) {
+        Ok(BackendAddr::Ip(addr)) => (Some(addr), None),
+        Ok(BackendAddr::Name(name, port)) => {
+            // Nothing connects here: the backend is down until `name` resolves.
+            let placeholder = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+            let host = HostName {
+                name,
+                port,
+                resolved: false,
+                position: known(&address.at),
+                key_path,
+            };
+            (Some(placeholder), Some(host))
+        }
+        Err(why) => {
+            cx.error(Some(&address.at), &key_path, why);
+            (None, None)
+        }
+    }
 }

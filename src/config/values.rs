@@ -1,7 +1,7 @@
 //! Conversions of single values (durations, numbers, addresses, names, hex), each
 //! recording a problem that names the key and what was written.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::diag::Cx;
@@ -294,8 +294,18 @@ pub(super) fn split_host_port(t: &str) -> Result<(&str, &str), String> {
     Ok((host, port))
 }
 
-/// A backend address `HOST:PORT`, HOST an IP literal or a DNS name, resolved now.
-pub(super) fn backend_addr(text: &str) -> Result<SocketAddr, String> {
+/// A backend address as written: an IP literal, or a DNS name (with its port) that weir
+/// resolves when it starts, reloads and on the pool's refresh schedule, never here: a
+/// config is read the same whatever DNS says at that moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum BackendAddr {
+    Ip(SocketAddr),
+    Name(String, u16),
+}
+
+/// A backend address `HOST:PORT`, HOST an IP literal or a DNS name (checked for shape,
+/// not looked up).
+pub(super) fn backend_addr(text: &str) -> Result<BackendAddr, String> {
     let t = text.trim();
     let bad = |why: String| {
         format!(
@@ -309,19 +319,41 @@ pub(super) fn backend_addr(text: &str) -> Result<SocketAddr, String> {
         Err(_) => return Err(bad(format!("port \"{port}\" is not a number 1..=65535"))),
     };
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
+        return Ok(BackendAddr::Ip(SocketAddr::new(ip, port)));
     }
     if t.starts_with('[') {
         return Err(bad(format!("\"{host}\" is not an IPv6 address")));
     }
-    match (host, port).to_socket_addrs() {
-        Ok(mut addrs) => addrs.next().ok_or_else(|| {
-            format!("cannot resolve host \"{host}\" (in \"{text}\"): it has no addresses")
-        }),
-        Err(e) => Err(format!(
-            "cannot resolve host \"{host}\" (in \"{text}\"): {e}"
-        )),
+    host_name(host).map_err(bad)?;
+    Ok(BackendAddr::Name(host.to_string(), port))
+}
+
+/// The shape of a DNS name (RFC 1123 labels; `_` allowed, as some internal zones use
+/// it): what can never resolve is an error now rather than a backend down forever.
+fn host_name(host: &str) -> Result<(), String> {
+    if host.starts_with('_') {
+        return Err(format!(
+            "\"{host}\" names SRV records: follow them with discover: {{dns: {host}}} instead"
+        ));
     }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.len() > 253 {
+        return Err(format!(
+            "host name \"{host}\" is longer than 253 characters"
+        ));
+    }
+    for label in name.split('.') {
+        let ok = (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && (label.bytes()).all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(format!(
+                "\"{host}\" is not a host name (labels of 1 to 63 letters, digits and '-', separated by dots)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Names end up in admin commands (`POOL/BACKEND`) and metric labels.
@@ -551,16 +583,29 @@ mod tests {
 
     #[test]
     fn backend_addresses() {
+        let ip = |a: &str| BackendAddr::Ip(a.parse().unwrap());
         assert_eq!(
             backend_addr("127.0.0.1:6379").unwrap(),
-            "127.0.0.1:6379".parse::<SocketAddr>().unwrap()
+            ip("127.0.0.1:6379")
         );
+        assert_eq!(backend_addr("[::1]:5432").unwrap(), ip("[::1]:5432"));
+        // A name is kept as written, never looked up while the config is read.
         assert_eq!(
-            backend_addr("[::1]:5432").unwrap(),
-            "[::1]:5432".parse::<SocketAddr>().unwrap()
+            backend_addr("no-such-host.invalid:1").unwrap(),
+            BackendAddr::Name("no-such-host.invalid".into(), 1)
         );
-        assert!(backend_addr("localhost:1").unwrap().ip().is_loopback());
+        assert!(backend_addr("db.internal.:5432").is_ok());
         assert!(backend_addr("h:70000").unwrap_err().contains("\"70000\""));
+        for bad in ["db..internal:1", "-db:1", "db_ok.x-:1", "d b:1", "db/x:1"] {
+            assert!(
+                backend_addr(bad)
+                    .unwrap_err()
+                    .contains("is not a host name"),
+                "{bad}"
+            );
+        }
+        let long = format!("{}:1", vec!["a".repeat(63); 4].join("."));
+        assert!(backend_addr(&long).unwrap_err().contains("longer than 253"));
     }
 
     #[test]

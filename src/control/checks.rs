@@ -43,6 +43,11 @@ impl Checkers {
         shutdown: &Shutdown,
         first_delay: Duration,
     ) -> oneshot::Receiver<()> {
+        if backend.is_unresolved() {
+            // Nothing to probe: it is down until its host name resolves (then a successor
+            // at the address found gets a checker). A closed receiver: nobody waits.
+            return oneshot::channel().1;
+        }
         let (checker, first_round) = health::spawn_checker(
             Arc::clone(backend),
             check.clone(),

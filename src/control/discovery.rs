@@ -50,11 +50,37 @@ struct Follower {
     stop: CancellationToken,
 }
 
+/// A follower's pool, and the listed backend whose host name it follows (None: the
+/// pool's `discover`).
+type FollowKey = (String, Option<String>);
+
+/// What `config` has followed: every pool's `discover`, and every listed host name (as
+/// A/AAAA on its port, on the pool's refresh schedule).
+fn followed(config: &Config) -> BTreeMap<FollowKey, DiscoverConfig> {
+    let mut wanted = BTreeMap::new();
+    for pool in &config.pools {
+        if let Some(spec) = &pool.discover {
+            wanted.insert((pool.name.clone(), None), spec.clone());
+        }
+        for backend in &pool.backends {
+            let Some(host) = &backend.host else { continue };
+            let spec = DiscoverConfig {
+                dns: host.name.clone(),
+                port: Some(host.port),
+                refresh: pool.dns_refresh(),
+            };
+            wanted.insert((pool.name.clone(), Some(backend.name.clone())), spec);
+        }
+    }
+    wanted
+}
+
 /// The control task's discovery state.
 pub(super) struct Discovery {
     resolver: Option<Arc<Resolver>>,
     resolvers: Vec<SocketAddr>,
-    followers: BTreeMap<String, Follower>,
+    /// By pool and, for a listed backend's host name, backend.
+    followers: BTreeMap<FollowKey, Follower>,
     next_task: u64,
     /// Per pool: its discovered backends (not retiring).
     pub(super) sets: BTreeMap<String, Vec<Member>>,
@@ -93,6 +119,22 @@ impl Discovery {
         set.iter()
             .find(|m| m.backend.name == name)
             .map(|m| m.dns_weight)
+    }
+
+    /// A resolver for `servers` without making it the followers' one (`resolver` does
+    /// that): the current one when they are the same. None (logged) when the system's
+    /// config cannot be read.
+    fn resolver_for(&self, servers: &[SocketAddr]) -> Option<Arc<Resolver>> {
+        if self.resolver.is_some() && self.resolvers == servers {
+            return self.resolver.clone();
+        }
+        match Resolver::new(servers) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                tracing::error!("backend host names: {e}; every one of them is down");
+                None
+            }
+        }
     }
 
     /// The resolver for `servers`, built again when they changed; None (logged) when
@@ -243,53 +285,72 @@ impl ControlTask {
         }
     }
 
+    /// Resolves the listed backends' host names of `config`, read by a reload or at start
+    /// (bounded by `FIRST_ROUND_TIMEOUT`); each one that does not resolve is logged, and
+    /// its backend starts down.
+    pub async fn resolve_listed(&mut self, config: &mut Config) {
+        let has_names = (config.pools.iter()).any(|p| p.backends.iter().any(|b| b.host.is_some()));
+        if !has_names {
+            return;
+        }
+        let Some(resolver) = self.discovery.resolver_for(&config.resolvers) else {
+            return;
+        };
+        for unresolved in discover::resolve_listed(&resolver, config, FIRST_ROUND_TIMEOUT).await {
+            tracing::warn!(pool = %unresolved.pool, backend = %unresolved.backend, "{unresolved}");
+        }
+    }
+
     /// Starts, restarts and stops followers so that each pool of `config` with `discover`
-    /// has one for its current `discover` (and `resolvers`).
+    /// has one for its current `discover`, and each listed backend with a host name one
+    /// for that name (restarted when `resolvers` changed too).
     pub(super) fn follow_pools(&mut self, config: &Config) {
         let (resolver, resolver_changed) = self.discovery.resolver(&config.resolvers);
+        let wanted = followed(config);
         let followers = &mut self.discovery.followers;
-        followers.retain(|name, f| {
-            let spec = config.pools.iter().find(|p| &p.name == name);
-            let keep = !resolver_changed && spec.and_then(|p| p.discover.as_ref()) == Some(&f.spec);
+        followers.retain(|key, f| {
+            let keep = !resolver_changed && wanted.get(key) == Some(&f.spec);
             if !keep {
                 f.stop.cancel();
             }
             keep
         });
         let Some(resolver) = resolver else { return };
-        for pool in &config.pools {
-            let Some(spec) = &pool.discover else { continue };
-            if self.discovery.followers.contains_key(&pool.name) {
+        for ((pool, backend), spec) in wanted {
+            let key = (pool.clone(), backend.clone());
+            if self.discovery.followers.contains_key(&key) {
                 continue;
             }
             self.discovery.next_task += 1;
             let task = self.discovery.next_task;
             let stop = self.shutdown.stop_accepting.child_token();
+            let what = discover::Following {
+                pool,
+                task,
+                spec: spec.clone(),
+                backend,
+            };
             self.shutdown.tracker.spawn(discover::follow(
                 Arc::clone(&resolver),
-                pool.name.clone(),
-                task,
-                spec.clone(),
+                what,
                 self.discovery.tx.clone(),
                 stop.clone(),
             ));
-            let follower = Follower {
-                task,
-                spec: spec.clone(),
-                stop,
-            };
-            self.discovery.followers.insert(pool.name.clone(), follower);
+            let follower = Follower { task, spec, stop };
+            self.discovery.followers.insert(key, follower);
         }
     }
 
     /// Applies a set a follower found (ignored when that follower was stopped since).
     pub(super) async fn apply_discovered(&mut self, discovered: Discovered) {
-        let current_task = self
-            .discovery
-            .followers
-            .get(&discovered.pool)
-            .map(|f| f.task);
+        let key = (discovered.pool.clone(), discovered.backend.clone());
+        let current_task = self.discovery.followers.get(&key).map(|f| f.task);
         if current_task != Some(discovered.task) {
+            return;
+        }
+        if let Some(backend) = &discovered.backend {
+            self.apply_host(&discovered.pool, backend, &discovered.found)
+                .await;
             return;
         }
         let config = self.config.load_full();

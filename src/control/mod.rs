@@ -21,6 +21,7 @@
 mod checks;
 mod discovery;
 mod handle;
+mod names;
 pub mod plan;
 mod reload;
 mod watch;
@@ -100,6 +101,12 @@ impl ControlTask {
     /// writes it into `metrics.bind` changes nothing.
     pub fn set_metrics_addr(&mut self, addr: Option<std::net::SocketAddr>) {
         self.fixed.metrics_addr = addr;
+    }
+
+    /// Startup only, before anything is served: the config in force once its backends'
+    /// host names are resolved.
+    pub fn set_config(&self, config: &Config) {
+        self.config.store(Arc::new(config.clone()));
     }
 
     pub fn publish(&self, tables: Tables) {
@@ -360,12 +367,16 @@ fn new_backend(
     backend: &BackendConfig,
     hard: &CancellationToken,
 ) -> Arc<Backend> {
-    pool_backend(
+    let new = pool_backend(
         pool,
         (&backend.name, &backend.address, backend.addr),
         backend.weight,
         hard,
-    )
+    );
+    if let (Some(host), true) = (&backend.host, backend.is_unresolved()) {
+        new.mark_unresolved(&format!("{} does not resolve", host.name));
+    }
+    new
 }
 
 /// A backend of `pool` (listed or discovered; `who` is its name, address as written and

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::config::{Config, ListenerConfig, PoolConfig};
+use crate::config::{BackendConfig, Config, ListenerConfig, PoolConfig};
 use crate::tables::Tables;
 
 /// What was bound at start and a reload cannot move: `metrics.bind` and `admin.socket`
@@ -309,9 +309,7 @@ fn plan_pool(
     let mut start = Vec::new();
     let mut stop = Vec::new();
     for (index, backend_config) in config.backends.iter().enumerate() {
-        let found = current
-            .iter()
-            .find(|b| b.name == backend_config.name && b.addr == backend_config.addr);
+        let found = (current.iter()).find(|b| same_backend(b, backend_config, is_retiring(b)));
         let Some(backend) = found else {
             changes.backends_added += 1;
             start.push(update.backends.len());
@@ -349,6 +347,23 @@ fn plan_pool(
         changes.pools_changed += 1;
     }
     update
+}
+
+/// Whether `backend` (of the pool now) is the one `config` lists. An IP address is the
+/// same when name and address are. A host name is when name and name as written are,
+/// wherever it resolves now (its follower moves it), unless it had not resolved and now
+/// has (a new backend at the address found); a retiring one is an old address it left.
+fn same_backend(backend: &Backend, config: &BackendConfig, retiring: bool) -> bool {
+    if backend.name != config.name {
+        return false;
+    }
+    match &config.host {
+        None => backend.addr == config.addr && !backend.is_unresolved(),
+        Some(_) => {
+            let resolved_since = backend.is_unresolved() && !config.is_unresolved();
+            backend.address == config.address && !retiring && !resolved_since
+        }
+    }
 }
 
 /// The backends of `current` that the new config no longer has (not `kept`): retired

@@ -33,7 +33,8 @@ impl ControlTask {
         let loaded = tokio::task::spawn_blocking(move || crate::config::load(&path))
             .await
             .map_err(|e| ControlError::ReadFailed(e.to_string()))?;
-        let new = loaded.map_err(ControlError::Invalid)?;
+        let mut new = loaded.map_err(ControlError::Invalid)?;
+        self.resolve_listed(&mut new).await;
         let old = self.config.load_full();
         let current = self.tables.load_full();
         let discovered = self.discovery.backends();

@@ -63,7 +63,7 @@ impl BackendStatus {
         let last = b.last_check();
         BackendStatus {
             name: b.name.clone(),
-            address: b.address.clone(),
+            address: b.shown_address(),
             state: b.state().as_str(),
             weight: b.weight(),
             effective_weight: b.effective_weight(),

@@ -97,6 +97,7 @@ pub fn backend_config(name: &str, addr: SocketAddr, weight: u32) -> BackendConfi
         name: name.to_string(),
         address: addr.to_string(),
         addr,
+        host: None,
         weight,
         max_connections: None,
         backup: false,
