@@ -630,6 +630,32 @@ mod tests {
     }
 
     #[test]
+    fn a_host_name_is_the_same_backend_wherever_it_resolves_unless_it_resolved_since() {
+        let text = "listeners:\n  l:\n    bind: 127.0.0.1:7000\n    pool: p\npools:\n  p:\n    backends:\n      - { address: \"db.test:5432\", name: db }\n";
+        let unresolved = config(text);
+        let mut resolved = unresolved.clone();
+        let listed = &mut resolved.pools[0].backends[0];
+        listed.addr = "10.0.0.2:5432".parse().unwrap();
+        listed.host.as_mut().unwrap().resolved = true;
+        let listed = resolved.pools[0].backends[0].clone();
+        let here =
+            |addr: &str| Backend::new("p", "db", "db.test:5432", addr.parse().unwrap(), 1, true);
+        // Its follower moved it: the reload keeps it where it is.
+        assert!(same_backend(&here("10.0.0.9:5432"), &listed, false));
+        // An old address it moved away from, still finishing connections, is not it.
+        assert!(!same_backend(&here("10.0.0.2:5432"), &listed, true));
+        // Unresolved until now: a new backend at the address found.
+        let down = here("0.0.0.0:5432");
+        down.mark_unresolved("db.test does not resolve");
+        assert!(!same_backend(&down, &listed, false));
+        assert!(same_backend(&down, &unresolved.pools[0].backends[0], false));
+        // The name as written changed: another backend.
+        let mut renamed = listed.clone();
+        renamed.address = "db2.test:5432".into();
+        assert!(!same_backend(&here("10.0.0.2:5432"), &renamed, false));
+    }
+
+    #[test]
     fn removing_the_health_check_stops_the_checkers() {
         let check = "    health_check: { interval: 1s }\n";
         let old = yaml("127.0.0.1:7000", &[("a", 1, 1)], check);
