@@ -132,6 +132,20 @@ fn discovery_errors(metrics: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// Stops the DNS server and waits for a failed lookup to be counted (from the count now:
+/// the counter is the process's, shared by the tests of this file).
+async fn stop_dns_until_a_failure_is_counted(dns: &mut Unbound, server: &Server) {
+    let metrics = server.metrics_addr().unwrap();
+    let before = discovery_errors(&scrape(metrics).await);
+    dns.kill();
+    wait_until(
+        Duration::from_secs(20),
+        "a failed lookup to be counted",
+        || async move { discovery_errors(&scrape(metrics).await) > before },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn addresses_added_and_removed_follow_dns_and_open_connections_continue() {
     if !have_tools() {
@@ -360,16 +374,7 @@ async fn a_stopped_server_keeps_the_last_set_counts_errors_and_a_short_ttl_wins(
         started.elapsed()
     );
 
-    // The counter is the process's (tests in this file share it): count from here.
-    let metrics = server.metrics_addr().unwrap();
-    let before = discovery_errors(&scrape(metrics).await);
-    dns.kill();
-    wait_until(
-        Duration::from_secs(20),
-        "a failed lookup to be counted",
-        || async move { discovery_errors(&scrape(metrics).await) > before },
-    )
-    .await;
+    stop_dns_until_a_failure_is_counted(&mut dns, &server).await;
     // The last good set stays and serves.
     assert_eq!(names(&server), up(&[b2.clone(), b3.clone()]));
     let (stream, greeting) = through(front).await;
@@ -682,15 +687,7 @@ async fn a_host_name_that_does_not_resolve_at_start_is_a_warning_and_a_backend_d
     );
 
     // The DNS server going away keeps the address it has.
-    let metrics = server.metrics_addr().unwrap();
-    let before = discovery_errors(&scrape(metrics).await);
-    dns.kill();
-    wait_until(
-        Duration::from_secs(20),
-        "a failed lookup to be counted",
-        || async move { discovery_errors(&scrape(metrics).await) > before },
-    )
-    .await;
+    stop_dns_until_a_failure_is_counted(&mut dns, &server).await;
     let kept = serving(&server, "late");
     assert_eq!(
         (kept.addr, kept.state()),
