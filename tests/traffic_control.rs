@@ -516,3 +516,59 @@ async fn enable_after_a_drain_ramps_and_show_backends_says_so() {
         .collect();
     assert_eq!(&b_row[4..6], ["100", "1"], "WEIGHT and EFF: {text}");
 }
+
+#[tokio::test]
+async fn a_backend_a_reload_adds_to_a_serving_pool_ramps_and_the_startup_ones_do_not() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let c = TestBackend::start("c").await;
+    let dir = TempDir::new("ramp-reload");
+    let path = dir.join("weir.yaml");
+    let file = |backends: &[&TestBackend], check: &str| {
+        let list: String = (backends.iter())
+            .map(|t| {
+                format!(
+                    "      - {{ address: \"{}\", name: {}, weight: 100 }}\n",
+                    t.addr, t.name
+                )
+            })
+            .collect();
+        let text = format!(
+            "listeners:\n  ramp_reload_front:\n    bind: 127.0.0.1:0\n    pool: ramp_reload\npools:\n  ramp_reload:\n    slow_start: 600s\n{check}    backends:\n{list}"
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    file(&[&a], "");
+    let config = weir::config::load(&path).unwrap();
+    let server = Server::start(config, Some(path.clone())).await.unwrap();
+    let first = server.backend("ramp_reload", "a").unwrap();
+    assert!(!first.is_ramping(), "the startup round: no ramp");
+
+    // Without a health check the added backend is up at once, so it ramps from now.
+    file(&[&a, &b], "");
+    server.handle.reload().await.unwrap();
+    let added = server.backend("ramp_reload", "b").unwrap();
+    assert!(added.is_ramping(), "joined a serving pool");
+    assert!(
+        added.effective_weight() < 100,
+        "{}",
+        added.effective_weight()
+    );
+    assert!(!first.is_ramping(), "a backend that stays is left alone");
+
+    // With one, the probe that brings it up starts the ramp.
+    let check = "    health_check: { interval: 100ms, timeout: 100ms, rise: 1 }\n";
+    file(&[&a, &b, &c], check);
+    server.handle.reload().await.unwrap();
+    let checked = server.backend("ramp_reload", "c").unwrap();
+    wait_until(DEADLINE, "c's first probe to pass", || {
+        let up = checked.health() == Health::Up;
+        async move { up }
+    })
+    .await;
+    assert!(
+        checked.is_ramping(),
+        "up by its first probe, in a serving pool"
+    );
+    server.stop().await;
+}
