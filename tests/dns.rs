@@ -7,9 +7,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::unbound::Unbound;
 use common::*;
 use weir::backend::State;
 use weir::balance::Strategy;
@@ -68,104 +68,22 @@ fn who(reply: &[u8]) -> String {
     panic!("no who.weir.test TXT answer in {reply:?}");
 }
 
-/// A free loopback UDP port (nothing bound to it right now).
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// An unbound process serving zone `weir.test.` as server `name`; killed on drop.
-struct Unbound {
-    name: String,
-    port: u16,
-    dir: TempDir,
-    child: Option<Child>,
-}
-
-impl Unbound {
-    async fn start(name: &str) -> Unbound {
-        let mut unbound = Unbound {
-            name: name.to_string(),
-            port: free_udp_port(),
-            dir: TempDir::new(&format!("unbound-{name}")),
-            child: None,
-        };
-        unbound.spawn().await;
-        unbound
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    async fn spawn(&mut self) {
-        let dir = self.dir.path.display().to_string();
-        let config = format!(
-            r#"server:
-  interface: 127.0.0.1
-  port: {port}
-  do-daemonize: no
-  chroot: ""
-  username: ""
-  directory: "{dir}"
-  pidfile: "{dir}/unbound.pid"
-  use-syslog: no
-  logfile: "{dir}/unbound.log"
-  verbosity: 0
-  do-ip6: no
-  do-tcp: no
-  num-threads: 1
-  access-control: 127.0.0.0/8 allow
-  module-config: "iterator"
-  local-zone: "weir.test." static
-  local-data: "a.weir.test. A 10.0.0.1"
-  local-data: "b.weir.test. A 10.0.0.2"
-  local-data: 'who.weir.test. TXT "{name}"'
-remote-control:
-  control-enable: no
-"#,
-            port = self.port,
-            name = self.name,
-        );
-        let path = self.dir.join("unbound.conf");
-        std::fs::write(&path, config).unwrap();
-        let child = Command::new("unbound")
-            .arg("-d")
-            .arg("-c")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("unbound starts");
-        self.child = Some(child);
-        let addr = self.addr();
-        let name = self.name.clone();
-        wait_until(DEADLINE, &format!("unbound {name} to answer"), || {
-            let name = name.clone();
-            async move {
-                dig(addr, "who.weir.test", "TXT").await.as_deref()
-                    == Some(&format!("\"{name}\"")[..])
-            }
-        })
-        .await;
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Unbound {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// An unbound process serving zone `weir.test.` as server `name` (its TXT record for
+/// `who.weir.test` says which); killed on drop.
+async fn unbound(name: &str) -> Unbound {
+    let who = format!("who.weir.test. TXT \"{name}\"");
+    let data = ["a.weir.test. A 10.0.0.1", "b.weir.test. A 10.0.0.2", &who];
+    let server = Unbound::start("weir.test.", &data).await;
+    let addr = server.addr();
+    wait_until(
+        DEADLINE,
+        &format!("unbound {name} to answer"),
+        || async move {
+            dig(addr, "who.weir.test", "TXT").await.as_deref() == Some(&format!("\"{name}\"")[..])
+        },
+    )
+    .await;
+    server
 }
 
 /// `dig @addr name type +short`: the first answer line, None when there is none.
@@ -206,8 +124,8 @@ async fn round_robin_over_two_unbound_servers_answers_every_query() {
     if !have_tools() {
         return;
     }
-    let u1 = Unbound::start("u1").await;
-    let u2 = Unbound::start("u2").await;
+    let u1 = unbound("u1").await;
+    let u2 = unbound("u2").await;
     let (server, front) = start(udp_config(
         Strategy::RoundRobin,
         vec![
@@ -273,8 +191,8 @@ async fn dns_health_check_marks_a_killed_server_down_and_a_restarted_one_up() {
     if !have_tools() {
         return;
     }
-    let u1 = Unbound::start("u1").await;
-    let mut u2 = Unbound::start("u2").await;
+    let u1 = unbound("u1").await;
+    let mut u2 = unbound("u2").await;
     let mut config = udp_config(
         Strategy::RoundRobin,
         vec![
@@ -331,7 +249,7 @@ async fn dns_health_check_marks_a_killed_server_down_and_a_restarted_one_up() {
         );
     }
 
-    u2.spawn().await;
+    u2.restart().await;
     wait_for_state(&server, "pool", "u2", State::Up, DEADLINE).await;
     // Used again: new sessions are spread over both.
     let mut seen = BTreeMap::new();

@@ -72,7 +72,13 @@ impl Unbound {
             port = self.port,
         );
         for record in data {
-            text.push_str(&format!("  local-data: \"{record}\"\n"));
+            // A TXT record's own quotes need the other kind around it.
+            let line = if record.contains('"') {
+                format!("  local-data: '{record}'\n")
+            } else {
+                format!("  local-data: \"{record}\"\n")
+            };
+            text.push_str(&line);
         }
         text.push_str(&format!(
             "remote-control:\n  control-enable: yes\n  control-use-cert: no\n  control-interface: 127.0.0.1\n  control-port: {}\n",
@@ -120,6 +126,11 @@ impl Unbound {
         for r in records {
             self.add(r).await;
         }
+    }
+
+    /// Starts it again after `kill`, with the data it was started with.
+    pub async fn restart(&mut self) {
+        self.spawn().await;
     }
 
     pub fn kill(&mut self) {
