@@ -668,8 +668,10 @@ async fn kill_9_under_traffic_then_restart_keeps_admin_state_and_serves_again() 
 
 /// One slowloris client of the metrics endpoint, until `flood_end`: connects, sends a
 /// request head a byte every 2 s (it never ends), and once weir closes it, reconnects
-/// 2 s later. Returns each connection's lifetime and what weir said before closing it.
-async fn slow_http_client(addr: SocketAddr, flood_end: Instant) -> Vec<(Duration, String)> {
+/// 1.5-2.5 s later (client `n`'s own spread, so that the clients don't reconnect in step:
+/// a slow flood, not bursts of hundreds of connects at once). Returns each connection's
+/// lifetime and what weir said before closing it.
+async fn slow_http_client(addr: SocketAddr, n: u64, flood_end: Instant) -> Vec<(Duration, String)> {
     const HEAD: &[u8] =
         b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     let mut lifetimes = Vec::new();
@@ -677,7 +679,7 @@ async fn slow_http_client(addr: SocketAddr, flood_end: Instant) -> Vec<(Duration
         let opened = Instant::now();
         let Ok(mut stream) = TcpStream::connect(addr).await else {
             lifetimes.push((opened.elapsed(), "refused".to_string()));
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(pause(n, lifetimes.len())).await;
             continue;
         };
         let mut said = Vec::new();
@@ -702,9 +704,14 @@ async fn slow_http_client(addr: SocketAddr, flood_end: Instant) -> Vec<(Duration
             }
         }
         lifetimes.push((opened.elapsed(), String::from_utf8_lossy(&said).to_string()));
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(pause(n, lifetimes.len())).await;
     }
     lifetimes
+}
+
+/// Client `n`'s pause before its `k`th reconnect: 1.5-2.5 s, spread over the clients.
+fn pause(n: u64, k: usize) -> Duration {
+    Duration::from_millis(1500 + (n * 337 + k as u64 * 101) % 1000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,12 +728,18 @@ async fn slowloris_on_the_metrics_endpoint_is_bounded_and_scrapes_are_answered()
     weir.wait_all_up().await;
     let idle_fds = weir.fds();
 
-    // 300 clients, each a byte every 2 s, reconnecting when closed, for 15 s.
+    // 300 clients, each a byte every 2 s, reconnecting when closed, for 15 s; they
+    // arrive over the first 2 s.
     let flood_end = Instant::now() + Duration::from_secs(15);
-    let slow: Vec<_> = (0..300)
-        .map(|_| tokio::spawn(slow_http_client(addr, flood_end)))
+    let slow: Vec<_> = (0..300u64)
+        .map(|n| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(n * 2000 / 300)).await;
+                slow_http_client(addr, n, flood_end).await
+            })
+        })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Meanwhile scrapes are answered, at once, and weir holds at most its 32 clients
     // (and a few just accepted, about to make room).
