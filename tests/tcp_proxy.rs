@@ -837,3 +837,71 @@ async fn a_reload_to_on_down_close_applies_to_open_connections() {
     );
     assert_eq!(closed_on_down("on_down_reload", "b"), 1.0);
 }
+
+/// A backend that greets with `b\n` and echoes, with a backlog for a burst of 300 (the
+/// common test backend's 128 would drop SYNs of weir's connects, which then wait for
+/// their retransmission).
+fn roomy_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if stream.write_all(b"b\n").await.is_ok() {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_in_the_backlog_at_stop_are_served_not_reset() {
+    let (backend, _serving) = roomy_backend();
+    let mut config = tcp_config(Strategy::RoundRobin, vec![backend_config("b", backend, 1)]);
+    config.shutdown_timeout = Duration::from_secs(15);
+    let server = std::sync::Arc::new(weir::server::Server::start(config, None).await.unwrap());
+    let front = server.listener_addr("front").unwrap();
+    // Connections the kernel completes faster than weir accepts them: a burst from a
+    // blocking thread, then the stop at once, while some still wait in the backlog.
+    let connected = tokio::task::spawn_blocking(move || {
+        (0..300)
+            .map(|_| std::net::TcpStream::connect(front).expect("connect"))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let stopping = tokio::spawn({
+        let server = std::sync::Arc::clone(&server);
+        async move { server.stop().await }
+    });
+    wait_until(DEADLINE, "new connections refused", || async move {
+        TcpStream::connect(front).await.is_err()
+    })
+    .await;
+    // Every client whose connect succeeded is served to the end.
+    for (served, stream) in connected.into_iter().enumerate() {
+        stream.set_nonblocking(true).unwrap();
+        let mut stream = TcpStream::from_std(stream).unwrap();
+        let mut greeting = [0u8; 2];
+        let read = tokio::time::timeout(DEADLINE, stream.read_exact(&mut greeting)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "connection {served} was dropped at stop: {read:?}"
+        );
+        assert_eq!(&greeting, b"b\n");
+        stream.write_all(b"bye\n").await.unwrap();
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"bye\n");
+    }
+    let left = tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("stop ends")
+        .unwrap();
+    assert_eq!(left, 0, "every connection finished within the grace period");
+}

@@ -36,9 +36,14 @@ struct Origin {
     untrusted: bool,
 }
 
-/// Accepts until `stop` fires (a child of shutdown's stop-accepting token), then drops
-/// the socket so new connections are refused. Never exits on a transient error
-/// (`net::accept_loop`).
+/// At most this many connections are taken from the backlog when a listener stops (it
+/// holds 1,024; more would be clients still arriving).
+const DRAIN_MAX: usize = 4096;
+
+/// Accepts until `stop` fires (a child of shutdown's stop-accepting token), then takes
+/// what the kernel already accepted into the backlog (a client whose connect succeeded is
+/// served, not reset with the socket) and drops the socket so new connections are
+/// refused. Never exits on a transient error (`net::accept_loop`).
 pub async fn accept_loop(
     socket: TcpListener,
     listener: Arc<Listener>,
@@ -46,27 +51,57 @@ pub async fn accept_loop(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let what = format!("listener {:?}", listener.name);
-    net::accept_loop(
-        &what,
-        &stop,
-        || socket.accept(),
-        |(stream, peer): (TcpStream, SocketAddr)| {
-            let Some(admitted) = listener.admit() else {
-                // Over max_connections: closed at once, never left in the backlog.
-                drop(stream);
-                listener.rejected_over_max(peer);
-                if listener.access_log() {
-                    let start = AccessStart::now();
-                    not_connected(&listener, peer, Some(&start), "", 0, "max_connections");
-                }
-                return;
-            };
-            let hard = shutdown.hard.clone();
-            shutdown.tracker.spawn(handle(stream, peer, admitted, hard));
-        },
-    )
-    .await;
-    tracing::info!(listener = %listener.name, bind = %listener.bind, "stopped accepting");
+    let take = |(stream, peer): (TcpStream, SocketAddr)| serve(&listener, &shutdown, stream, peer);
+    net::accept_loop(&what, &stop, || socket.accept(), &take).await;
+    let drained = match socket.into_std() {
+        Ok(socket) => drain(&socket, |stream, peer| take((stream, peer))),
+        Err(e) => {
+            tracing::warn!(listener = %listener.name, "cannot take the backlog at stop: {e}");
+            0
+        }
+    };
+    tracing::info!(listener = %listener.name, bind = %listener.bind, "stopped accepting ({drained} taken from the backlog)");
+}
+
+/// Admits (or, over `max_connections`, closes at once) one accepted connection and
+/// starts its task.
+fn serve(listener: &Arc<Listener>, shutdown: &Shutdown, stream: TcpStream, peer: SocketAddr) {
+    let Some(admitted) = listener.admit() else {
+        // Over max_connections: closed at once, never left in the backlog.
+        drop(stream);
+        listener.rejected_over_max(peer);
+        if listener.access_log() {
+            let start = AccessStart::now();
+            not_connected(listener, peer, Some(&start), "", 0, "max_connections");
+        }
+        return;
+    };
+    let hard = shutdown.hard.clone();
+    shutdown.tracker.spawn(handle(stream, peer, admitted, hard));
+}
+
+/// Accepts, without waiting, what is already in `socket`'s backlog (at most `DRAIN_MAX`),
+/// handing each to `serve`; returns how many.
+fn drain(socket: &std::net::TcpListener, mut serve: impl FnMut(TcpStream, SocketAddr)) -> usize {
+    let mut taken = 0;
+    for _ in 0..DRAIN_MAX {
+        let (stream, peer) = match socket.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // Out of descriptors or memory: what is left cannot be taken now.
+            Err(e) if net::is_resource_exhaustion(&e) => break,
+            Err(_) => continue, // that client gave up; the next may be there
+        };
+        // An accepted socket does not inherit O_NONBLOCK (TCP_NODELAY and keepalive it does).
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream));
+        if let Ok(stream) = stream {
+            serve(stream, peer);
+            taken += 1;
+        }
+    }
+    taken
 }
 
 #[allow(clippy::manual_async_fn)] // deliberately not an `async fn`, see below
