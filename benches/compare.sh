@@ -8,7 +8,8 @@
 #
 # Knobs (environment): ROUNDS [5], DURATION iperf3 seconds [3], CONN_REQUESTS [20000],
 # RR_REQUESTS [200000], IDLE_CONNS [10000], SETUPS ["direct haproxy nginx weir"],
-# FIGURES [all], NO_INSTALL=1 skips apt-get, NO_BUILD=1 uses the existing target/release/weir.
+# FIGURES [all but rr_counts conn_counts: system calls per request, see figure_counts],
+# NO_INSTALL=1 skips apt-get, NO_BUILD=1 uses the existing target/release/weir.
 # For experiments, a setup weir:VAR=VALUE runs weir with that environment variable set;
 # weir:WEIR_BIN=PATH runs another build of weir (A/B in one run); weir:WEIR_ACCESS_LOG=1 turns
 # on the redis listener's access_log (lines to the log file).
@@ -255,6 +256,31 @@ figure_rr_latency() {
         awk -F'"' '/PING_MBULK/ { print $4, $10, $14 }' | grep .
 }
 
+# System calls and context switches per request of the proxy's processes, counted by
+# `perf stat` (tracepoints) attached during a conn_rate or rr_latency load: epoll_wait,
+# futex, context switches, all system calls. A figure of its own (not in the default
+# FIGURES: counting slows every system call a little, so it never shares a run with the
+# CPU rows it would skew).
+figure_counts() { # SETUP LOAD REQUESTS
+    local setup=$1 load=$2 requests=$3 out=$WORK/perf-$$.csv perf_pid pids
+    [[ $setup == direct ]] && { echo nan nan nan nan; return; }
+    pids=$(setup_pids "$setup" | tr ' ' ',')
+    perf stat -x, -o "$out" -p "$pids" -e 'syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_futex,context-switches,raw_syscalls:sys_enter' &
+    perf_pid=$!
+    sleep 0.3 # perf attaches
+    "figure_$load" "$setup" >/dev/null || { kill -INT "$perf_pid"; wait "$perf_pid" || true; return 1; }
+    kill -INT "$perf_pid"
+    wait "$perf_pid" || true
+    awk -F, -v n="$requests" '
+        $3 ~ /epoll_wait|epoll_pwait/ { epoll += $1 }
+        $3 ~ /sys_enter_futex/ { futex += $1 }
+        $3 == "context-switches" { cs += $1 }
+        $3 == "raw_syscalls:sys_enter" { all += $1 }
+        END { printf "%.3f %.3f %.3f %.2f\n", epoll / n, futex / n, cs / n, all / n }' "$out"
+}
+figure_rr_counts() { figure_counts "$1" rr_latency "$RR_REQUESTS"; }
+figure_conn_counts() { figure_counts "$1" conn_rate "$CONN_REQUESTS"; }
+
 # Bytes of proxy RSS per idle connection (after one PING round trip on each).
 figure_idle_memory() {
     [[ $1 == direct ]] && { echo nan; return; }
@@ -290,6 +316,8 @@ record() { # FIGURE SETUP ROUND VALUE...
     shift 3
     local names=("$figure") i=0 value
     [[ $figure == rr_latency ]] && names=(rr_rps rr_p50_ms rr_p99_ms)
+    [[ $figure == rr_counts ]] && names=(rr_epoll_wait rr_futex rr_cswitch rr_syscalls)
+    [[ $figure == conn_counts ]] && names=(conn_epoll_wait conn_futex conn_cswitch conn_syscalls)
     for value in "$@"; do
         printf '%s\t%s\t%s\t%s\n' "${names[i]}" "$setup" "$round" "$value" >>"$RESULTS"
         i=$((i + 1))
@@ -366,7 +394,19 @@ rows = [
     ("conn_rate_cpu", "proxy CPU µs/req", False),
     ("rr_cpu", "proxy CPU µs/req", False),
     ("udp_qps_cpu", "proxy CPU µs/query", False),
+    ("rr_epoll_wait", "per keep-alive req", False),
+    ("rr_futex", "per keep-alive req", False),
+    ("rr_cswitch", "per keep-alive req", False),
+    ("rr_syscalls", "per keep-alive req", False),
+    ("conn_epoll_wait", "per new conn", False),
+    ("conn_futex", "per new conn", False),
+    ("conn_cswitch", "per new conn", False),
+    ("conn_syscalls", "per new conn", False),
 ]
+# The count rows only when counted (FIGURES with rr_counts or conn_counts).
+counted = lambda f: any(f == g for g, _ in values)
+count_rows = {f"{load}_{what}" for load in ("rr", "conn") for what in ("epoll_wait", "futex", "cswitch", "syscalls")}
+rows = [r for r in rows if counted(r[0]) or r[0] not in count_rows]
 
 def median(figure, setup):
     v = values.get((figure, setup))
