@@ -593,6 +593,9 @@ async fn client(
     slot: &Slot,
 ) {
     let line = tokio::select! {
+        // The line first: one whose line is already in the socket when a newcomer takes
+        // its slot (a burst of connects) still gets it read, and answered.
+        biased;
         line = tokio::time::timeout(read_timeout, read_line(&mut stream)) => line,
         () = slot.evicted.cancelled() => Ok(Err(LineError::Evicted)),
     };

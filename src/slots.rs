@@ -38,6 +38,7 @@ pub struct Slot {
     id: u64,
     /// Fires when a newcomer takes this slot (only while the request is still unread).
     pub evicted: CancellationToken,
+    read: std::sync::atomic::AtomicBool,
 }
 
 impl Slots {
@@ -72,6 +73,7 @@ impl Slots {
             slots: Arc::clone(self),
             id,
             evicted,
+            read: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -84,8 +86,17 @@ impl Slots {
 impl Slot {
     /// The client's request is read: from now on it keeps its slot until it is answered.
     pub fn request_read(&self) {
+        (self.read).store(true, std::sync::atomic::Ordering::Relaxed);
         let mut inner = self.slots.lock();
         inner.waiting.retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Slot {
+    /// Whether `request_read` was called: a client evicted after that, in the same poll
+    /// that read its request, is still answered.
+    pub fn is_request_read(&self) -> bool {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

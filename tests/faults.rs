@@ -787,3 +787,38 @@ async fn slowloris_on_the_metrics_endpoint_is_bounded_and_scrapes_are_answered()
         "metrics slowloris: 300 slow clients, {connections} connections, {timed_out} closed at the head timeout, the rest evicted, longest {longest:.1?}; {scrapes} scrapes all answered in under 1 s; fds {idle_fds} idle, {peak_fds} peak"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connects_never_drops_a_scrape_already_sent() {
+    let backend = TestBackend::start("b").await;
+    let dir = TempDir::new("faults-http-burst");
+    let text = config_text(&dir, "", &[(backend.addr, 1)]);
+    let weir = Weir::start(&write_config(&dir, "w.yaml", &text), &socket(&dir));
+    wait_until(DEADLINE, "the metrics endpoint", || async {
+        weir.logged("serving metrics on")
+    })
+    .await;
+    let addr = metrics_addr(&weir);
+    // 30 rounds: a scrape's request is sent, then 100 silent connects (three times the
+    // 32 clients weir holds) arrive at once. The newcomers take the oldest idle slots,
+    // but a request already in its socket is answered, not dropped with its slot.
+    for round in 0..30 {
+        let mut scrape = TcpStream::connect(addr).await.unwrap();
+        scrape
+            .write_all(b"GET /ready HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let burst: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(TcpStream::connect(addr)))
+            .collect();
+        let mut reply = String::new();
+        let read = tokio::time::timeout(DEADLINE, scrape.read_to_string(&mut reply)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))) && reply.starts_with("HTTP/1.0 200"),
+            "round {round}: the scrape sent before the burst got {reply:?}"
+        );
+        for task in burst {
+            drop(task.await.unwrap());
+        }
+    }
+}

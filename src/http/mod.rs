@@ -212,6 +212,7 @@ async fn connection(
 ) {
     let slot = Arc::new(slot);
     let evicted = slot.evicted.clone();
+    let answering = Arc::clone(&slot);
     let service = hyper::service::service_fn(move |request| {
         slot.request_read();
         let refresher = Arc::clone(&refresher);
@@ -223,14 +224,26 @@ async fn connection(
         .max_buf_size(MAX_REQUEST)
         .keep_alive(false)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    tokio::select! {
-        () = stop.cancelled() => {}
-        () = evicted.cancelled() => {}
-        r = tokio::time::timeout(READ_TIMEOUT + WRITE_TIMEOUT, served) => match r {
-            Err(_) => tracing::debug!("metrics: client too slow to read its answer"),
-            Ok(Err(e)) => tracing::debug!("metrics: {e}"),
-            Ok(Ok(())) => {}
-        },
+    let served = tokio::time::timeout(READ_TIMEOUT + WRITE_TIMEOUT, served);
+    tokio::pin!(served);
+    let outcome = tokio::select! {
+        // The connection first: a request already in the socket when a newcomer takes
+        // this slot (a burst of connects) is read and parsed in this one poll, and then
+        // it is answered rather than dropped; a slow client's head is never complete.
+        biased;
+        r = &mut served => Some(r),
+        () = stop.cancelled() => return,
+        () = evicted.cancelled() => None,
+    };
+    let outcome = match outcome {
+        Some(r) => r,
+        None if answering.is_request_read() => served.await,
+        None => return,
+    };
+    match outcome {
+        Err(_) => tracing::debug!("metrics: client too slow to read its answer"),
+        Ok(Err(e)) => tracing::debug!("metrics: {e}"),
+        Ok(Ok(())) => {}
     }
 }
 
