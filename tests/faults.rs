@@ -714,10 +714,11 @@ fn pause(n: u64, k: usize) -> Duration {
     Duration::from_millis(1500 + (n * 337 + k as u64 * 101) % 1000)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slowloris_on_the_metrics_endpoint_is_bounded_and_scrapes_are_answered() {
+/// weir in front of one backend, once its metrics endpoint serves: the child, that
+/// endpoint's address, and what must live as long as the test.
+async fn serving_metrics(tag: &str) -> (Weir, SocketAddr, TestBackend, TempDir) {
     let backend = TestBackend::start("b").await;
-    let dir = TempDir::new("faults-http-slowloris");
+    let dir = TempDir::new(tag);
     let text = config_text(&dir, "", &[(backend.addr, 1)]);
     let weir = Weir::start(&write_config(&dir, "w.yaml", &text), &socket(&dir));
     wait_until(DEADLINE, "the metrics endpoint", || async {
@@ -725,6 +726,12 @@ async fn slowloris_on_the_metrics_endpoint_is_bounded_and_scrapes_are_answered()
     })
     .await;
     let addr = metrics_addr(&weir);
+    (weir, addr, backend, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_on_the_metrics_endpoint_is_bounded_and_scrapes_are_answered() {
+    let (weir, addr, _backend, _dir) = serving_metrics("faults-http-slowloris").await;
     weir.wait_all_up().await;
     let idle_fds = weir.fds();
 
@@ -790,15 +797,7 @@ async fn slowloris_on_the_metrics_endpoint_is_bounded_and_scrapes_are_answered()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connects_never_drops_a_scrape_already_sent() {
-    let backend = TestBackend::start("b").await;
-    let dir = TempDir::new("faults-http-burst");
-    let text = config_text(&dir, "", &[(backend.addr, 1)]);
-    let weir = Weir::start(&write_config(&dir, "w.yaml", &text), &socket(&dir));
-    wait_until(DEADLINE, "the metrics endpoint", || async {
-        weir.logged("serving metrics on")
-    })
-    .await;
-    let addr = metrics_addr(&weir);
+    let (_weir, addr, _backend, _dir) = serving_metrics("faults-http-burst").await;
     // 30 rounds: a scrape's request is sent, then 100 silent connects (three times the
     // 32 clients weir holds) arrive at once. The newcomers take the oldest idle slots,
     // but a request already in its socket is answered, not dropped with its slot.
