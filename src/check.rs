@@ -23,8 +23,7 @@ pub async fn run(path: &Path) -> ExitCode {
         }
     };
     let file = path.display().to_string();
-    let has_names = (config.pools.iter()).any(|p| p.backends.iter().any(|b| b.host.is_some()));
-    if has_names {
+    if config.has_host_names() {
         match Resolver::new(&config.resolvers) {
             Ok(resolver) => {
                 let unresolved =

@@ -550,6 +550,33 @@ async fn wait_for_address(server: &Server, name: &str, addr: SocketAddr, state: 
     .await;
 }
 
+/// `resolved` of backend `name` in `show backends --json` and in /status.json.
+async fn resolved_of(
+    server: &Server,
+    socket: &std::path::Path,
+    name: &str,
+) -> [serde_json::Value; 2] {
+    let shown = admin(socket, "show backends --json").await;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&shown).unwrap();
+    let row = rows.iter().find(|r| r["name"] == name).unwrap();
+    let mut stream = TcpStream::connect(server.metrics_addr().unwrap())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /status.json HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    let body = reply.split_once("\r\n\r\n").unwrap().1;
+    let status: serde_json::Value = serde_json::from_str(body).unwrap();
+    let pools = status["pools"].as_array().unwrap();
+    let backends = pools.iter().flat_map(|p| p["backends"].as_array().unwrap());
+    let page = backends.into_iter().find(|b| b["name"] == name).unwrap();
+    assert_eq!(page["address"], row["address"], "both as written");
+    [row["resolved"].clone(), page["resolved"].clone()]
+}
+
 #[tokio::test]
 async fn a_listed_host_name_follows_dns_its_old_connections_continue_and_its_admin_state_is_kept() {
     if !have_tools() {
@@ -671,11 +698,25 @@ async fn a_host_name_that_does_not_resolve_at_start_is_a_warning_and_a_backend_d
     for _ in 0..3 {
         assert_eq!(through(front).await.1, "b3");
     }
+    // What the operator sees: `show backends`, its JSON, and /status.json.
+    let socket = dir.join("admin.sock");
+    let row = format!("late.disc.test:{port} (unresolved)");
+    let shown = admin(&socket, "show backends").await;
+    assert!(shown.contains(&row), "{shown}");
+    assert_eq!(
+        resolved_of(&server, &socket, "late").await,
+        [serde_json::Value::Null, serde_json::Value::Null]
+    );
 
     // Once it resolves, it is checked and comes up; clients reach both.
     let a2 = addr(&format!("127.0.0.2:{port}"));
     dns.add("late.disc.test. 1 IN A 127.0.0.2").await;
     wait_for_address(&server, "late", a2, State::Up).await;
+    let now = serde_json::Value::from(a2.to_string());
+    assert_eq!(
+        resolved_of(&server, &socket, "late").await,
+        [now.clone(), now]
+    );
     let mut greetings = std::collections::BTreeSet::new();
     for _ in 0..4 {
         greetings.insert(through(front).await.1);

@@ -89,6 +89,13 @@ pub struct PoolConfig {
     pub discover: Option<DiscoverConfig>,
 }
 
+impl Config {
+    /// Whether any listed backend's address is a host name (to be resolved by weir).
+    pub fn has_host_names(&self) -> bool {
+        (self.pools.iter()).any(|p| p.backends.iter().any(|b| b.host.is_some()))
+    }
+}
+
 /// `discover.refresh` when absent.
 pub const DNS_REFRESH: Duration = Duration::from_secs(30);
 

@@ -289,8 +289,7 @@ impl ControlTask {
     /// (bounded by `FIRST_ROUND_TIMEOUT`); each one that does not resolve is logged, and
     /// its backend starts down.
     pub async fn resolve_listed(&mut self, config: &mut Config) {
-        let has_names = (config.pools.iter()).any(|p| p.backends.iter().any(|b| b.host.is_some()));
-        if !has_names {
+        if !config.has_host_names() {
             return;
         }
         let Some(resolver) = self.discovery.resolver_for(&config.resolvers) else {
@@ -435,9 +434,7 @@ impl ControlTask {
         let mut staying = Vec::new();
         for backend in &plan.gone {
             if backend.active() > 0 {
-                self.retiring.push(Arc::clone(backend));
-                backend.set_retiring(true);
-                backend.set_admin(Admin::Drain);
+                self.retire(backend);
                 staying.push(Arc::clone(backend));
             }
         }
@@ -506,9 +503,7 @@ impl ControlTask {
         self.checkers.stop(&gone).await;
         let mut staying = Vec::new();
         for backend in gone.into_iter().filter(|b| b.active() > 0) {
-            self.retiring.push(Arc::clone(&backend));
-            backend.set_retiring(true);
-            backend.set_admin(Admin::Drain);
+            self.retire(&backend);
             staying.push(backend);
         }
         staying

@@ -306,6 +306,14 @@ impl ControlTask {
         self.retiring.iter().any(|b| Arc::ptr_eq(b, backend))
     }
 
+    /// `backend` leaves its pool (a reload removed it, it left DNS, or its host name moved)
+    /// while connections are open: drained, listed as retiring until the last one closes.
+    fn retire(&mut self, backend: &Arc<Backend>) {
+        self.retiring.push(Arc::clone(backend));
+        backend.set_retiring(true);
+        backend.set_admin(crate::backend::Admin::Drain);
+    }
+
     /// Takes `backend` off the retiring list.
     fn stop_retiring(&mut self, backend: &Arc<Backend>) {
         self.retiring.retain(|b| !Arc::ptr_eq(b, backend));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ControlTask, joining, new_backend};
-use crate::backend::{Admin, Backend};
+use crate::backend::Backend;
 use crate::discover::Found;
 use crate::pool::PoolSnapshot;
 
@@ -70,9 +70,7 @@ impl ControlTask {
             .collect();
         let open = old.active();
         if open > 0 {
-            self.retiring.push(Arc::clone(&old));
-            old.set_retiring(true);
-            old.set_admin(Admin::Drain);
+            self.retire(&old);
             backends.push(Arc::clone(&old));
         }
         if let Some(check) = &pool_config.health_check {

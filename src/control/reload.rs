@@ -154,9 +154,7 @@ impl ControlTask {
                 }
                 BackendStep::Retire { backend, newly } => {
                     if *newly {
-                        self.retiring.push(Arc::clone(backend));
-                        backend.set_retiring(true);
-                        backend.set_admin(Admin::Drain);
+                        self.retire(backend);
                     }
                     Arc::clone(backend)
                 }

@@ -44,7 +44,13 @@ pub struct PoolStatus {
 #[derive(Serialize)]
 pub struct BackendStatus {
     pub name: String,
+    /// As written in the config (may be a host name).
     pub address: String,
+    /// Where connections go; null while a host name has not resolved.
+    pub resolved: Option<String>,
+    /// For the page: the address with where a host name resolves now.
+    #[serde(skip)]
+    pub shown_address: String,
     pub state: &'static str,
     pub weight: u32,
     pub effective_weight: u32,
@@ -63,7 +69,9 @@ impl BackendStatus {
         let last = b.last_check();
         BackendStatus {
             name: b.name.clone(),
-            address: b.shown_address(),
+            address: b.address.clone(),
+            resolved: b.resolved_addr().map(|a| a.to_string()),
+            shown_address: b.shown_address(),
             state: b.state().as_str(),
             weight: b.weight(),
             effective_weight: b.effective_weight(),
@@ -233,7 +241,7 @@ fn pool_html(page: &mut String, pool: &PoolStatus) {
             } else {
                 ""
             },
-            address = escape(&b.address),
+            address = escape(&b.shown_address),
             state = b.state,
             weight = b.weight,
             eff = b.effective_weight,
